@@ -1,0 +1,1 @@
+"""lcjax: JAX/Flax implementation of the LongCat model family."""

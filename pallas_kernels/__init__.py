@@ -1,0 +1,1 @@
+"""pallas_kernels: accelerator kernels with plain-jnp references; knows nothing of lcjax."""
