@@ -1,0 +1,113 @@
+"""Multi-head latent attention (MLA) with LongCat's LoRA scales; full or LoZA sparse layout.
+
+Train/prefill expands the latent into per-head keys and values. Cached decode uses the absorbed
+form: queries are mapped into the latent space through kv_b's key half, attention runs as
+multi-query attention over the latent cache (keys C+R dims, values C dims), and kv_b's value
+half maps the result back to heads. Both are the same function of the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from lcjax.config import ModelConfig
+from lcjax.model.cache import LayerCache, write_layer_cache
+from lcjax.model.layers import RMSNorm, declare, dtype_of
+from lcjax.model.rope import apply_rope
+from lcjax.ops import attention as attention_op
+
+SparseFlag = Union[bool, Bool[Array, ""]]
+
+
+class MLA(nn.Module):
+    """One attention sublayer: q/kv LoRA projections, decoupled RoPE, MLA scales, o_proj."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg, a = self.config, self.config.mla
+        m, h, pdt = cfg.hidden_size, a.num_heads, cfg.param_dtype
+        c, r = a.kv_lora_rank, a.qk_rope_head_dim
+        self.q_a = declare(self, "q_a", (m, a.q_lora_rank), ("embed", "q_lora"), pdt)  # [M, Q]
+        self.q_a_norm = RMSNorm(a.latent_norm_eps, "q_lora", pdt)
+        self.q_b = declare(self, "q_b", (a.q_lora_rank, h, a.qk_head_dim),
+                           ("q_lora", "heads", "head_dim"), pdt)  # [Q, H, Dn+R]
+        self.kv_a = declare(self, "kv_a", (m, c + r), ("embed", "kv_lora"), pdt)  # [M, C+R]
+        self.kv_a_norm = RMSNorm(a.latent_norm_eps, "kv_lora", pdt)
+        self.kv_b = declare(self, "kv_b", (c, h, a.qk_nope_head_dim + a.v_head_dim),
+                            ("kv_lora", "heads", "head_dim"), pdt)  # [C, H, Dn+Dv]
+        self.o = declare(self, "o", (h, a.v_head_dim, m), ("heads", "head_dim", "embed"), pdt)
+
+    def _project(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"]):
+        """q_nope [B,S,H,Dn], roped q_rope [B,S,H,R], scaled latent [B,S,C], roped k_rope [B,S,R]."""
+        cfg, a = self.config, self.config.mla
+        cdt = dtype_of(cfg.dtype)
+        x = x.astype(cdt)
+        q_lat = self.q_a_norm(jnp.einsum("BSM,MQ->BSQ", x, self.q_a.astype(cdt)))
+        q = jnp.einsum("BSQ,QHD->BSHD", q_lat, self.q_b.astype(cdt))
+        if a.scale_q_lora:
+            q = q * math.sqrt(cfg.hidden_size / a.q_lora_rank)
+        q_nope, q_rope = jnp.split(q, [a.qk_nope_head_dim], axis=-1)
+        ckv = jnp.einsum("BSM,MC->BSC", x, self.kv_a.astype(cdt))
+        latent, k_rope = jnp.split(ckv, [a.kv_lora_rank], axis=-1)
+        latent = self.kv_a_norm(latent)
+        if a.scale_kv_lora:
+            latent = latent * math.sqrt(cfg.hidden_size / a.kv_lora_rank)
+        q_rope = apply_rope(q_rope, positions, a.rope)
+        k_rope = apply_rope(k_rope[:, :, None, :], positions, a.rope)[:, :, 0, :]
+        return q_nope, q_rope, latent, k_rope
+
+    def _attend(self, q, k, v, sparse: SparseFlag, **kwargs):
+        """Attention with the layer's layout; a traced flag (scanned layers) picks by lax.cond."""
+        cfg = self.config
+
+        def run(is_sparse: bool):
+            layout = attention_op.layout_for(is_sparse, cfg.loza)
+            return attention_op.attention(q, k, v, layout=layout, scale=cfg.mla.softmax_scale,
+                                          implementation=cfg.attention_impl, **kwargs)
+
+        if isinstance(sparse, bool):
+            return run(sparse)
+        return jax.lax.cond(sparse, lambda: run(True), lambda: run(False))
+
+    def __call__(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"],
+                 segment_ids: Optional[Int[Array, "B S"]], sparse: SparseFlag):
+        """Train/prefill attention over the sequence itself; also returns (latent, k_rope) to cache."""
+        a = self.config.mla
+        cdt = dtype_of(self.config.dtype)
+        q_nope, q_rope, latent, k_rope = self._project(x, positions)
+        kv = jnp.einsum("BTC,CHD->BTHD", latent, self.kv_b.astype(cdt))
+        k_nope, v = jnp.split(kv, [a.qk_nope_head_dim], axis=-1)
+        b, t, h, _ = k_nope.shape
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, t, h, k_rope.shape[-1]))], -1)
+        q = jnp.concatenate([q_nope, q_rope], axis=-1)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        out = self._attend(q, k, v, sparse, q_positions=positions, kv_positions=positions,
+                           q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        y = jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt))
+        return y, (latent, k_rope)
+
+    def decode(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"], cache: LayerCache,
+               sparse: bool) -> tuple[Float[Array, "B S M"], LayerCache]:
+        """Append S new tokens to the latent cache and attend over it in the absorbed form."""
+        a = self.config.mla
+        cdt = dtype_of(self.config.dtype)
+        q_nope, q_rope, latent, k_rope = self._project(x, positions)
+        valid = jnp.ones(positions.shape, bool)
+        cache = write_layer_cache(cache, latent, k_rope, positions, valid, sparse, self.config.loza)
+        kv_b = self.kv_b.astype(cdt)
+        w_uk, w_uv = kv_b[..., : a.qk_nope_head_dim], kv_b[..., a.qk_nope_head_dim:]
+        q_lat = jnp.einsum("BSHD,CHD->BSHC", q_nope, w_uk)
+        q_abs = jnp.concatenate([q_lat, q_rope], axis=-1)  # [B, S, H, C+R]
+        k_abs = jnp.concatenate([cache.latent, cache.k_rope], axis=-1)[:, :, None, :].astype(cdt)
+        v_abs = cache.latent[:, :, None, :].astype(cdt)  # [B, T, 1, C]
+        o_lat = self._attend(q_abs, k_abs, v_abs, sparse, q_positions=positions,
+                             kv_positions=cache.slot_pos)
+        out = jnp.einsum("BSHC,CHD->BSHD", o_lat, w_uv)
+        return jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt)), cache

@@ -1,0 +1,112 @@
+"""Cached inference: `prefill` a right-padded batch, then `decode_step` S new tokens at a time.
+
+Pure functions of (config, variables, cache, tokens). Prefill runs the scanned training forward
+once and files each sublayer's latent into its cache; decode unrolls the layers (a few tokens per
+step, so compile time is small) and attends over the latent cache in MLA's absorbed form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from lcjax.config import Config, ModelConfig
+from lcjax.model.cache import ModelCache, cache_capacity, init_layer_cache, write_layer_cache
+from lcjax.model.decoder import DecoderLayer
+from lcjax.model.embedding import Embedder, ngram_history
+from lcjax.model.layers import RMSNorm, dtype_of
+from lcjax.model.model import LongCatModel, model_config, validate_token_ids
+from lcjax.model.moe import BIAS_COLLECTION
+
+
+def _layer_variables(variables: dict, layer: int, cfg: ModelConfig) -> dict:
+    """The params and router bias of one logical layer, from a scanned or unrolled tree."""
+    out = {}
+    for col in ("params", BIAS_COLLECTION):
+        tree = variables[col]
+        out[col] = (jax.tree.map(lambda a: a[layer], tree["layers"]) if cfg.scan_layers
+                    else tree[f"layers_{layer}"])
+    return out
+
+
+def _sparse_pair(cfg: ModelConfig, layer: int) -> tuple[bool, bool]:
+    return tuple(cfg.sparse_layers[2 * layer: 2 * layer + 2])
+
+
+def init_cache(config: Union[Config, ModelConfig], batch: int, max_len: int) -> ModelCache:
+    """Empty cache for `batch` rows of up to `max_len` tokens (sparse sublayers: window slots)."""
+    cfg = model_config(config)
+    if not 0 < max_len <= cfg.max_position_embeddings:
+        raise ValueError(f"max_len={max_len} must be in [1, max_position_embeddings="
+                         f"{cfg.max_position_embeddings}]")
+    dtype = dtype_of(cfg.dtype)
+    layers = tuple(
+        init_layer_cache(batch, cache_capacity(sparse, max_len, cfg.loza), cfg.mla.kv_lora_rank,
+                         cfg.mla.qk_rope_head_dim, dtype)
+        for sparse in cfg.sparse_layers)
+    hist = cfg.ngram.neighbor_num - 1 if cfg.ngram.enabled else 0
+    return ModelCache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32),
+                      ngram_history=jnp.zeros((batch, hist), jnp.int32))
+
+
+def prefill(config: Union[Config, ModelConfig], variables: Any, input_ids: Int[Array, "B S"],
+            lengths: Int[Array, "B"], max_len: int) -> tuple[Float[Array, "B S V"], ModelCache]:
+    """Forward a right-padded prompt batch (row b valid for its first lengths[b] tokens)."""
+    cfg = model_config(config)
+    validate_token_ids(input_ids, cfg)
+    b, s = input_ids.shape
+    if s > max_len:
+        raise ValueError(f"prompt length {s} exceeds the cache max_len={max_len}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
+    variables = nn.unbox(variables)
+    logits, aux = LongCatModel(cfg).apply(variables, input_ids, return_aux=True, return_kv=True)
+    cache = init_cache(cfg, b, max_len)
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    valid = positions < lengths[:, None]
+    layers = list(cache.layers)
+    for idx, sparse in enumerate(cfg.sparse_layers):
+        layer, sub = divmod(idx, 2)
+        latent, k_rope = (t[layer] for t in aux.latents[sub])
+        layers[idx] = write_layer_cache(layers[idx], latent, k_rope, positions, valid, sparse, cfg.loza)
+    history = cache.ngram_history
+    if cfg.ngram.enabled:
+        history = ngram_history(input_ids, lengths, cfg)
+    return logits, ModelCache(layers=tuple(layers), lengths=lengths.astype(jnp.int32),
+                              ngram_history=history)
+
+
+def decode_step(config: Union[Config, ModelConfig], variables: Any, cache: ModelCache,
+                tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], ModelCache]:
+    """Consume S new tokens per row at positions lengths[b]..; returns their logits and the cache.
+
+    S should not exceed loza.block_size when sparse layers exist (their ring holds the window).
+    """
+    cfg = model_config(config)
+    validate_token_ids(tokens, cfg, "tokens")
+    variables = nn.unbox(variables)
+    params = variables["params"]
+    b, s = tokens.shape
+    positions = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+    history = cache.ngram_history if cfg.ngram.enabled else None
+    x = Embedder(cfg).apply({"params": params["embed"]}, tokens, None, history)
+    layers = list(cache.layers)
+    for layer in range(cfg.num_layers):
+        pair = _sparse_pair(cfg, layer)
+        x, new = DecoderLayer(cfg).apply(_layer_variables(variables, layer, cfg), x, pair, positions,
+                                         tuple(layers[2 * layer: 2 * layer + 2]),
+                                         method=DecoderLayer.decode)
+        layers[2 * layer: 2 * layer + 2] = new
+    hidden = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
+    cdt = dtype_of(cfg.dtype)
+    logits = jnp.einsum("BSM,MV->BSV", hidden.astype(cdt),
+                        params["lm_head"].astype(cdt)).astype(jnp.float32)
+    new_history = cache.ngram_history
+    if cfg.ngram.enabled:
+        new_history = ngram_history(tokens, jnp.full((b,), s, jnp.int32), cfg, history)
+    return logits, ModelCache(layers=tuple(layers), lengths=cache.lengths + s,
+                              ngram_history=new_history)

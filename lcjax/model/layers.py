@@ -1,0 +1,65 @@
+"""Shared building blocks: parameter declaration with logical axes, RMSNorm, dense SwiGLU."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+# HF initialises every linear with normal(0, initializer_range=0.02); norms with ones.
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    """Config dtype string ("float32", "bfloat16", ...) to a jnp dtype."""
+    return jnp.dtype(name)
+
+
+def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Optional[str]],
+            param_dtype: str, init: Callable = default_init) -> jax.Array:
+    """Create a parameter whose logical axis names travel with it (for sharding rules)."""
+    if len(shape) != len(axes):
+        raise ValueError(f"param {name}: shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
+                        dtype_of(param_dtype))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, statistics in float32 (HF LongcatFlashRMSNorm semantics)."""
+
+    eps: float
+    axis_name: str = "embed"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... M"]) -> Float[Array, "... M"]:
+        scale = declare(self, "scale", (x.shape[-1],), (self.axis_name,), self.param_dtype,
+                        nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts the normalised value back to the input dtype before the weight multiply.
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN down(silu(x @ gate) * (x @ up)); the LongCat `mlps[i]` and MTP MLP."""
+
+    ffn_size: int
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B S M"]) -> Float[Array, "B S M"]:
+        m = x.shape[-1]
+        cdt = dtype_of(self.dtype)
+        gate = declare(self, "gate", (m, self.ffn_size), ("embed", "mlp"), self.param_dtype)  # [M, F]
+        up = declare(self, "up", (m, self.ffn_size), ("embed", "mlp"), self.param_dtype)  # [M, F]
+        down = declare(self, "down", (self.ffn_size, m), ("mlp", "embed"), self.param_dtype)  # [F, M]
+        x = x.astype(cdt)
+        h_bsf = nn.silu(jnp.einsum("BSM,MF->BSF", x, gate.astype(cdt)))
+        h_bsf = h_bsf * jnp.einsum("BSM,MF->BSF", x, up.astype(cdt))
+        h_bsf = nn.with_logical_constraint(h_bsf, ("batch", "length", "mlp"))
+        return jnp.einsum("BSF,FM->BSM", h_bsf, down.astype(cdt))

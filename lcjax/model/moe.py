@@ -1,0 +1,133 @@
+"""ScMoE feed-forward: fp32 softmax router with correction bias, zero (identity) experts, experts.
+
+Router (HF LongcatFlashTopkRouter): p = softmax(x @ W) over routed + zero experts in float32;
+top-k chosen on p + e_score_correction_bias (selection only); weights are the unbiased p, not
+renormalised, times routed_scaling_factor. Zero experts return weight * x and are resolved
+before dispatch, so only routed slots reach the expert GEMMs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from lcjax.config import ModelConfig, MoEConfig
+from lcjax.model.layers import declare, dtype_of
+from lcjax.ops.grouped_matmul import grouped_matmul
+
+BIAS_COLLECTION = "router_bias"
+
+
+@flax.struct.dataclass
+class RoutingStats:
+    """Per-layer routing statistics over the (unmasked) tokens of a batch."""
+
+    tokens_per_expert: Float[Array, "E"]  # slots routed to each of the E+Z router outputs
+    zero_share: Float[Array, ""]  # fraction of top-k slots that went to zero experts
+
+
+def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig):
+    """Top-k ids [T,K] chosen on softmax+bias and their unbiased, scaled weights [T,K] (fp32)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, ids = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), cfg.top_k)
+    weights = jnp.take_along_axis(probs, ids, axis=-1) * cfg.routed_scaling_factor
+    return ids, weights
+
+
+def _swiglu_experts_dense(x, gate, up, down, combine):
+    """Oracle: every expert on every token, combined by a [T,E] weight matrix (zero if unrouted)."""
+    h = nn.silu(jnp.einsum("TM,EMF->TEF", x, gate)) * jnp.einsum("TM,EMF->TEF", x, up)
+    out = jnp.einsum("TEF,EFM->TEM", h, down)
+    return jnp.einsum("TEM,TE->TM", out, combine.astype(out.dtype))
+
+
+def _swiglu_experts_ragged(x, gate, up, down, ids, weights, routed, num_experts: int):
+    """Dropless: sort (token, slot) pairs by expert, grouped matmuls, weight, scatter-add back."""
+    t, k = ids.shape
+    flat_ids = jnp.where(routed, ids, num_experts).reshape(-1)  # zero-expert slots sort last
+    order = jnp.argsort(flat_ids, stable=True)
+    token_of = (jnp.arange(t * k) // k)[order]
+    group_sizes = jnp.bincount(flat_ids, length=num_experts + 1)[:num_experts]
+    xs = x[token_of]  # [T*K, M]
+    h = nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
+    out = grouped_matmul(h, down, group_sizes)  # rows of zero-expert slots come back as 0
+    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+    return jnp.zeros_like(x).at[token_of].add(out)
+
+
+class MoE(nn.Module):
+    """Router + zero experts + routed SwiGLU experts; returns (output, RoutingStats)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B S M"], token_mask: Optional[Bool[Array, "B S"]] = None):
+        cfg, moe = self.config, self.config.moe
+        m, e, f, pdt = cfg.hidden_size, moe.num_experts, moe.expert_ffn_size, cfg.param_dtype
+        cdt = dtype_of(cfg.dtype)
+        classifier = declare(self, "classifier", (m, moe.num_router_outputs), ("embed", None), pdt)
+        bias = self.variable(BIAS_COLLECTION, "e_score_correction_bias",
+                             lambda: jnp.zeros((moe.num_router_outputs,), jnp.float32)).value
+        gate = declare(self, "gate", (e, m, f), ("experts", "embed", "expert_mlp"), pdt)  # [E, M, F]
+        up = declare(self, "up", (e, m, f), ("experts", "embed", "expert_mlp"), pdt)  # [E, M, F]
+        down = declare(self, "down", (e, f, m), ("experts", "expert_mlp", "embed"), pdt)  # [E, F, M]
+
+        b, s, _ = x.shape
+        x_tm = x.reshape(b * s, m)
+        # Router in float32 at full precision: selection is discontinuous in the logits.
+        logits = jnp.einsum("TM,ME->TE", x_tm.astype(jnp.float32), classifier.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        ids, weights = route(logits, bias, moe)
+        routed = ids < e
+        zero_w = jnp.sum(jnp.where(routed, 0.0, weights), axis=-1, keepdims=True)  # [T, 1]
+        zero_out = zero_w * x_tm.astype(jnp.float32) if moe.zero_expert_type == "identity" else 0.0
+        xc = x_tm.astype(cdt)
+        gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
+        if moe.dispatch == "dense":
+            combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32) * weights[..., None], axis=1)
+            y = _swiglu_experts_dense(xc, gate, up, down, combine)
+        else:
+            y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e)
+        y = (y.astype(jnp.float32) + zero_out).astype(cdt).reshape(b, s, m)
+        return y, routing_stats(ids, routed, token_mask, moe)
+
+
+def routing_stats(ids: Int[Array, "T K"], routed: Bool[Array, "T K"],
+                  token_mask: Optional[Bool[Array, "B S"]], moe: MoEConfig) -> RoutingStats:
+    """Slot counts per router output and the zero-expert share, over unmasked tokens."""
+    mask = jnp.ones(ids.shape[:1], jnp.float32) if token_mask is None else (
+        token_mask.reshape(-1).astype(jnp.float32))
+    counts = jnp.zeros((moe.num_router_outputs,), jnp.float32).at[ids].add(mask[:, None])
+    slots = jnp.maximum(jnp.sum(mask) * moe.top_k, 1.0)
+    zero = jnp.sum(jnp.where(routed, 0.0, 1.0) * mask[:, None]) / slots
+    return RoutingStats(tokens_per_expert=counts, zero_share=zero)
+
+
+def update_router_bias(router_bias: Any, tokens_per_expert: Any, moe: MoEConfig,
+                       expected_ffn_topk: Optional[float] = None) -> Any:
+    """Aux-loss-free balancing: b_e += rate * sign(target_e - load_e) for routed experts only.
+
+    load_e is expert e's share of all top-k slots. The target is the mean routed-expert share
+    (DeepSeek-V3), or, with `expected_ffn_topk` K_e, LongCat's budget K_e / (K * E) per expert,
+    which also steers how many slots go to zero experts. Zero-expert biases never change.
+    Works leaf-wise on matching trees (e.g. stacked [L, E+Z] biases and counts).
+    """
+    e, k = moe.num_experts, moe.top_k
+
+    def update(bias, counts):
+        counts = counts.astype(jnp.float32)
+        share = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+        routed_share = share[..., :e]
+        if expected_ffn_topk is None:
+            target = jnp.mean(routed_share, axis=-1, keepdims=True)
+        else:
+            target = expected_ffn_topk / (k * e)
+        delta = moe.bias_update_rate * jnp.sign(target - routed_share)
+        return bias.at[..., :e].add(delta.astype(bias.dtype))
+
+    return jax.tree.map(update, router_bias, tokens_per_expert)

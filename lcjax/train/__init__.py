@@ -1,0 +1,1 @@
+"""Training entrypoint (`python -m lcjax.train`)."""
