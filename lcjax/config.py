@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Optional
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference checks under x64
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 _MOE_DISPATCH = ("ragged", "dense")
 _ATTENTION_IMPLS = ("xla",)

@@ -18,7 +18,7 @@ from lcjax.config import Config, ModelConfig
 from lcjax.model.cache import ModelCache, cache_capacity, init_layer_cache, write_layer_cache
 from lcjax.model.decoder import DecoderLayer
 from lcjax.model.embedding import Embedder, ngram_history
-from lcjax.model.layers import RMSNorm, dtype_of
+from lcjax.model.layers import RMSNorm, acc_dtype, dtype_of
 from lcjax.model.model import LongCatModel, model_config, validate_token_ids
 from lcjax.model.moe import BIAS_COLLECTION
 
@@ -104,7 +104,7 @@ def decode_step(config: Union[Config, ModelConfig], variables: Any, cache: Model
     hidden = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
     cdt = dtype_of(cfg.dtype)
     logits = jnp.einsum("BSM,MV->BSV", hidden.astype(cdt),
-                        params["lm_head"].astype(cdt)).astype(jnp.float32)
+                        params["lm_head"].astype(cdt)).astype(acc_dtype(cdt))
     new_history = cache.ngram_history
     if cfg.ngram.enabled:
         new_history = ngram_history(tokens, jnp.full((b,), s, jnp.int32), cfg, history)

@@ -18,6 +18,11 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def acc_dtype(dtype) -> jnp.dtype:
+    """Dtype for statistics (norms, softmax, router): float32, or wider when the input is wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Optional[str]],
             param_dtype: str, init: Callable = default_init) -> jax.Array:
     """Create a parameter whose logical axis names travel with it (for sharding rules)."""
@@ -38,7 +43,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Float[Array, "... M"]) -> Float[Array, "... M"]:
         scale = declare(self, "scale", (x.shape[-1],), (self.axis_name,), self.param_dtype,
                         nn.initializers.ones)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(acc_dtype(x.dtype))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # HF casts the normalised value back to the input dtype before the weight multiply.
         return scale.astype(x.dtype) * normed.astype(x.dtype)

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 from lcjax.config import Config, ModelConfig
 from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder
-from lcjax.model.layers import RMSNorm, declare, dtype_of
+from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
 
 _REMAT = {
@@ -120,8 +120,8 @@ class LongCatModel(nn.Module):
                           cfg.param_dtype)  # [M, V]
         cdt = dtype_of(cfg.dtype)
 
-        def project(h):
-            return jnp.einsum("BSM,MV->BSV", h.astype(cdt), lm_head.astype(cdt)).astype(jnp.float32)
+        def project(h):  # logits in float32 (or wider) for a stable softmax / loss
+            return jnp.einsum("BSM,MV->BSV", h.astype(cdt), lm_head.astype(cdt)).astype(acc_dtype(cdt))
 
         logits = project(hidden)
         if not (return_aux or self.is_initializing()):

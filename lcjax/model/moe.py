@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig, MoEConfig
-from lcjax.model.layers import declare, dtype_of
+from lcjax.model.layers import acc_dtype, declare, dtype_of
 from lcjax.ops.grouped_matmul import grouped_matmul
 
 BIAS_COLLECTION = "router_bias"
@@ -33,8 +33,8 @@ class RoutingStats:
 
 def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig):
     """Top-k ids [T,K] chosen on softmax+bias and their unbiased, scaled weights [T,K] (fp32)."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    _, ids = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(jnp.float32)), cfg.top_k)
+    probs = jax.nn.softmax(logits.astype(acc_dtype(logits.dtype)), axis=-1)
+    _, ids = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(probs.dtype)), cfg.top_k)
     weights = jnp.take_along_axis(probs, ids, axis=-1) * cfg.routed_scaling_factor
     return ids, weights
 
@@ -80,20 +80,21 @@ class MoE(nn.Module):
         b, s, _ = x.shape
         x_tm = x.reshape(b * s, m)
         # Router in float32 at full precision: selection is discontinuous in the logits.
-        logits = jnp.einsum("TM,ME->TE", x_tm.astype(jnp.float32), classifier.astype(jnp.float32),
+        rdt = acc_dtype(cdt)
+        logits = jnp.einsum("TM,ME->TE", x_tm.astype(rdt), classifier.astype(rdt),
                             precision=jax.lax.Precision.HIGHEST)
         ids, weights = route(logits, bias, moe)
         routed = ids < e
         zero_w = jnp.sum(jnp.where(routed, 0.0, weights), axis=-1, keepdims=True)  # [T, 1]
-        zero_out = zero_w * x_tm.astype(jnp.float32) if moe.zero_expert_type == "identity" else 0.0
+        zero_out = zero_w * x_tm.astype(rdt) if moe.zero_expert_type == "identity" else 0.0
         xc = x_tm.astype(cdt)
         gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
         if moe.dispatch == "dense":
-            combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32) * weights[..., None], axis=1)
+            combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=rdt) * weights[..., None], axis=1)
             y = _swiglu_experts_dense(xc, gate, up, down, combine)
         else:
             y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e)
-        y = (y.astype(jnp.float32) + zero_out).astype(cdt).reshape(b, s, m)
+        y = (y.astype(rdt) + zero_out).astype(cdt).reshape(b, s, m)
         return y, routing_stats(ids, routed, token_mask, moe)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from lcjax.config import RopeConfig, yarn_mscale
+from lcjax.model.layers import acc_dtype
 
 
 def inv_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
@@ -49,10 +50,11 @@ def apply_rope(x: Float[Array, "B S H R"], positions: Int[Array, "B S"],
     dim = x.shape[-1]
     inv_freq, attention_factor = inv_frequencies(rope, dim)
     # Angles in float32 like HF (positions * inv_freq computed in fp32).
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B S R/2]
+    dt = acc_dtype(x.dtype)
+    angles = positions.astype(dt)[..., None] * jnp.asarray(inv_freq, dt)  # [B S R/2]
     cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]
     sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(dt)
     even, odd = x32[..., 0::2], x32[..., 1::2]
     out = jnp.concatenate([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
     return out.astype(x.dtype)

@@ -1,0 +1,30 @@
+"""Block-sparse attention: layouts (masks.py), the jnp reference, and `block_sparse_attention`."""
+
+from pallas_kernels.block_sparse_attention.api import (
+    KNOWN_IMPLEMENTATIONS,
+    available_implementations,
+    block_sparse_attention,
+    default_order,
+)
+from pallas_kernels.block_sparse_attention.masks import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    AndLayout,
+    BlockMaskLayout,
+    BlockMetadata,
+    CausalLayout,
+    FullLayout,
+    Layout,
+    LozaLayout,
+    OrLayout,
+    SlidingWindowLayout,
+)
+from pallas_kernels.block_sparse_attention.reference import attention_reference, dense_mask
+
+__all__ = [
+    "KNOWN_IMPLEMENTATIONS", "available_implementations", "block_sparse_attention",
+    "default_order", "EMPTY", "FULL", "PARTIAL", "AndLayout", "BlockMaskLayout", "BlockMetadata",
+    "CausalLayout", "FullLayout", "Layout", "LozaLayout", "OrLayout", "SlidingWindowLayout",
+    "attention_reference", "dense_mask",
+]
