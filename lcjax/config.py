@@ -169,8 +169,14 @@ class LozaConfig:
 
     @property
     def window_tokens(self) -> int:
-        """Cache slots a sparse layer keeps: sink blocks + local blocks."""
+        """Tokens a query can see in a sparse layer: sink blocks + local blocks."""
         return (self.sink_blocks + self.local_blocks) * self.block_size
+
+    @property
+    def cache_tokens(self) -> int:
+        """Cache slots of a sparse layer: the window plus one spare block, so a decode chunk of up
+        to block_size tokens never evicts a key that an earlier query of the same chunk needs."""
+        return self.window_tokens + self.block_size
 
 
 @dataclasses.dataclass(frozen=True)

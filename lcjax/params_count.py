@@ -46,8 +46,11 @@ class ParamCount:
         return "\n".join(lines)
 
 
-def count_params(config: Config | ModelConfig) -> ParamCount:
-    """Count parameters of the model described by `config` (a Config or its ModelConfig)."""
+def count_params(config: object) -> ParamCount:
+    """Count parameters of the model described by `config` (a Config or its ModelConfig).
+
+    `config` is typed `object` so a wrong type reaches the ValueError below.
+    """
     cfg = config.model if isinstance(config, Config) else config
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"count_params expects a Config or ModelConfig, got {type(config)!r}")

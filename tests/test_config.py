@@ -208,7 +208,7 @@ def test_unquoted_yaml_pattern_is_rejected_with_hint(tmp_path: pathlib.Path):
 @pytest.mark.parametrize("overrides, fragments", [
     (["model.moe.top_k=1000"], ["moe.top_k=1000", "model.moe"]),
     (["model.loza.layer_pattern=010"], ["model.loza.layer_pattern='010'", "56 characters"]),
-    (["model.param_dtype=float64"], ["model.param_dtype='float64'", "bfloat16"]),
+    (["model.param_dtype=float8"], ["model.param_dtype='float8'", "bfloat16"]),
     (["model.moe.dispatch=sparse"], ["moe.dispatch='sparse'", "ragged"]),
     (["model.mla.rope.type=ntk"], ["rope.type='ntk'", "model.mla.rope"]),
     (["model.eos_token_id=999999999"], ["model.eos_token_id=999999999"]),

@@ -1,13 +1,15 @@
 """Per-sublayer MLA latent KV cache: the normed latent + roped k_rope per token, never heads.
 
 Full-attention sublayers keep one slot per position (capacity = longest sequence). LoZA sparse
-sublayers keep only sink + local blocks: positions < sink_len sit in fixed slots, later positions
-share a ring of local_len slots, so their memory is constant in the context length. Each slot
+sublayers keep only sink + local blocks (+ one spare block): positions < sink_len sit in fixed
+slots, later positions share a ring of (local_blocks + 1) * block_size slots, so their memory is constant in the context length. Each slot
 records the absolute position it holds (-1 = empty); attention masks by those positions, so one
 masking rule serves both kinds.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.struct
 import jax
@@ -19,11 +21,11 @@ from lcjax.config import LozaConfig
 
 @flax.struct.dataclass
 class LayerCache:
-    """Latent cache of one attention sublayer."""
+    """Latent cache of one attention sublayer (fields `Any`, shapes in comments: see RoutingStats)."""
 
-    latent: Float[Array, "B T C"]  # RMSNorm(c) * sqrt(M / C): the value cached by HF/vLLM
-    k_rope: Float[Array, "B T R"]  # shared rope key, already rotated
-    slot_pos: Int[Array, "B T"]  # absolute position in each slot; -1 = empty
+    latent: Any  # [B, T, C]: RMSNorm(c) * sqrt(M / C), the value HF/vLLM cache
+    k_rope: Any  # [B, T, R]: shared rope key, already rotated
+    slot_pos: Any  # [B, T] int32: absolute position in each slot; -1 = empty
 
     @property
     def capacity(self) -> int:
@@ -31,8 +33,8 @@ class LayerCache:
 
 
 def cache_capacity(sparse: bool, max_len: int, loza: LozaConfig) -> int:
-    """Slots for one sublayer: the whole sequence, or sink + local blocks for a sparse layer."""
-    return min(max_len, loza.window_tokens) if sparse else max_len
+    """Slots for one sublayer: the whole sequence, or sink + local (+ spare) blocks if sparse."""
+    return min(max_len, loza.cache_tokens) if sparse else max_len
 
 
 def init_layer_cache(batch: int, capacity: int, kv_lora_rank: int, rope_dim: int,
@@ -60,7 +62,7 @@ def _slots(positions: Int[Array, "B S"], keep: Bool[Array, "B S"], capacity: int
 def write_layer_cache(cache: LayerCache, latent: Float[Array, "B S C"], k_rope: Float[Array, "B S R"],
                       positions: Int[Array, "B S"], valid: Bool[Array, "B S"], sparse: bool,
                       loza: LozaConfig) -> LayerCache:
-    """Store new tokens at their slots; a sparse ring keeps only each row's newest local_len tokens.
+    """Store new tokens at their slots; a sparse ring keeps only each row's newest ring-size tokens.
 
     Several new positions can map to one ring slot (a long prompt); only the newest is written, so
     the scatter never has duplicate indices.
@@ -68,7 +70,7 @@ def write_layer_cache(cache: LayerCache, latent: Float[Array, "B S C"], k_rope: 
     capacity = cache.capacity
     sink_len = loza.sink_blocks * loza.block_size
     # A sparse layer whose capacity covers the whole sequence needs no ring (short max_len).
-    whole = capacity < loza.window_tokens
+    whole = capacity < loza.cache_tokens
     keep = valid
     if sparse and not whole:
         newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)  # [B, 1]
@@ -88,8 +90,8 @@ class ModelCache:
     """Decode state of the whole model: one LayerCache per attention sublayer, lengths, n-gram history."""
 
     layers: tuple  # tuple[LayerCache, ...], one per attention sublayer (2 per logical layer)
-    lengths: Int[Array, "B"]  # tokens consumed per row = next position
-    ngram_history: Int[Array, "B N1"]  # last N-1 tokens of the current segment ([B, 0] if no n-gram)
+    lengths: Any  # [B] int32: tokens consumed per row = next position
+    ngram_history: Any  # [B, N-1] int32: last tokens of the current segment ([B, 0] if no n-gram)
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))

@@ -53,9 +53,13 @@ def init_cache(config: Union[Config, ModelConfig], batch: int, max_len: int) -> 
                       ngram_history=jnp.zeros((batch, hist), jnp.int32))
 
 
-def prefill(config: Union[Config, ModelConfig], variables: Any, input_ids: Int[Array, "B S"],
-            lengths: Int[Array, "B"], max_len: int) -> tuple[Float[Array, "B S V"], ModelCache]:
-    """Forward a right-padded prompt batch (row b valid for its first lengths[b] tokens)."""
+def prefill(config: Union[Config, ModelConfig], variables: Any, input_ids: Array, lengths: Array,
+            max_len: int) -> tuple[Float[Array, "B S V"], ModelCache]:
+    """Forward a right-padded prompt batch (row b valid for its first lengths[b] tokens).
+
+    input_ids [B, S] int and lengths [B] int are user input, so they are validated here (a
+    ValueError naming the value) rather than by a type annotation.
+    """
     cfg = model_config(config)
     validate_token_ids(input_ids, cfg)
     b, s = input_ids.shape
@@ -81,13 +85,16 @@ def prefill(config: Union[Config, ModelConfig], variables: Any, input_ids: Int[A
 
 
 def decode_step(config: Union[Config, ModelConfig], variables: Any, cache: ModelCache,
-                tokens: Int[Array, "B S"]) -> tuple[Float[Array, "B S V"], ModelCache]:
+                tokens: Array) -> tuple[Float[Array, "B S V"], ModelCache]:  # tokens [B, S] int
     """Consume S new tokens per row at positions lengths[b]..; returns their logits and the cache.
 
-    S should not exceed loza.block_size when sparse layers exist (their ring holds the window).
+    With LoZA sparse layers S may be at most loza.block_size (the ring's spare block).
     """
     cfg = model_config(config)
     validate_token_ids(tokens, cfg, "tokens")
+    if any(cfg.sparse_layers) and tokens.shape[1] > cfg.loza.block_size:
+        raise ValueError(f"decode chunk of {tokens.shape[1]} tokens exceeds loza.block_size="
+                         f"{cfg.loza.block_size}, the most a sparse layer's ring can take at once")
     variables = nn.unbox(variables)
     params = variables["params"]
     b, s = tokens.shape

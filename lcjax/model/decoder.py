@@ -7,14 +7,14 @@ Residual order is HF LongcatFlashDecoderLayer's exactly:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
-from lcjax.model.attention import MLA, SparseFlag
+from lcjax.model.attention import MLA
 from lcjax.model.cache import LayerCache
 from lcjax.model.embedding import TokenEmbedding
 from lcjax.model.layers import RMSNorm, SwiGLU, declare
@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
         out = (x3 + self.mlp[1](self.post_norm[1](x3))) + shortcut
         return nn.with_logical_constraint(out, ("batch", "length", "embed")), stats
 
-    def __call__(self, x: Float[Array, "B S M"], sparse: tuple[SparseFlag, SparseFlag],
+    def __call__(self, x: Float[Array, "B S M"], sparse: Union[tuple[bool, bool], Bool[Array, "2"]],
                  positions: Int[Array, "B S"], segment_ids: Optional[Int[Array, "B S"]],
                  token_mask: Optional[Bool[Array, "B S"]]):
         """Returns (x_out, (RoutingStats, latents)); latents = ((latent, k_rope) per sublayer)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import flax.struct
@@ -29,8 +29,8 @@ class ModelAux:
     """Everything besides the logits that training and serving read from a forward pass."""
 
     routing: RoutingStats  # stacked per logical layer: tokens_per_expert [L, E+Z], zero_share [L]
-    hidden: Float[Array, "B S M"]  # final-normed hidden state (MTP input)
-    mtp_logits: Optional[Float[Array, "B S V"]]  # predicts token t+2 at position t
+    hidden: Any  # [B, S, M]: final-normed hidden state (MTP input)
+    mtp_logits: Any  # [B, S, V] or None: predicts token t+2 at position t
     latents: Optional[tuple]  # per logical layer stacked ((latent [L,B,S,C], k_rope [L,B,S,R]) x 2)
 
 
@@ -99,11 +99,11 @@ class LongCatModel(nn.Module):
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     @nn.compact
-    def __call__(self, input_ids: Int[Array, "B S"], segment_ids: Optional[Int[Array, "B S"]] = None,
+    def __call__(self, input_ids: Array, segment_ids: Optional[Int[Array, "B S"]] = None,
                  positions: Optional[Int[Array, "B S"]] = None, *, return_aux: bool = False,
                  return_kv: bool = False):
         cfg = self.cfg
-        validate_token_ids(input_ids, cfg)
+        validate_token_ids(input_ids, cfg)  # [B, S] int; checked here so bad input is a ValueError
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}")
         b, s = input_ids.shape

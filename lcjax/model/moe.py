@@ -8,7 +8,7 @@ before dispatch, so only routed slots reach the expert GEMMs.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import flax.struct
@@ -25,10 +25,14 @@ BIAS_COLLECTION = "router_bias"
 
 @flax.struct.dataclass
 class RoutingStats:
-    """Per-layer routing statistics over the (unmasked) tokens of a batch."""
+    """Per-layer routing statistics over the (unmasked) tokens of a batch.
 
-    tokens_per_expert: Float[Array, "E"]  # slots routed to each of the E+Z router outputs
-    zero_share: Float[Array, ""]  # fraction of top-k slots that went to zero experts
+    Pytree fields are typed `Any` (shapes in comments): jax transforms rebuild this class with
+    stacked, sharding or abstract leaves, which a runtime shape check would reject.
+    """
+
+    tokens_per_expert: Any  # [..., E+Z] float32: slots routed to each router output
+    zero_share: Any  # [...] float32: fraction of top-k slots that went to zero experts
 
 
 def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig):
@@ -110,7 +114,7 @@ def routing_stats(ids: Int[Array, "T K"], routed: Bool[Array, "T K"],
 
 
 def update_router_bias(router_bias: Any, tokens_per_expert: Any, moe: MoEConfig,
-                       expected_ffn_topk: Optional[float] = None) -> Any:
+                       expected_ffn_topk: Optional[Union[int, float]] = None) -> Any:
     """Aux-loss-free balancing: b_e += rate * sign(target_e - load_e) for routed experts only.
 
     load_e is expert e's share of all top-k slots. The target is the mean routed-expert share
