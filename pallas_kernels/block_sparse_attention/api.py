@@ -9,6 +9,7 @@ back to another.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Callable
@@ -21,8 +22,12 @@ from jaxtyping import Array, Float, Int
 from pallas_kernels.block_sparse_attention.masks import Layout
 from pallas_kernels.block_sparse_attention.reference import attention_reference
 
-# Every name a backend may register under; modules are <name>.py in this package.
-KNOWN_IMPLEMENTATIONS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
+# Backends with kernels; modules are <name>.py in this package. Each also registers
+# "<name>_interpret": the same kernels run by an interpreter (CPU CI runs this).
+_KERNEL_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
+# Every name a backend may register under.
+KNOWN_IMPLEMENTATIONS = _KERNEL_BACKENDS + ("xla",) + tuple(
+    f"{name}_interpret" for name in _KERNEL_BACKENDS)
 _DEFAULT_ORDER = {
     "tpu": ("pallas_tpu", "xla"),
     "gpu": ("pallas_gpu", "triton", "xla"),
@@ -31,15 +36,15 @@ _DEFAULT_ORDER = {
 _IMPLEMENTATIONS: dict[str, Callable] = {"xla": attention_reference}
 _UNAVAILABLE: dict[str, str] = {}  # name -> why its import failed
 
-for _name in KNOWN_IMPLEMENTATIONS:
-    if _name in _IMPLEMENTATIONS:
-        continue
+for _name in _KERNEL_BACKENDS:
     try:
         _module = importlib.import_module(f"{__package__}.{_name}")
-    except ImportError as e:  # not written yet, or its optional dependency is missing
-        _UNAVAILABLE[_name] = f"{type(e).__name__}: {e}"
+    except ImportError as e:  # its optional dependency is missing
+        _UNAVAILABLE[_name] = _UNAVAILABLE[f"{_name}_interpret"] = f"{type(e).__name__}: {e}"
     else:
         _IMPLEMENTATIONS[_name] = _module.block_sparse_attention
+        _IMPLEMENTATIONS[f"{_name}_interpret"] = functools.partial(
+            _module.block_sparse_attention, interpret=True)
 
 
 def available_implementations() -> tuple[str, ...]:

@@ -205,6 +205,8 @@ class AttentionContract:
     """Subclass with `implementation = "<name>"`; pytest runs every test per backend."""
 
     implementation: str = ""
+    # Kernel backends walk the block plan: they must never read a key block with no visible key.
+    visits_only_active_blocks: bool = False
 
     def attend(self, q, k, v, **kwargs):
         return api.block_sparse_attention(q, k, v, implementation=self.implementation, **kwargs)
@@ -281,3 +283,22 @@ class AttentionContract:
         q = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float32)
         jax.eval_shape(lambda q: self.attend(q, q, q, layout=masks.CausalLayout()), q)
         assert calls == [self.implementation]
+
+    def test_inactive_key_blocks_are_never_read(self):
+        """NaN in key blocks no query may see must not reach any result (dense code would give
+        NaN through 0 * NaN in P @ V)."""
+        if not self.visits_only_active_blocks:
+            pytest.skip(f"{self.implementation} computes densely")
+        case = Case("causal_short_q", masks.CausalLayout(), batch=1, s_len=32, t_len=160,
+                    heads=2, groups=1, d_k=16, d_v=16)
+        (q, k, v), kwargs, (d_out, d_lse) = make_inputs(case)
+        poison = (jnp.arange(case.t_len) >= 128)[None, :, None, None]
+        k_bad, v_bad = jnp.where(poison, jnp.nan, k), jnp.where(poison, jnp.nan, v)
+        outputs, grads = self._compiled(case)(q, k_bad, v_bad, d_out, d_lse, kwargs)
+        want_outputs, want_grads = self._compiled(case)(q, k, v, d_out, d_lse, kwargs)
+        for got, want in zip(jax.tree.leaves((outputs, grads)),
+                             jax.tree.leaves((want_outputs, want_grads))):
+            got, want = np.asarray(got), np.asarray(want)
+            if got.shape[1:2] == (case.t_len,):  # dk, dv: the poisoned rows are never written
+                got, want = got[:, :128], want[:, :128]
+            np.testing.assert_array_equal(got, want)
