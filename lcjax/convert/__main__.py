@@ -1,0 +1,88 @@
+"""`python -m lcjax.convert`: HF <-> lcjax checkpoint conversion and the parity report.
+
+    python -m lcjax.convert hf-to-lcjax SRC DST [-o model.param_dtype=bfloat16 ...]
+    python -m lcjax.convert lcjax-to-hf SRC DST [--max-shard-size 5GB] [--dtype bfloat16]
+    python -m lcjax.convert compare SRC [--batch 2 --seq-len 32 --seed 0]
+
+Conversions stream tensor by tensor, write into a temporary directory beside DST and rename it
+on success; each prints the tensors written, the time and the peak RSS of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+from lcjax.config import Config
+from lcjax.config_io import dump_config, load_config
+from lcjax.convert import hf
+from lcjax.convert.safetensors_io import parse_size
+
+
+def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply dotted `key=value` overrides through the YAML loader (same validation and errors)."""
+    if not overrides:
+        return config
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        dump_config(config, f.name)
+        return load_config(f.name, overrides)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lcjax.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_lcjax = sub.add_parser("hf-to-lcjax", help="HF directory -> lcjax checkpoint (orbax)")
+    to_lcjax.add_argument("src")
+    to_lcjax.add_argument("dst")
+    to_lcjax.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                          help="config override applied to the config derived from config.json")
+    to_lcjax.add_argument("--chunk-size", default="1GB", help="leaves buffered per orbax write")
+    to_lcjax.add_argument("--overwrite", action="store_true")
+    to_hf = sub.add_parser("lcjax-to-hf", help="lcjax checkpoint -> HF directory (safetensors)")
+    to_hf.add_argument("src")
+    to_hf.add_argument("dst")
+    to_hf.add_argument("--max-shard-size", default="5GB")
+    to_hf.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bfloat16")
+    to_hf.add_argument("--no-zero-expert-stubs", action="store_true",
+                       help="pure Hub layout (transformers >= 5 cannot load it; engines can)")
+    to_hf.add_argument("--overwrite", action="store_true")
+    compare = sub.add_parser("compare", help="per-layer lcjax vs transformers report")
+    compare.add_argument("src")
+    compare.add_argument("--batch", type=int, default=2)
+    compare.add_argument("--seq-len", type=int, default=32)
+    compare.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.command == "hf-to-lcjax":
+        config = _with_overrides(hf.config_from_checkpoint(args.src), args.override)
+        hf.hf_to_lcjax(args.src, args.dst, config, overwrite=args.overwrite,
+                       chunk_bytes=parse_size(args.chunk_size))
+    elif args.command == "lcjax-to-hf":
+        hf.lcjax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                       zero_expert_stubs=not args.no_zero_expert_stubs, overwrite=args.overwrite)
+    else:
+        from lcjax.convert.compare import compare_with_transformers, format_rows
+
+        rows = compare_with_transformers(args.src, batch=args.batch, seq_len=args.seq_len,
+                                         seed=args.seed)
+        print(format_rows(rows))
+        return 0
+    print(f"{args.command}: wrote {args.dst} in {time.perf_counter() - start:.1f} s; "
+          f"peak RSS {_peak_rss_mib():.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Hugging Face LongCat-Flash checkpoints <-> lcjax variables, streamed tensor by tensor.
+
+A HF directory is `config.json` plus `model.safetensors` or shards with
+`model.safetensors.index.json`, in the Hub layout (spec §1.5): one tensor per routed expert,
+`model.mtp.*` for the MTP head, `model.ngram_embeddings.*` for Flash-Lite. "variables" is the
+lcjax tree `{"params": ..., "router_bias": ...}` (the correction biases live in the separate
+`router_bias` collection), scanned ([L] leading axis) or unrolled (`layers_{i}`) as the config says.
+
+Everything is checked before anything is written: a missing tensor, a shape mismatch, an
+unexpected tensor or an unsupported config.json field raises a ValueError naming it, and
+outputs are built in a temporary directory next to DST that is renamed into place on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import flax.linen as nn
+import numpy as np
+
+from lcjax.config import Config, ModelConfig
+from lcjax.convert import hf_names, orbax_io
+from lcjax.convert.hf_config import hf_config_dict, model_config_from_hf
+from lcjax.convert.hf_names import BIAS_COLLECTION, Leaf
+from lcjax.convert.safetensors_io import ShardedReader, ShardedWriter, parse_size
+
+ConfigLike = Union[Config, ModelConfig]
+_MTP_FFN_KEY = "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight"
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """A fresh temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
+    dst = pathlib.Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():  # overwrite: swap, then drop the old copy
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def _as_config(config: ConfigLike) -> Config:
+    return config if isinstance(config, Config) else Config(model=config)
+
+
+def config_from_checkpoint(path: Union[str, os.PathLike],
+                           reader: Optional[ShardedReader] = None) -> Config:
+    """The lcjax Config of a HF directory: model part from config.json, the rest default.
+
+    The MTP head is on when the weights hold `model.mtp.*` (transformers drops them on save);
+    its dense width comes from those weights.
+    """
+    path = pathlib.Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: no config.json (pass config= to load without one)")
+    reader = reader or ShardedReader(path)
+    layer_ids = {int(m.group(1)) for k in reader.entries
+                 for m in [re.match(r"model\.layers\.(\d+)\.", k)] if m}
+    has_mtp = any(k.startswith("model.mtp.") for k in reader.entries)
+    mtp_ffn = reader.shape(_MTP_FFN_KEY)[0] if _MTP_FFN_KEY in reader else None
+    try:
+        model = model_config_from_hf(json.loads(config_file.read_text()),
+                                     num_layers=max(layer_ids) + 1 if layer_ids else None,
+                                     has_mtp=has_mtp, mtp_ffn_size=mtp_ffn)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
+    return Config(model=model)
+
+
+def _source_key(key: str, reader: ShardedReader) -> Optional[str]:
+    for candidate in (key, *hf_names.ALIASES.get(key, ())):
+        if candidate in reader:
+            return candidate
+    return None
+
+
+def check_checkpoint(reader: ShardedReader, cfg: ModelConfig) -> list[Leaf]:
+    """The conversion plan for `cfg`, after checking every tensor name and shape of the files."""
+    leaves = hf_names.plan(cfg)
+    problems, used = [], set()
+    for leaf in leaves:
+        for _, key in leaf.units():
+            source = _source_key(key, reader)
+            if source is None:
+                problems.append(f"missing tensor {key!r} (for lcjax {leaf.name}, shape "
+                                f"{list(leaf.hf_shape)})")
+            elif reader.shape(source) != leaf.hf_shape:
+                problems.append(f"tensor {source!r} has shape {list(reader.shape(source))}, "
+                                f"expected {list(leaf.hf_shape)} (for lcjax {leaf.name})")
+            used.add(source)
+    extra = sorted(k for k in reader.entries if k not in used and not hf_names.is_ignorable(k, cfg))
+    problems += [f"unexpected tensor {k!r} (not part of this model config)" for k in extra]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"checkpoint {reader.directory} does not match the config: "
+                         + "; ".join(problems[:5]) + more)
+    return leaves
+
+
+def iter_hf_leaves(reader: ShardedReader, leaves: Iterable[Leaf]) -> Iterator[tuple[Leaf, np.ndarray]]:
+    """Build each lcjax leaf from its HF tensors; memory: one leaf plus one tensor at a time."""
+    for leaf in leaves:
+        out = np.empty(leaf.shape, leaf.dtype)
+        with reader.session():
+            for index, key in leaf.units():
+                out[index] = leaf.to_lcjax(reader.get(_source_key(key, reader)))  # casts dtype
+        yield leaf, out
+
+
+def _open_source(path, config: Optional[ConfigLike]) -> tuple[Config, ShardedReader, list[Leaf]]:
+    reader = ShardedReader(path)
+    cfg = config_from_checkpoint(path, reader) if config is None else _as_config(config)
+    return cfg, reader, check_checkpoint(reader, cfg.model)
+
+
+def load_hf_checkpoint(path: Union[str, os.PathLike],
+                       config: Optional[ConfigLike] = None) -> tuple[Config, dict]:
+    """Read a HF LongCat-Flash directory into lcjax variables (numpy arrays).
+
+    Args:
+      path: directory with config.json and safetensors (one file, or shards + index).
+      config: a Config or ModelConfig to load into (e.g. bfloat16 params, scan_layers=False);
+        None derives it from config.json (see `config_from_checkpoint`).
+
+    Returns:
+      (Config, variables) with variables = {"params": ..., "router_bias": ...}, ready for
+      `LongCatModel(config).apply`. Parameters take `config.model.param_dtype`.
+    """
+    cfg, reader, leaves = _open_source(path, config)
+    variables: dict = {}
+    for leaf, array in iter_hf_leaves(reader, leaves):
+        orbax_io.nest(variables, (leaf.collection, *leaf.path), array)
+    return cfg, variables
+
+
+def _layout(leaves: list[Leaf], cfg: ModelConfig, dtype, stubs: bool) -> list[tuple[str, int]]:
+    layout = [(key, int(np.prod(leaf.hf_shape)) * _out_dtype(leaf, dtype).itemsize)
+              for leaf in leaves for _, key in leaf.units()]
+    if stubs:
+        gate = next(l for l in leaves if l.experts is not None and l.path[-1] == "gate")
+        nbytes = int(np.prod(gate.hf_shape)) * _out_dtype(gate, dtype).itemsize
+        layout += [(key, nbytes) for key in hf_names.zero_expert_stub_keys(cfg)]
+    return layout
+
+
+def _out_dtype(leaf: Leaf, dtype) -> np.dtype:
+    if dtype is None or leaf.collection == BIAS_COLLECTION:
+        return leaf.dtype
+    return np.dtype(dtype)
+
+
+def write_hf_directory(directory: pathlib.Path, cfg: ModelConfig,
+                       leaves_with_arrays: Iterable[tuple[Leaf, np.ndarray]], leaves: list[Leaf], *,
+                       max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
+                       dtype: Optional[str] = None) -> None:
+    """config.json + safetensors shards for `cfg` from a stream of (leaf, array) in plan order."""
+    import ml_dtypes  # noqa: F401  registers bfloat16 with numpy for np.dtype("bfloat16")
+
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    writer = ShardedWriter(directory, _layout(leaves, cfg, dtype, zero_expert_stubs),
+                           parse_size(max_shard_size))
+    stub = None
+    for leaf, array in leaves_with_arrays:
+        if tuple(array.shape) != leaf.shape:
+            raise ValueError(f"variable {leaf.name} has shape {list(array.shape)}, expected "
+                             f"{list(leaf.shape)} for this config")
+        out_dtype = _out_dtype(leaf, dtype)
+        for index, key in leaf.units():
+            writer.add(key, leaf.to_hf(np.asarray(array[index])).astype(out_dtype, copy=False))
+        if leaf.experts is not None and leaf.path[-1] == "gate":
+            stub = np.zeros(leaf.hf_shape, out_dtype)
+    if zero_expert_stubs:
+        for key in hf_names.zero_expert_stub_keys(cfg):
+            writer.add(key, stub)
+    writer.finish()
+
+
+def _matching_scan(cfg: Config, variables: dict) -> Config:
+    """The config with scan_layers set to the layout the variables actually use."""
+    unrolled = "layers_0" in variables.get("params", {})
+    if unrolled == cfg.model.scan_layers:
+        model = dataclasses.replace(cfg.model, scan_layers=not unrolled)
+        return dataclasses.replace(cfg, model=model)
+    return cfg
+
+
+def _variable_stream(variables: dict, leaves: list[Leaf]) -> Iterator[tuple[Leaf, np.ndarray]]:
+    for leaf in leaves:
+        node: Any = variables
+        for key in (leaf.collection, *leaf.path):
+            if not isinstance(node, dict) or key not in node:
+                raise ValueError(f"variables have no {leaf.name!r} (missing {key!r}); expected "
+                                 f"the tree of LongCatModel(config).init")
+            node = node[key]
+        yield leaf, node
+
+
+def save_hf_checkpoint(variables: Any, config: ConfigLike, path: Union[str, os.PathLike], *,
+                       max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
+                       dtype: Optional[str] = None, overwrite: bool = False) -> None:
+    """Write lcjax variables as a HF directory that `LongcatFlashForCausalLM.from_pretrained` loads.
+
+    Args:
+      variables: {"params": ..., "router_bias": ...}, scanned or unrolled.
+      config: the Config or ModelConfig the variables belong to.
+      path: output directory; built in a temporary directory and renamed on success.
+      max_shard_size: bytes (or "5GB") per safetensors shard; only one shard is buffered.
+      zero_expert_stubs: also write zero gate/up tensors for the zero experts. transformers >= 5
+        allocates its fused gate_up_proj for routed + zero experts and refuses checkpoints
+        without them; False writes the pure Hub layout (routed experts only).
+      dtype: cast floating tensors (e.g. "bfloat16"); None keeps each variable's dtype. The
+        correction bias always stays float32.
+      overwrite: replace an existing `path`.
+    """
+    cfg = _matching_scan(_as_config(config), nn.unbox(variables))
+    leaves = hf_names.plan(cfg.model)
+    stream = ((leaf, np.asarray(a)) for leaf, a in _variable_stream(nn.unbox(variables), leaves))
+    with atomic_directory(path, overwrite) as tmp:
+        write_hf_directory(tmp, cfg.model, stream, leaves, max_shard_size=max_shard_size,
+                           zero_expert_stubs=zero_expert_stubs, dtype=dtype)
+
+
+def hf_to_lcjax(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
+                config: Optional[ConfigLike] = None, *, overwrite: bool = False,
+                chunk_bytes: int = 1 << 30) -> Config:
+    """Convert a HF directory into an lcjax checkpoint (config.yaml + orbax variables).
+
+    Streams: peak memory is about the largest lcjax leaf (a stacked [L, E, M, F] expert weight
+    for scanned layers) plus up to `chunk_bytes` of leaves waiting to be written.
+    """
+    cfg, reader, leaves = _open_source(src, config)
+    stream = (((leaf.collection, *leaf.path), array) for leaf, array in iter_hf_leaves(reader, leaves))
+    with atomic_directory(dst, overwrite) as tmp:
+        orbax_io.write_lcjax_checkpoint(tmp, cfg, stream, chunk_bytes)
+    return cfg
+
+
+def lcjax_to_hf(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
+                max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
+                dtype: Optional[str] = None, overwrite: bool = False) -> Config:
+    """Convert an lcjax checkpoint (from `hf_to_lcjax` or training) into a HF directory.
+
+    Loads one lcjax leaf at a time: peak memory is about the largest leaf plus one shard.
+    """
+    cfg = orbax_io.read_lcjax_config(src)
+    leaves = hf_names.plan(cfg.model)
+    arrays = orbax_io.iter_lcjax_leaves(src, [(l.collection, *l.path) for l in leaves])
+    stream = ((leaf, array) for leaf, (_, array) in zip(leaves, arrays))
+    with atomic_directory(dst, overwrite) as tmp:
+        write_hf_directory(tmp, cfg.model, stream, leaves, max_shard_size=max_shard_size,
+                           zero_expert_stubs=zero_expert_stubs, dtype=dtype)
+    return cfg
