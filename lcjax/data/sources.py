@@ -1,0 +1,281 @@
+"""Document sources: random-access lists of text documents, and the held-out split rules.
+
+Every source is a grain `RandomAccessDataSource` (`__len__` + `__getitem__` -> str), picklable
+so grain worker processes can open it again. Files are found once, sorted, and read lazily.
+
+Split rules (fixed, so held-out losses stay comparable across runs and machines):
+- stdlib: file `rel` (its path relative to the stdlib root, '/'-separated) is held out when
+  crc32(rel) / 2**32 < heldout_fraction. Adding or removing files never moves other files.
+- other sources: document `i` (its index in the sorted files, records in file order) is held out
+  when splitmix64(i) / 2**64 < heldout_fraction.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import sysconfig
+import threading
+import zlib
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from lcjax.data.spec import SPLITS, DataSpec, check
+
+STDLIB_HELDOUT_FRACTION = 0.02
+# Not part of the corpus: installed third-party packages, and the stdlib's own test suites
+# (deliberately odd files: bad encodings, huge generated data; and Debian-style installs ship
+# them separately, so leaving them out keeps the corpus the same across installs).
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+_SCAN_CHUNK = 1 << 24
+
+
+# ---------------------------------------------------------------- split rules
+
+
+def path_is_heldout(rel: str, fraction: float) -> bool:
+    """The stdlib rule: crc32 of the '/'-separated relative path below `fraction` of 2**32."""
+    return zlib.crc32(rel.encode("utf-8")) < fraction * 2**32
+
+
+def heldout_mask(num_docs: int, fraction: float) -> np.ndarray:
+    """The index rule: bool [num_docs], True where splitmix64(index) / 2**64 < fraction."""
+    z = np.arange(num_docs, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # wraps mod 2**64
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) < fraction * 2.0**53
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: expected one of {list(SPLITS)}")
+
+
+# ---------------------------------------------------------------- the stdlib corpus
+
+
+def stdlib_root() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_corpus(split: str, heldout_fraction: float = STDLIB_HELDOUT_FRACTION) -> list[pathlib.Path]:
+    """The standard library's .py files of `split` ("train" | "heldout"), sorted by relative path.
+
+    Excludes STDLIB_EXCLUDED_DIRS at any depth. On CPython 3.11 that is ~730 files, ~12 MB.
+    """
+    _check_split(split)
+    root = stdlib_root()
+    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                  if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
+    if not rels:
+        raise ValueError(f"no Python standard library sources (*.py) under {root}: this Python ships "
+                         "without them; set data.source to text/jsonl/parquet/arrayrecord and data.path")
+    want = split == "heldout"
+    return [root / rel for rel in rels if path_is_heldout(rel, heldout_fraction) == want]
+
+
+# ---------------------------------------------------------------- sources
+
+
+class TextFiles(grain.sources.RandomAccessDataSource):
+    """One document per file, decoded as utf-8 (undecodable bytes become U+FFFD)."""
+
+    def __init__(self, paths: Sequence[os.PathLike | str]):
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        with open(self.paths[index], "rb") as f:
+            return f.read().decode("utf-8", errors="replace")
+
+
+class JsonlFiles(grain.sources.RandomAccessDataSource):
+    """One JSON object per non-empty line; the document is `record[text_field]`.
+
+    Opening scans each file once for line offsets (24 bytes per line in memory); records are
+    parsed on access, so a malformed line fails when it is read, naming file and line.
+    """
+
+    def __init__(self, paths: Sequence[os.PathLike | str], text_field: str):
+        self.paths = [str(p) for p in paths]
+        self.text_field = text_field
+        index = [_line_index(p) for p in self.paths]
+        self._file = np.concatenate([np.full(len(s), i, np.int32) for i, (s, _, _) in enumerate(index)])
+        self._start, self._end, self._line = (np.concatenate([x[k] for x in index]) for k in range(3))
+        if len(self):
+            self[0]  # fail early on a missing text field
+
+    def __len__(self) -> int:
+        return len(self._start)
+
+    def __getitem__(self, index: int) -> str:
+        path, line = self.paths[self._file[index]], int(self._line[index])
+        start, end = int(self._start[index]), int(self._end[index])
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        if not raw.strip():
+            return ""
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line}: not a JSON object ({e})") from e
+        if not isinstance(record, dict) or self.text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{line}: no field {self.text_field!r} (has {keys}); "
+                             "set data.text_field")
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line}: field {self.text_field!r} is "
+                             f"{type(text).__name__}, expected a string")
+        return text
+
+
+def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, 1-based line number) of every non-empty line, without holding the file."""
+    newlines, base = [], 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_SCAN_CHUNK):
+            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")) + base)
+            base += len(chunk)
+    nl = np.concatenate(newlines or [np.zeros(0, np.int64)]).astype(np.int64)
+    start = np.concatenate([[0], nl + 1]).astype(np.int64)
+    end = np.concatenate([nl, [base]]).astype(np.int64)
+    line = np.arange(1, len(start) + 1, dtype=np.int64)
+    keep = end > start
+    return start[keep], end[keep], line[keep]
+
+
+class ParquetFiles(grain.sources.RandomAccessDataSource):
+    """One document per row of a string column; nulls are empty documents.
+
+    Row counts come from file footers; a file's column is read into memory on first access
+    (per process), so the text of all files must fit in RAM. Use ArrayRecord beyond that.
+    """
+
+    def __init__(self, paths: Sequence[os.PathLike | str], column: str):
+        import pyarrow.parquet as pq
+
+        self.paths = [str(p) for p in paths]
+        self.column = column
+        counts = []
+        for path in self.paths:
+            meta = pq.ParquetFile(path)
+            names = meta.schema_arrow.names
+            if column not in names:
+                raise ValueError(f"{path}: no column {column!r} (has {names}); set data.text_field")
+            counts.append(meta.metadata.num_rows)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._cache: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> str:
+        file = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        value = self._column(file)[index - int(self._offsets[file])].as_py()
+        return "" if value is None else str(value)
+
+    def _column(self, file: int):
+        with self._lock:
+            if file not in self._cache:
+                import pyarrow.parquet as pq
+
+                self._cache[file] = pq.read_table(self.paths[file], columns=[self.column]).column(0)
+            return self._cache[file]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+class ArrayRecordFiles(grain.sources.RandomAccessDataSource):
+    """One utf-8 document per ArrayRecord record (undecodable bytes become U+FFFD)."""
+
+    def __init__(self, paths: Sequence[os.PathLike | str]):
+        self.paths = [str(p) for p in paths]
+        self._records = grain.sources.ArrayRecordDataSource(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> str:
+        return self._records[index].decode("utf-8", errors="replace")
+
+
+class Subset(grain.sources.RandomAccessDataSource):
+    """`source` restricted to `indices` (a split)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> str:
+        return self.source[int(self.indices[index])]
+
+
+# ---------------------------------------------------------------- from a DataSpec
+
+
+def expand_path(spec: DataSpec) -> list[pathlib.Path]:
+    """The sorted files that `spec.path` names: a file or a glob (`**` recurses)."""
+    path = os.path.expanduser(spec.path)
+    if os.path.isdir(path):
+        raise ValueError(f"data: path={spec.path!r} is a directory: give a file or a glob such as "
+                         f"'{path.rstrip('/')}/**/*{_SUFFIX[spec.source]}'")
+    files = sorted(pathlib.Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise ValueError(f"data: path={spec.path!r} matches no files: expected an existing "
+                         f"{spec.source} file or a glob pattern that matches some")
+    return files
+
+
+_SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet", "arrayrecord": ".array_record"}
+
+
+def open_source(spec: DataSpec) -> grain.sources.RandomAccessDataSource:
+    """All documents of a non-stdlib `spec`, both splits."""
+    files = expand_path(spec)
+    if spec.source == "text":
+        return TextFiles(files)
+    if spec.source == "jsonl":
+        return JsonlFiles(files, spec.text_field)
+    if spec.source == "parquet":
+        return ParquetFiles(files, spec.text_field)
+    if spec.source == "arrayrecord":
+        return ArrayRecordFiles(files)
+    raise ValueError(f"data: source={spec.source!r} is invalid: expected one of "
+                     f"{list(_SUFFIX)} here (stdlib has no path)")
+
+
+def document_source(spec: DataSpec, split: str) -> grain.sources.RandomAccessDataSource:
+    """The documents (str) of `split`; ValueError when it holds none, saying what to change."""
+    _check_split(split)
+    if spec.source == "stdlib":
+        docs = TextFiles(stdlib_corpus(split, spec.heldout_fraction))
+        where = f"the Python standard library under {stdlib_root()}"
+    else:
+        full = open_source(spec)
+        check(len(full) > 0, "path", spec.path, f"{spec.source} files that hold some documents")
+        mask = heldout_mask(len(full), spec.heldout_fraction)
+        docs = Subset(full, np.flatnonzero(mask if split == "heldout" else ~mask))
+        where = f"data.path={spec.path!r} ({len(full)} documents)"
+    if len(docs) == 0:
+        raise ValueError(f"data: the {split} split of {where} is empty at "
+                         f"heldout_fraction={spec.heldout_fraction}: "
+                         + ("raise data.heldout_fraction or add documents" if split == "heldout"
+                            else "lower data.heldout_fraction or add documents"))
+    return docs
