@@ -12,6 +12,7 @@ Split rules (fixed, so held-out losses stay comparable across runs and machines)
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -70,13 +71,25 @@ def stdlib_corpus(split: str, heldout_fraction: float = STDLIB_HELDOUT_FRACTION)
     """
     _check_split(split)
     root = stdlib_root()
-    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                  if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
+    rels = _stdlib_files(str(root))
     if not rels:
         raise ValueError(f"no Python standard library sources (*.py) under {root}: this Python ships "
                          "without them; set data.source to text/jsonl/parquet/arrayrecord and data.path")
     want = split == "heldout"
     return [root / rel for rel in rels if path_is_heldout(rel, heldout_fraction) == want]
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_files(root: str) -> tuple[str, ...]:
+    """Sorted '/'-separated relative paths of the .py files, never entering excluded dirs."""
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS]
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.endswith(".py"):
+                rels.append(pathlib.PurePath(rel_dir, name).as_posix().removeprefix("./"))
+    return tuple(sorted(rels))
 
 
 # ---------------------------------------------------------------- sources

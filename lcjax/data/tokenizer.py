@@ -12,7 +12,9 @@ import os
 import pathlib
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import tokenizers
+from jaxtyping import Int
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -46,7 +48,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int] | Int[np.ndarray, "N"]) -> str:
         """Text of `ids`; special tokens (padding, bos, eos) are dropped."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
