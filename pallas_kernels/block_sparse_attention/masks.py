@@ -22,6 +22,7 @@ import functools
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -78,6 +79,16 @@ class Layout(abc.ABC):
 
     def __or__(self, other: Layout) -> Layout:
         return OrLayout((self, other))
+
+
+def _block_of(x, block_size: int, xp):
+    """x // block_size. On jnp a truncating division: equal to the floor for x >= 0, and every
+    negative (empty-slot) key is rejected by `allowed` anyway; kernels then lower it without the
+    sign fix-ups of floor division."""
+    if xp is np:
+        return x // block_size
+    x = jnp.asarray(x)
+    return jax.lax.div(x, np.asarray(block_size, x.dtype))
 
 
 def _check_sizes(**sizes: int) -> None:
@@ -156,8 +167,9 @@ class LozaLayout(Layout):
         return (q // self.block_size - (self.local_blocks - 1)) * self.block_size
 
     def _allowed(self, q, k, xp):
-        sink = k // self.block_size < self.sink_blocks
-        local = k // self.block_size >= q // self.block_size - (self.local_blocks - 1)
+        k_block, q_block = _block_of(k, self.block_size, xp), _block_of(q, self.block_size, xp)
+        sink = k_block < self.sink_blocks
+        local = k_block >= q_block - (self.local_blocks - 1)
         return (k <= q) & (sink | local)
 
     def _block_bounds(self, a, b, c, d):
@@ -198,7 +210,7 @@ class BlockMaskLayout(Layout):
 
     def _allowed(self, q, k, xp):
         rows, cols = self._table.shape
-        qb, kb = q // self.block_size, k // self.block_size
+        qb, kb = _block_of(q, self.block_size, xp), _block_of(k, self.block_size, xp)
         inside = (qb >= 0) & (qb < rows) & (kb >= 0) & (kb < cols)
         hit = xp.asarray(self._table)[xp.clip(qb, 0, rows - 1), xp.clip(kb, 0, cols - 1)]
         return (k <= q) & inside & hit

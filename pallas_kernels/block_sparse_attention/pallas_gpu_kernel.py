@@ -121,8 +121,8 @@ def forward(problem: sparsity.Problem, q, k, v, q_pos, kv_pos, q_seg, kv_seg, *,
 
     in_specs = [
         pl.BlockSpec((None, block_q, None, d_k), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, t_len, None, d_k), lambda i, b, h: (b, 0, h // rep, 0)),
-        pl.BlockSpec((None, t_len, None, d_v), lambda i, b, h: (b, 0, h // rep, 0)),
+        pl.BlockSpec((None, t_len, None, d_k), lambda i, b, h: (b, 0, lax.div(h, rep), 0)),
+        pl.BlockSpec((None, t_len, None, d_v), lambda i, b, h: (b, 0, lax.div(h, rep), 0)),
         pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
         pl.BlockSpec((None, t_len), lambda i, b, h: (b, 0)),
     ]

@@ -127,8 +127,8 @@ def backward(problem: sparsity.Problem, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o
     by_q = jnp.asarray(plan.by_q.packed(sparsity.next_pow2(plan.by_q.width + 2) - 2))
     specs = [
         pl.BlockSpec((None, block_q, None, d_k), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, t_len, None, d_k), lambda i, b, h: (b, 0, h // rep, 0)),
-        pl.BlockSpec((None, t_len, None, d_v), lambda i, b, h: (b, 0, h // rep, 0)),
+        pl.BlockSpec((None, t_len, None, d_k), lambda i, b, h: (b, 0, lax.div(h, rep), 0)),
+        pl.BlockSpec((None, t_len, None, d_v), lambda i, b, h: (b, 0, lax.div(h, rep), 0)),
         pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
         pl.BlockSpec((None, t_len), lambda i, b, h: (b, 0)),
         pl.BlockSpec((None, block_q, None, d_v), lambda i, b, h: (b, i, h, 0)),
