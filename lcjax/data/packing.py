@@ -17,6 +17,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from jaxtyping import Int
 
 from lcjax.data.tokenizer import Tokenizer
 
@@ -29,7 +30,7 @@ class Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def map(self, text: str) -> np.ndarray:
+    def map(self, text: str) -> Int[np.ndarray, "N"]:
         ids = self.tokenizer.encode(text)
         ids.append(self.tokenizer.eos_id)
         return np.asarray(ids, np.int32)
@@ -45,7 +46,7 @@ class Chunk(grain.experimental.FlatMapTransform):
         self.seq_len = seq_len
         self.max_fan_out = 1 << 30  # documents of any length; grain only checks this for MapDataset
 
-    def flat_map(self, ids: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def flat_map(self, ids: Int[np.ndarray, "N"]) -> list[dict[str, Int[np.ndarray, "C"]]]:
         n = len(ids)
         targets = np.zeros(n, np.int32)
         targets[:-1] = ids[1:]

@@ -37,6 +37,14 @@ class Tokenizer:
         hf.encode_special_tokens = True  # "</s>" typed in a document is text, not eos
         self.hf = hf
 
+    def __getstate__(self):
+        # Grain pickles the tokenizer into worker processes; HF's own pickle drops the
+        # encode_special_tokens switch, so go through the constructor again.
+        return {"json": self.to_json()}
+
+    def __setstate__(self, state):
+        self.__init__(tokenizers.Tokenizer.from_str(state["json"]))
+
     @property
     def vocab_size(self) -> int:
         """Number of ids `encode` can produce (may be below the requested size on tiny corpora)."""

@@ -6,7 +6,7 @@ import pytest
 from lcjax.data import DataSpec, train_or_load_tokenizer
 
 WORDS = ("alpha beta gamma delta def class return import yield lambda for while if else "
-         "print self None True False ( ) : = + - * [ ] { } é ü 雪 🙂").split()
+         "print self None True False ( ) : = + - * [ ] { } é ü 雪 🙂 <s> </s> <pad>").split()
 
 
 def synthetic_docs(n: int = 40, seed: int = 0) -> list[str]:

@@ -1,5 +1,7 @@
 """Byte-level BPE: special ids, round trip, train-once-then-load, determinism, bad input."""
 
+import pickle
+
 import pytest
 import tokenizers
 
@@ -24,6 +26,13 @@ def test_round_trip_never_emits_special_ids(tokenizer, text):
     ids = tokenizer.encode(text)
     assert all(3 <= i < tokenizer.vocab_size for i in ids)
     assert tokenizer.decode(ids) == text
+
+
+def test_pickle_keeps_special_strings_as_text(tokenizer):
+    # grain pickles the tokenizer into worker processes; HF's pickle alone loses this setting.
+    text = "a</s>b<s><pad>"
+    assert pickle.loads(pickle.dumps(tokenizer)).encode(text) == tokenizer.encode(text)
+    assert 2 not in tokenizer.encode(text)
 
 
 def test_decode_drops_special_tokens(tokenizer):
