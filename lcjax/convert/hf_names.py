@@ -32,7 +32,7 @@ _ATTN = (  # lcjax name inside an MLA module -> (HF module name, Linear input ax
 _SWIGLU = (("gate", "gate_proj", 1), ("up", "up_proj", 1), ("down", "down_proj", 1))
 
 
-def _rules() -> list[tuple[str, str, int]]:
+def _rules() -> list[tuple[re.Pattern, str, int]]:
     """(regex over the '/'-joined lcjax path, HF key template, Linear input axes or 0 = copy).
 
     `{l}` in a template is the logical layer, `{e}` the routed expert, `\\1` a regex group.
