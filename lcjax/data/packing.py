@@ -39,15 +39,22 @@ class Tokenize(grain.transforms.Map):
 class Chunk(grain.experimental.FlatMapTransform):
     """int32 [n] ids -> chunks {inputs, targets, loss_mask} of at most `seq_len` tokens each.
 
-    Chunks without a single target (an empty document: just eos) are dropped.
+    Chunks without a single target (an empty document: just eos) are dropped. On a repeating
+    stream, `num_documents` consecutive empty documents (a whole epoch) raise instead of looping
+    forever.
     """
 
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
+    def __init__(self, seq_len: int, num_documents: int | None = None):
+        self.seq_len, self.num_documents = seq_len, num_documents
         self.max_fan_out = 1 << 30  # documents of any length; grain only checks this for MapDataset
+        self._empty_run = 0
 
     def flat_map(self, ids: Int[np.ndarray, "N"]) -> list[dict[str, Int[np.ndarray, "C"]]]:
         n = len(ids)
+        self._empty_run = self._empty_run + 1 if n < 2 else 0
+        if self.num_documents is not None and self._empty_run >= self.num_documents:
+            raise ValueError(f"data: all {self.num_documents} documents are empty: nothing to train "
+                             "on; check data.path and data.text_field")
         targets = np.zeros(n, np.int32)
         targets[:-1] = ids[1:]
         mask = np.zeros(n, np.int32)  # int until packed: grain pads every feature with zeros

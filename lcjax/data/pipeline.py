@@ -86,8 +86,8 @@ def make_iterator(spec: DataSpec, tokenizer: Tokenizer, split: str = "train",
     if spec.num_workers:  # before packing: the document order, hence every batch, stays the same
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers))
-    rows = pack(grain.experimental.FlatMapIterDataset(ds, Chunk(spec.seq_len)), spec.seq_len,
-                _num_bins(spec), seed=spec.shuffle_seed)
+    chunks = grain.experimental.FlatMapIterDataset(ds, Chunk(spec.seq_len, len(source)))
+    rows = pack(chunks, spec.seq_len, _num_bins(spec), seed=spec.shuffle_seed)
     batches = rows.batch(spec.global_batch, drop_remainder=True).map(
         _HostRows(host_index * per_host, per_host))
     meta = {"version": STATE_VERSION, "split": split, "tokenizer": tokenizer.fingerprint,
@@ -124,6 +124,8 @@ def make_eval_batches(spec: DataSpec, tokenizer: Tokenizer, num_batches: int,
         out.append(take.map(_pad_rows(batch, spec.global_batch)))
         if len(out) == num_batches:
             break
+    check(bool(out), "heldout_fraction", spec.heldout_fraction,
+          "a value that holds out some non-empty documents (every held-out document is empty)")
     return out
 
 

@@ -105,6 +105,17 @@ def test_host_errors(spec, tokenizer):
         make_eval_batches(spec, tokenizer, 0, host_index=0, host_count=1)
 
 
+def test_all_empty_documents_raise_instead_of_hanging(tmp_path, tokenizer):
+    for i in range(10):
+        (tmp_path / f"{i}.txt").write_text("")
+    spec = DataSpec(source="text", path=str(tmp_path / "*.txt"), seq_len=8, global_batch=2,
+                    heldout_fraction=0.5)
+    with pytest.raises(ValueError, match=r"all \d+ documents are empty"):
+        next(make_iterator(spec, tokenizer, host_index=0, host_count=1))
+    with pytest.raises(ValueError, match=r"heldout_fraction=0.5 is invalid: .*every held-out document is empty"):
+        make_eval_batches(spec, tokenizer, 1, host_index=0, host_count=1)
+
+
 def test_default_hosts_from_jax(spec, tokenizer):
     it = make_iterator(spec, tokenizer)
     assert (it.host_index, it.host_count) == (0, 1)
