@@ -1,6 +1,7 @@
 """The "pallas_tpu" backend: Mosaic TPU kernels (pallas_tpu_kernel.py).
 
-Runs on a TPU, or anywhere with Config(interpret=True) (Pallas' TPU interpret mode).
+Runs on a TPU, or anywhere with Config(interpret=True) (the Pallas interpreter) or
+Config(interpret=pltpu.InterpretParams()) (TPU interpret mode: also simulates TPU memories).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.grouped_matmul import pallas_tpu_kernel
 
@@ -25,11 +27,12 @@ class Config:
     block_m: int = 128
     block_k: int = 512
     block_n: int = 512
-    interpret: bool = False
+    interpret: bool | pltpu.InterpretParams = False
 
     def __post_init__(self):
-        if not isinstance(self.interpret, bool):
-            raise ValueError(f"Config.interpret={self.interpret!r} must be a bool")
+        if not isinstance(self.interpret, (bool, pltpu.InterpretParams)):
+            raise ValueError(f"Config.interpret={self.interpret!r} must be a bool or a "
+                             "pltpu.InterpretParams")
         # Mosaic tiles a block's last two dims by (8 sublanes, 128 lanes).
         multiples = dict(block_m=8, block_k=128, block_n=128)
         for name, multiple in multiples.items():
@@ -69,7 +72,7 @@ def check(lhs, rhs, *, out_dtype, config=None) -> None:
         raise NotImplementedError(f"pallas_tpu: dtype={jnp.dtype(lhs.dtype).name} is not "
                                   f"supported; supported: {SUPPORTED_DTYPES}")
     platform = jax.default_backend()
-    if platform != "tpu" and not (config is not None and config.interpret):
+    if platform != "tpu" and not (config is not None and config.interpret is not False):
         raise NotImplementedError(f"pallas_tpu: platform={platform!r} is not supported; "
                                   "supported: ('tpu',), or any with Config(interpret=True)")
 

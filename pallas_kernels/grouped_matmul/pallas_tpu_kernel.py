@@ -71,7 +71,7 @@ def _gmm_kernel(group_ids, m_tile_ids, offsets, lhs_ref, rhs_ref, out_ref, acc_r
 
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, out_dtype, block_m: int, block_k: int,
-        block_n: int, interpret: bool):
+        block_n: int, interpret):
     """lhs [T, K] x rhs [G, K, N] (or [G, N, K]) -> [T, N]; see the module docstring."""
     num_rows, k_dim = lhs.shape
     num_groups = rhs.shape[0]
@@ -147,7 +147,7 @@ def _tgmm_kernel(group_ids, m_tile_ids, offsets, lhs_ref, rhs_ref, out_ref, acc_
 
 
 def tgmm(lhs, rhs, group_sizes, *, out_dtype, block_m: int, block_k: int, block_n: int,
-         interpret: bool):
+         interpret):
     """lhs [T, K], rhs [T, N] -> [G, K, N]; see the module docstring."""
     num_rows, k_dim = lhs.shape
     n_dim = rhs.shape[1]
@@ -188,6 +188,7 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, block_m: int, block_k: int, block_
     )(visits.group_ids, visits.m_tile_ids, visits.offsets, lhs, rhs)
 
 
-def _interpret_params(interpret: bool):
-    """TPU interpret mode (runs anywhere, checks TPU semantics) or compiled Mosaic."""
-    return True if interpret else False
+def _interpret_params(interpret):
+    """False: compiled Mosaic. True: the generic Pallas interpreter (fast, any platform). A
+    pltpu.InterpretParams: TPU interpret mode, which also simulates TPU memories (slower)."""
+    return interpret
