@@ -1,25 +1,39 @@
 """Grouped (ragged) matmul for MoE experts: rows sorted by group times a per-group weight.
 
-One public function with `implementation=`; "xla" is `jax.lax.ragged_dot` and defines the result.
-Kernel backends (pallas_kernels.grouped_matmul) plug in here without touching the model.
+Forwards to `pallas_kernels.grouped_matmul.gmm` (differentiable: its custom VJP uses the same
+backend's kernels for both gradients). `implementation=None` takes the platform's best available
+backend: "xla" (`jax.lax.ragged_dot`) on CPU, the Pallas kernels on GPU/TPU.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-IMPLEMENTATIONS = ("xla",)
+from pallas_kernels.grouped_matmul import KNOWN_IMPLEMENTATIONS, gmm
+
+IMPLEMENTATIONS = KNOWN_IMPLEMENTATIONS
+
+__all__ = ["IMPLEMENTATIONS", "grouped_matmul"]
 
 
 def grouped_matmul(x: Float[Array, "N K"], w: Float[Array, "G K F"], group_sizes: Int[Array, "G"],
-                   *, implementation: str = "xla") -> Float[Array, "N F"]:
-    """out[i] = x[i] @ w[g(i)] where rows are grouped contiguously; rows past sum(group_sizes) are 0."""
-    if implementation not in IMPLEMENTATIONS:
+                   *, implementation: str | None = None) -> Float[Array, "N F"]:
+    """out[i] = x[i] @ w[g(i)] where rows are grouped contiguously; rows past sum(group_sizes) are 0.
+
+    Args:
+      x: [N, K] rows sorted by group (N = tokens * top_k slots in the MoE).
+      w: [G, K, F] per-group weights, cast to x.dtype (the compute dtype).
+      group_sizes: int [G] rows per group.
+      implementation: a pallas_kernels.grouped_matmul backend ("pallas_tpu", "pallas_gpu",
+        "triton", "xla"), or None for the platform's default order (ends with "xla").
+
+    Returns:
+      [N, F] in x.dtype, accumulated in float32 by the kernels. Cost 2*N*K*F flops.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"grouped_matmul: implementation={implementation!r} is not one of "
-                         f"{list(IMPLEMENTATIONS)}")
+                         f"{list(IMPLEMENTATIONS)} (or None for the platform default)")
     if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or group_sizes.shape != (w.shape[0],):
         raise ValueError(f"grouped_matmul: shapes x{x.shape} w{w.shape} group_sizes"
                          f"{group_sizes.shape} do not match [N,K] x [G,K,F] with [G] sizes")
-    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32))
+    return gmm(x, w.astype(x.dtype), group_sizes, implementation=implementation)
