@@ -13,6 +13,7 @@ Needs torch and transformers (the `test` extra).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Union
 
@@ -77,17 +78,17 @@ def _layer_variables(variables: dict, layer: int, scanned: bool) -> dict:
                   else tree[f"layers_{layer}"]) for col, tree in variables.items()}
 
 
-def _run_layer(cfg, layer_vars, x, positions, layer: int):
-    pair = tuple(cfg.sparse_layers[2 * layer: 2 * layer + 2])
-    (out, _), state = DecoderLayer(cfg).apply(layer_vars, jnp.asarray(x), pair, positions, None,
-                                              None, capture_intermediates=True,
-                                              mutable=["intermediates"])
+@functools.partial(jax.jit, static_argnums=(0, 4))  # one compile serves every layer
+def _run_layer(cfg, layer_vars, x, positions, pair: tuple[bool, bool]):
+    """One logical layer on `x`: its output and the outputs of its five sublayers."""
+    (out, _), state = DecoderLayer(cfg).apply(layer_vars, x, pair, positions, None, None,
+                                              capture_intermediates=True, mutable=["intermediates"])
     inter = state["intermediates"]
     subs = {}
     for name in _SUBLAYERS:
         value = inter[name]["__call__"][0]
-        subs[name] = np.asarray(value[0] if isinstance(value, tuple) else value)
-    return np.asarray(out), subs
+        subs[name] = value[0] if isinstance(value, tuple) else value  # MLA / MoE return pairs
+    return out, subs
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -119,6 +120,7 @@ def compare_with_transformers(path: Union[str, os.PathLike], *, batch: int = 2, 
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len))
     hf = _hf_activations(model, ids)
 
+    variables = jax.tree.map(jnp.asarray, variables)
     params = variables["params"]
     positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
     x = np.asarray(Embedder(cfg).apply({"params": params["embed"]}, jnp.asarray(ids, jnp.int32)))
@@ -126,8 +128,9 @@ def compare_with_transformers(path: Union[str, os.PathLike], *, batch: int = 2, 
                 float(np.max(np.abs(hf["embed"]))))]
     for l in range(cfg.num_layers):
         lv = _layer_variables(variables, l, cfg.scan_layers)
-        x, subs = _run_layer(cfg, lv, x, positions, l)
-        local_out, local_subs = _run_layer(cfg, lv, hf[f"layer_{l}_in"], positions, l)
+        pair = tuple(cfg.sparse_layers[2 * l: 2 * l + 2])
+        x, subs = _run_layer(cfg, lv, jnp.asarray(x), positions, pair)
+        local_out, local_subs = _run_layer(cfg, lv, jnp.asarray(hf[f"layer_{l}_in"]), positions, pair)
         for name in _SUBLAYERS:
             want = hf[f"layer_{l}/{name}"].reshape(subs[name].shape)
             rows.append(Row(f"layer_{l}/{name}", _diff(subs[name], want),
@@ -139,6 +142,7 @@ def compare_with_transformers(path: Union[str, os.PathLike], *, batch: int = 2, 
     rows.append(Row("final_norm", _diff(normed, hf["final_norm"]), float("nan"),
                     float(np.max(np.abs(hf["final_norm"])))))
     logits = normed @ np.asarray(params["lm_head"], np.float32)
+    x = np.asarray(x)
     kl = _kl(hf["logits"], logits)
     rows.append(Row("logits", _diff(logits, hf["logits"]), float("nan"),
                     float(np.max(np.abs(hf["logits"]))), float(kl.mean()), float(kl.max())))

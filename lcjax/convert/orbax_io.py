@@ -68,7 +68,7 @@ def load_lcjax_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
     """(Config, variables) of a converted directory; variables are numpy arrays, all in memory."""
     path = pathlib.Path(path).absolute()
     _require_checkpoint(path)
-    return load_config(path / CONFIG_FILE), ocp.load_pytree(path / VARIABLES_DIR)
+    return load_config(path / CONFIG_FILE), ocp.load(path / VARIABLES_DIR)
 
 
 def read_lcjax_config(path: str | os.PathLike) -> Config:
@@ -97,7 +97,7 @@ def iter_lcjax_leaves(path: str | os.PathLike,
         request: dict = {}
         nest(request, keys, node)
         with context:
-            loaded = ocp.load_pytree(root, request)
+            loaded = ocp.load(root, request)
         for key in keys:
             loaded = loaded[key]
         yield keys, np.asarray(loaded)
