@@ -18,7 +18,7 @@ __all__ = ["IMPLEMENTATIONS", "grouped_matmul"]
 
 def grouped_matmul(x: Float[Array, "N K"], w: Float[Array, "G K F"], group_sizes: Int[Array, "G"],
                    *, implementation: str | None = None) -> Float[Array, "N F"]:
-    """out[i] = x[i] @ w[g(i)] where rows are grouped contiguously; rows past sum(group_sizes) are 0.
+    """out[i] = x[i] @ w[g(i)], rows grouped contiguously; rows past sum(group_sizes) give 0.
 
     Args:
       x: [N, K] rows sorted by group (N = tokens * top_k slots in the MoE).
