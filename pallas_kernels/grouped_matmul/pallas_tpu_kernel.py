@@ -106,7 +106,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, out_dtype, block_m: int, 
         out_shape=jax.ShapeDtypeStruct((num_rows, n_dim), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            dimension_semantics=(pltpu.PARALLEL, pltpu.ARBITRARY, pltpu.ARBITRARY)),
         cost_estimate=pl.CostEstimate(
             flops=2 * num_rows * k_dim * n_dim, transcendentals=0,
             bytes_accessed=(lhs.size * lhs.dtype.itemsize * _cdiv(n_dim, block_n)
@@ -177,7 +177,7 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype, block_m: int, block_k: int, block_
         out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)),
         cost_estimate=pl.CostEstimate(
             flops=2 * num_rows * k_dim * n_dim, transcendentals=0,
             bytes_accessed=(lhs.size * lhs.dtype.itemsize * _cdiv(n_dim, block_n)
