@@ -275,6 +275,137 @@ class RuntimeConfig:
         _check_choice("runtime.log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
+DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
+
+
+def _check_data(cond: bool, key: str, value, expected: str) -> None:
+    """Raise a ValueError naming the `data.` key, the bad value and what was expected."""
+    if not cond:
+        raise ValueError(f"data: {key}={value!r} is invalid: expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A corpus, its held-out split, and the packed batch shape.
+
+    source: "stdlib" (the Python standard library's own .py files, no path needed), "text" (one
+        document per file), "jsonl" (one JSON object per line), "parquet", "arrayrecord" (one
+        utf-8 document per record).
+    path: a file or a glob (`**` recurses) for every source but "stdlib".
+    text_field: the JSONL key / Parquet column holding the document text.
+    seq_len: tokens per packed row S.
+    global_batch: rows per step summed over hosts; each host yields global_batch / host_count.
+    shuffle_seed: document order (reshuffled every epoch) and packed-row order.
+    heldout_fraction: share of documents kept out of training, chosen by a stable hash (of the
+        relative path for "stdlib", of the document index otherwise; see `sources.py`).
+    tokenizer_train_bytes: at most this much train-split text trains the BPE tokenizer.
+    num_workers: grain worker processes that read and tokenize; 0 = in this process. The batches
+        are the same for every value.
+    """
+
+    source: str = "stdlib"
+    path: str = ""
+    text_field: str = "text"
+    seq_len: int = 128
+    global_batch: int = 8
+    shuffle_seed: int = 0
+    heldout_fraction: float = 0.02
+    tokenizer_train_bytes: int = 4_000_000
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check_data(self.source in DATA_SOURCES, "source", self.source, f"one of {list(DATA_SOURCES)}")
+        if self.source == "stdlib":
+            _check_data(self.path == "", "path", self.path,
+                  "'' with source='stdlib' (set data.source to text/jsonl/parquet/arrayrecord "
+                  "to read your own files)")
+        else:
+            _check_data(self.path != "", "path", self.path,
+                  f"a file or glob pattern of {self.source} files for source={self.source!r}")
+        if self.source in ("jsonl", "parquet"):
+            _check_data(self.text_field != "", "text_field", self.text_field,
+                  "the name of the field/column holding the document text")
+        for key, low in (("seq_len", 2), ("global_batch", 1), ("tokenizer_train_bytes", 1),
+                         ("num_workers", 0)):
+            value = getattr(self, key)
+            _check_data(isinstance(value, int) and value >= low, key, value, f"an integer >= {low}")
+        _check_data(isinstance(self.shuffle_seed, int) and 0 <= self.shuffle_seed < 2**32,
+              "shuffle_seed", self.shuffle_seed, "an integer in [0, 2**32)")
+        _check_data(0.0 <= self.heldout_fraction < 1.0, "heldout_fraction", self.heldout_fraction,
+              "a fraction in [0, 1)")
+
+    def per_host_batch(self, host_count: int) -> int:
+        """Rows each host yields per step; global_batch must split evenly over the hosts."""
+        _check_data(isinstance(host_count, int) and host_count >= 1, "host_count", host_count,
+              "a positive integer")
+        _check_data(self.global_batch % host_count == 0, "global_batch", self.global_batch,
+              f"a multiple of the host count {host_count}")
+        return self.global_batch // host_count
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup then cosine/linear decay, clipping, and width-transfer (muP-style) scaling.
+
+    With `base_hidden_size` set, width_mult = hidden_size / base_hidden_size; hidden matrices get
+    init std / sqrt(width_mult) and learning rate / width_mult, embeddings and norms keep theirs,
+    so the learning rate tuned at the base width carries to wider models (see train/optimizer.py).
+    """
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" (after warmup)
+    min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # weight decay on token / N-gram embedding tables
+    grad_clip: float = 1.0  # global norm; 0 disables
+    base_hidden_size: Optional[int] = None
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "> 0")
+        _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
+        _check_choice("optimizer.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, ">= 0")
+        _check(self.base_hidden_size is None or self.base_hidden_size > 0,
+               "optimizer.base_hidden_size", self.base_hidden_size, "None or > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training run: length, losses, logging, checkpoints, initialisation."""
+
+    steps: int = 300
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic held-out evaluation
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    resume: bool = True  # continue from the newest checkpoint in run_dir when one exists
+    z_loss: float = 1e-4  # weight of mean(logsumexp(logits)^2)
+    mtp_loss_weight: float = 0.3
+    update_router_bias: bool = True  # aux-loss-free balancing after each step
+    expected_ffn_topk: Optional[float] = None  # LongCat compute budget K_e (None: balance only)
+    init_from: str = ""  # checkpoint directory (a run_dir) to initialise params from
+    growth: str = "none"  # "none" (same shape) | "stack" (repeat a shallower model's layers)
+
+    def __post_init__(self):
+        _check_positive(self, "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                        "eval_batches")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
+        _check(self.z_loss >= 0, "train.z_loss", self.z_loss, ">= 0")
+        _check(self.mtp_loss_weight >= 0, "train.mtp_loss_weight", self.mtp_loss_weight, ">= 0")
+        _check_choice("train.growth", self.growth, ("none", "stack"))
+        _check(self.growth == "none" or self.init_from, "train.growth", self.growth,
+               "'none' unless train.init_from names a checkpoint")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs; `configs/*.yaml` files are partial overrides of this tree."""
@@ -282,3 +413,10 @@ class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        _check(self.data.seq_len <= self.model.max_position_embeddings, "data.seq_len",
+               self.data.seq_len, f"<= model.max_position_embeddings={self.model.max_position_embeddings}")

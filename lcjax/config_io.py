@@ -41,13 +41,17 @@ class _Raw:
 # ---------------------------------------------------------------- public API
 
 
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (None = none), then dotted `key=value` overrides.
+def load_config(path: str | os.PathLike | Sequence | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file(s) at `path` (None = none; a list applies in order, later
+    files winning key by key), then dotted `key=value` overrides.
 
     Raises ValueError naming the dotted key (and the closest valid keys) for unknown keys,
     values of the wrong type and values the dataclass validation rejects.
     """
-    tree = _read_yaml(path) if path is not None else {}
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    tree: dict = {}
+    for p in paths:
+        tree = _merge(tree, _read_yaml(p))
     for override in overrides:
         key, raw = _parse_override(override)
         _set_dotted(tree, key, _Raw(raw))
@@ -103,6 +107,17 @@ def _read_yaml(path: str | os.PathLike) -> dict:
                          f"sections {[f.name for f in dataclasses.fields(Config)]}, "
                          f"got {type(data).__name__}")
     return dict(data)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    """Deep-merge two section trees; values of `update` win, nested mappings merge."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _parse_override(override: str) -> tuple[str, str]:

@@ -249,3 +249,11 @@ def test_resolve_config_path():
         resolve_config_path("tinny")
     with pytest.raises(ValueError, match="neither a file nor a preset"):
         resolve_config_path("no/such/file.yaml")
+
+
+def test_several_files_merge_in_order(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model:\n  num_layers: 3\n  moe:\n    top_k: 2\n")
+    second.write_text("model:\n  moe:\n    top_k: 4\n")
+    cfg = load_config([first, second], ["model.hidden_size=96"])
+    assert (cfg.model.num_layers, cfg.model.moe.top_k, cfg.model.hidden_size) == (3, 4, 96)

@@ -1,7 +1,8 @@
-"""`python -m lcjax.train [--config NAME_OR_PATH] [key=value ...]`.
+"""`python -m lcjax.train [--config FILE_OR_PRESET ...] [key=value ...]`.
 
-The training loop arrives with the train issue; today this runs the tiny default end to end
-(config -> init -> forward) and prints a summary table.
+With no arguments: trains the tiny model on the Python standard library's sources
+(configs/models/tiny.yaml + configs/train/stdlib_tiny.yaml), a few minutes on a laptop CPU.
+Resumes from the newest checkpoint in train.run_dir when one exists.
 """
 
 from __future__ import annotations
@@ -10,19 +11,34 @@ import argparse
 import sys
 
 from lcjax.config_io import load_config, resolve_config_path
-from lcjax.summary import forward_summary
+
+DEFAULT_CONFIGS = ("tiny", "configs/train/stdlib_tiny.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lcjax.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", help="preset name in configs/models or a YAML path")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.num_layers=4")
+    parser.add_argument("--config", action="append", default=None,
+                        help="preset name in configs/models or a YAML path; repeat to layer files "
+                             f"(default: {' + '.join(DEFAULT_CONFIGS)})")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="print the model summary (params, one forward) and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
-    config = load_config(resolve_config_path(args.config), args.overrides)
-    print(forward_summary(config, batch=args.batch, seq=args.seq))
-    return 0
+    paths = [resolve_config_path(c) for c in (args.config or DEFAULT_CONFIGS)]
+    config = load_config(paths, args.overrides)
+    if args.summary_only:
+        from lcjax.summary import forward_summary
+        print(forward_summary(config))
+        return 0
+    from lcjax.train.loop import NonFiniteLoss, train
+    print(f"run directory: {config.train.run_dir}")
+    try:
+        summary = train(config)
+    except NonFiniteLoss as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    return 130 if summary.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of a run: the TrainState plus the data iterator's state, atomically.
+
+CheckpointManager writes each step to a temporary directory and renames it when complete, so a
+run killed mid-save leaves the previous checkpoint intact; `latest_step` only sees finished ones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from lcjax.train.state import TrainState
+
+
+class RunCheckpoints:
+    """Save / restore (state, data-iterator JSON) under <run_dir>/checkpoints."""
+
+    def __init__(self, run_dir: str, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: TrainState, data_state: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data_state)))
+
+    def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
+        """State placed with `shardings` (no host round trip) and the data-iterator state."""
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(run_dir: str, abstract_params: Any) -> Any:
+    """Only the params of the newest checkpoint in `run_dir` (for init_from / growth)."""
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")),
+                                    item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is None:
+        raise ValueError(f"train.init_from={run_dir!r} holds no checkpoint (looked in "
+                         f"{os.path.join(run_dir, 'checkpoints')})")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    manager.close()
+    return restored["state"]["params"]
