@@ -34,6 +34,7 @@ from lcjax.convert.safetensors_io import ShardedReader, ShardedWriter, parse_siz
 
 ConfigLike = Union[Config, ModelConfig]
 _MTP_FFN_KEY = "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight"
+_BLOCK_BYTES = 16 << 20  # rows of a Linear weight read at a time while transposing
 
 
 @contextlib.contextmanager
@@ -118,13 +119,29 @@ def check_checkpoint(reader: ShardedReader, cfg: ModelConfig) -> list[Leaf]:
 
 
 def iter_hf_leaves(reader: ShardedReader, leaves: Iterable[Leaf]) -> Iterator[tuple[Leaf, np.ndarray]]:
-    """Build each lcjax leaf from its HF tensors; memory: one leaf plus one tensor at a time."""
+    """Build each lcjax leaf from its HF tensors; memory: one leaf plus one tensor at a time.
+
+    Tensors stored as-is (norms, embeddings, biases) in the leaf's dtype are read straight into
+    the leaf; Linear weights are read in blocks of rows and transposed into place, so no
+    temporary larger than `_BLOCK_BYTES` exists besides the leaf.
+    """
     for leaf in leaves:
         out = np.empty(leaf.shape, leaf.dtype)
-        with reader.session():
-            for index, key in leaf.units():
-                out[index] = leaf.to_lcjax(reader.get(_source_key(key, reader)))  # casts dtype
+        for index, key in leaf.units():
+            source, unit = _source_key(key, reader), out[index]
+            if leaf.linear_axes == 0 and reader.dtype(source) == out.dtype:
+                reader.read_into(source, unit)
+            elif leaf.linear_axes == 0:
+                unit[...] = reader.get(source)  # assignment casts the dtype
+            else:  # torch [out, in] -> lcjax [in, out] (heads split out)
+                rows, cols = leaf.hf_shape
+                unit_t = unit.reshape(cols, rows)  # a view: units are C-contiguous
+                step = max(1, _BLOCK_BYTES // max(1, cols * reader.dtype(source).itemsize))
+                for start in range(0, rows, step):
+                    block = reader.read_rows(source, start, min(rows, start + step))
+                    unit_t[:, start:start + step] = block.T
         yield leaf, out
+        del out  # the next leaf is allocated only after the consumer let go of this one
 
 
 def _open_source(path, config: Optional[ConfigLike]) -> tuple[Config, ShardedReader, list[Leaf]]:
@@ -153,13 +170,14 @@ def load_hf_checkpoint(path: Union[str, os.PathLike],
     return cfg, variables
 
 
-def _layout(leaves: list[Leaf], cfg: ModelConfig, dtype, stubs: bool) -> list[tuple[str, int]]:
-    layout = [(key, int(np.prod(leaf.hf_shape)) * _out_dtype(leaf, dtype).itemsize)
+def _layout(leaves: list[Leaf], cfg: ModelConfig, dtype, stubs: bool) -> list[tuple]:
+    """(HF key, shape, dtype) of every tensor to write, in write order (stubs last)."""
+    layout = [(key, leaf.hf_shape, _out_dtype(leaf, dtype))
               for leaf in leaves for _, key in leaf.units()]
     if stubs:
         gate = next(l for l in leaves if l.experts is not None and l.path[-1] == "gate")
-        nbytes = int(np.prod(gate.hf_shape)) * _out_dtype(gate, dtype).itemsize
-        layout += [(key, nbytes) for key in hf_names.zero_expert_stub_keys(cfg)]
+        layout += [(key, gate.hf_shape, _out_dtype(gate, dtype))
+                   for key in hf_names.zero_expert_stub_keys(cfg)]
     return layout
 
 
@@ -174,25 +192,27 @@ def write_hf_directory(directory: pathlib.Path, cfg: ModelConfig,
                        max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
                        dtype: Optional[str] = None) -> None:
     """config.json + safetensors shards for `cfg` from a stream of (leaf, array) in plan order."""
-    import ml_dtypes  # noqa: F401  registers bfloat16 with numpy for np.dtype("bfloat16")
-
     (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
     writer = ShardedWriter(directory, _layout(leaves, cfg, dtype, zero_expert_stubs),
                            parse_size(max_shard_size))
-    stub = None
-    for leaf, array in leaves_with_arrays:
-        if tuple(array.shape) != leaf.shape:
-            raise ValueError(f"variable {leaf.name} has shape {list(array.shape)}, expected "
-                             f"{list(leaf.shape)} for this config")
-        out_dtype = _out_dtype(leaf, dtype)
-        for index, key in leaf.units():
-            writer.add(key, leaf.to_hf(np.asarray(array[index])).astype(out_dtype, copy=False))
-        if leaf.experts is not None and leaf.path[-1] == "gate":
-            stub = np.zeros(leaf.hf_shape, out_dtype)
-    if zero_expert_stubs:
-        for key in hf_names.zero_expert_stub_keys(cfg):
-            writer.add(key, stub)
-    writer.finish()
+    try:
+        stub = None
+        for leaf, array in leaves_with_arrays:
+            if tuple(array.shape) != leaf.shape:
+                raise ValueError(f"variable {leaf.name} has shape {list(array.shape)}, expected "
+                                 f"{list(leaf.shape)} for this config")
+            out_dtype = _out_dtype(leaf, dtype)
+            for index, key in leaf.units():
+                writer.add(key, leaf.to_hf(np.asarray(array[index])).astype(out_dtype, copy=False))
+            if leaf.experts is not None and leaf.path[-1] == "gate":
+                stub = np.zeros(leaf.hf_shape, out_dtype)
+            del array  # free this leaf before the stream loads the next one
+        if zero_expert_stubs:
+            for key in hf_names.zero_expert_stub_keys(cfg):
+                writer.add(key, stub)
+        writer.finish()
+    finally:
+        writer.close()
 
 
 def _matching_scan(cfg: Config, variables: dict) -> Config:
@@ -249,9 +269,14 @@ def hf_to_lcjax(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
     for scanned layers) plus up to `chunk_bytes` of leaves waiting to be written.
     """
     cfg, reader, leaves = _open_source(src, config)
-    stream = (((leaf.collection, *leaf.path), array) for leaf, array in iter_hf_leaves(reader, leaves))
+
+    def stream():  # a generator, not a genexpr, so no frame keeps the previous leaf alive
+        for leaf, array in iter_hf_leaves(reader, leaves):
+            yield (leaf.collection, *leaf.path), array
+            del array
+
     with atomic_directory(dst, overwrite) as tmp:
-        orbax_io.write_lcjax_checkpoint(tmp, cfg, stream, chunk_bytes)
+        orbax_io.write_lcjax_checkpoint(tmp, cfg, stream(), chunk_bytes)
     return cfg
 
 
@@ -264,9 +289,15 @@ def lcjax_to_hf(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
     """
     cfg = orbax_io.read_lcjax_config(src)
     leaves = hf_names.plan(cfg.model)
-    arrays = orbax_io.iter_lcjax_leaves(src, [(l.collection, *l.path) for l in leaves])
-    stream = ((leaf, array) for leaf, (_, array) in zip(leaves, arrays))
+
+    def stream():  # no zip/genexpr: they would hold the previous leaf while loading the next
+        arrays = orbax_io.iter_lcjax_leaves(src, [(l.collection, *l.path) for l in leaves])
+        for leaf in leaves:
+            _, array = next(arrays)
+            yield leaf, array
+            del array
+
     with atomic_directory(dst, overwrite) as tmp:
-        write_hf_directory(tmp, cfg.model, stream, leaves, max_shard_size=max_shard_size,
+        write_hf_directory(tmp, cfg.model, stream(), leaves, max_shard_size=max_shard_size,
                            zero_expert_stubs=zero_expert_stubs, dtype=dtype)
     return cfg

@@ -11,7 +11,8 @@ never needs the whole model in memory. This is the only module that talks to orb
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import ctypes
 import os
 import pathlib
 from typing import Any, Iterable, Iterator, Sequence
@@ -24,7 +25,6 @@ from lcjax.config_io import dump_config, load_config
 
 CONFIG_FILE = "config.yaml"
 VARIABLES_DIR = "variables"
-_log = logging.getLogger(__name__)
 
 
 def nest(tree: dict, keys: Sequence[str], value: Any) -> None:
@@ -34,13 +34,30 @@ def nest(tree: dict, keys: Sequence[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps tensorstore's buffers in its arenas)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _save(target: pathlib.Path, tree: dict) -> None:
+    """Add `tree`'s leaves to the partial checkpoint at `target`, without orbax's host copy."""
+    context = ocp.Context()
+    # The arrays are not modified while saving (the call blocks), so orbax need not copy them.
+    context.memory.deepcopy_host_arrays = False
+    with context:
+        ocp.partial.save(target, tree)
+    _release_freed_memory()
+
+
 def write_lcjax_checkpoint(directory: str | os.PathLike, config: Config,
                            leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
                            chunk_bytes: int = 1 << 30) -> None:
     """Write `config` and the (keys, array) leaves into `directory` (which must be empty).
 
-    Leaves are buffered until `chunk_bytes` and then added to the checkpoint, so peak memory is
-    about max(chunk_bytes, largest leaf) plus orbax's staging copy of that chunk.
+    Small leaves are grouped into writes of up to `chunk_bytes`; a leaf that does not fit is
+    written after the pending group, and one larger than `chunk_bytes` alone, at once. So at
+    most max(chunk_bytes, largest leaf) waits in memory, plus tensorstore's write buffer.
     """
     directory = pathlib.Path(directory).absolute()  # orbax requires absolute paths
     dump_config(config, directory / CONFIG_FILE)
@@ -48,13 +65,17 @@ def write_lcjax_checkpoint(directory: str | os.PathLike, config: Config,
     buffer: dict = {}
     size = 0
     for keys, array in leaves:
+        if buffer and size + array.nbytes > chunk_bytes:
+            _save(target, buffer)
+            buffer, size = {}, 0
         nest(buffer, keys, array)
         size += array.nbytes
-        if size >= chunk_bytes:
-            ocp.partial.save(target, buffer)
+        if size >= chunk_bytes:  # a full group, or one large leaf: write before building more
+            _save(target, buffer)
             buffer, size = {}, 0
+        del array  # otherwise the loop variable keeps it alive while the next leaf is built
     if buffer:
-        ocp.partial.save(target, buffer)
+        _save(target, buffer)
     ocp.partial.finalize(target)
 
 
@@ -100,4 +121,6 @@ def iter_lcjax_leaves(path: str | os.PathLike,
             loaded = ocp.load(root, request)
         for key in keys:
             loaded = loaded[key]
+        _release_freed_memory()
         yield keys, np.asarray(loaded)
+        del loaded

@@ -1,31 +1,38 @@
-"""Streaming safetensors I/O for HF model directories: one tensor in, one shard out at a time.
+"""Streaming safetensors I/O for HF model directories: one tensor in memory at a time.
 
-`ShardedReader` indexes a directory (`model.safetensors.index.json` plus any `*.safetensors` the
-index does not list, e.g. Flash-Lite's `model-auxiliary.safetensors`) from file headers only and
-reads tensors one by one; files are opened per `session()` so their memory maps (which count
-toward RSS once touched) are released after each lcjax leaf. `ShardedWriter` packs tensors into
-shards of at most `max_shard_bytes` in a precomputed order, so only one shard is ever buffered.
+The safetensors format is an 8-byte little-endian header length, a JSON header
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}` and the raw
+little-endian tensor bytes. Reading and writing it with plain file I/O (rather than the
+`safetensors` package) keeps peak memory at one tensor: tensors are read straight into the
+caller's buffer (no memory map whose touched pages count toward RSS, no extra copy, bfloat16
+without torch), and a shard's header is written first, from the planned layout, so its tensors
+stream to disk without buffering the shard. The `safetensors` package reads these files back in
+the tests, and transformers loads them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
 import pathlib
-from typing import Iterator, Optional, Sequence
+import struct
+from typing import Sequence
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# safetensors dtype tag -> numpy dtype; BF16 via ml_dtypes (numpy has none).
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
+_TAGS = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def _bytes(array: np.ndarray) -> np.ndarray:
+    """A uint8 view of a C-contiguous array (bfloat16 has no buffer-protocol format code)."""
+    return array.reshape(-1).view(np.uint8)
 
 
 def parse_size(size: int | str) -> int:
@@ -40,8 +47,26 @@ def parse_size(size: int | str) -> int:
     return int(text)
 
 
+def read_header(path: pathlib.Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset where the data starts) of one safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > os.path.getsize(path) - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 class ShardedReader:
-    """Tensor name -> (file, shape, dtype) for one HF directory; reads one tensor at a time."""
+    """Tensor name -> (file, shape, dtype, byte range) for one HF directory; reads on demand.
+
+    Indexes `model.safetensors.index.json` plus every `*.safetensors` file it does not list
+    (e.g. Flash-Lite's `model-auxiliary.safetensors` holding the MTP weights).
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = pathlib.Path(directory)
@@ -52,22 +77,21 @@ class ShardedReader:
         files = sorted(set(listed.values()) | {p.name for p in self.directory.glob("*.safetensors")})
         if not files:
             raise ValueError(f"{self.directory}: no *.safetensors files (nor {INDEX_FILE})")
-        self.entries: dict[str, tuple[str, tuple[int, ...], str]] = {}
+        self.entries: dict[str, tuple[str, tuple[int, ...], str, int, int]] = {}
         for name in files:
             if not (self.directory / name).is_file():
                 raise ValueError(f"{index_path}: lists shard {name!r}, which does not exist")
-            with safe_open(self.directory / name, "np") as f:
-                for key in f.keys():
-                    if key in self.entries:
-                        raise ValueError(f"tensor {key!r} appears in both {self.entries[key][0]!r} "
-                                         f"and {name!r}")
-                    view = f.get_slice(key)
-                    self.entries[key] = (name, tuple(view.get_shape()), view.get_dtype())
+            header, start = read_header(self.directory / name)
+            for key, info in header.items():
+                if key in self.entries:
+                    raise ValueError(f"tensor {key!r} appears in both {self.entries[key][0]!r} "
+                                     f"and {name!r}")
+                begin, end = info["data_offsets"]
+                self.entries[key] = (name, tuple(info["shape"]), info["dtype"], start + begin,
+                                     start + end)
         for key, name in listed.items():
             if self.entries.get(key, (name,))[0] != name:
                 raise ValueError(f"{index_path}: maps {key!r} to {name!r}, but it is not in that file")
-        self._open: Optional[dict] = None
-        self._stack: Optional[contextlib.ExitStack] = None
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -75,76 +99,108 @@ class ShardedReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator["ShardedReader"]:
-        """Keep the files opened by `get` open until the block ends, then unmap them."""
-        with contextlib.ExitStack() as stack:
-            self._open, self._stack = {}, stack
-            try:
-                yield self
-            finally:
-                self._open = None
+    def dtype(self, key: str) -> np.dtype:
+        tag = self.entries[key][2]
+        if tag not in _DTYPES:
+            raise ValueError(f"tensor {key!r} has dtype {tag}, which lcjax cannot convert "
+                             f"(supported: {sorted(_DTYPES)})")
+        return np.dtype(_DTYPES[tag])
+
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Fill the C-contiguous `out` (the tensor's shape and dtype) from the file directly."""
+        name, shape, _, begin, end = self.entries[key]
+        if out.shape != shape or out.dtype != self.dtype(key) or not out.flags.c_contiguous:
+            raise ValueError(f"read_into({key!r}): buffer {out.dtype}{list(out.shape)} does not "
+                             f"match the tensor {self.dtype(key)}{list(shape)}")
+        if end - begin != out.nbytes:
+            raise ValueError(f"tensor {key!r}: {end - begin} bytes on disk, expected {out.nbytes}")
+        with open(self.directory / name, "rb") as f:
+            f.seek(begin)
+            if f.readinto(_bytes(out)) != out.nbytes:
+                raise ValueError(f"tensor {key!r}: {name} is truncated")
+
+    def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (its leading axis), without reading the rest."""
+        name, shape, _, begin, _ = self.entries[key]
+        row_bytes = math.prod(shape[1:]) * self.dtype(key).itemsize
+        out = np.empty((stop - start, *shape[1:]), self.dtype(key))
+        with open(self.directory / name, "rb") as f:
+            f.seek(begin + start * row_bytes)
+            if f.readinto(_bytes(out)) != out.nbytes:
+                raise ValueError(f"tensor {key!r}: {name} is truncated")
+        return out
 
     def get(self, key: str) -> np.ndarray:
-        """The tensor `key` as a numpy array (a copy, never a view of the file's memory map)."""
-        name, _, dtype = self.entries[key]
-        if dtype not in _DTYPES:
-            raise ValueError(f"tensor {key!r} has dtype {dtype}, which lcjax cannot convert "
-                             f"(supported: {sorted(_DTYPES)})")
-        # numpy's safetensors backend has no bfloat16: read those through the flax (jax) backend.
-        framework = "flax" if dtype == "BF16" else "np"
-        if self._open is None:
-            with safe_open(self.directory / name, framework) as f:
-                return np.asarray(f.get_tensor(key))
-        if (name, framework) not in self._open:
-            self._open[(name, framework)] = self._stack.enter_context(
-                safe_open(self.directory / name, framework))
-        return np.asarray(self._open[(name, framework)].get_tensor(key))
+        """The tensor `key` as a new numpy array."""
+        out = np.empty(self.shape(key), self.dtype(key))
+        self.read_into(key, out)
+        return out
 
 
 class ShardedWriter:
     """Writes tensors, in a fixed order, into shards `model-0000i-of-0000n.safetensors`.
 
-    The order and sizes are given up front (`layout`), so shard names and the index are known
-    before the first byte is written and only the current shard is buffered.
+    The order, shapes and dtypes are given up front (`layout`), so every shard's header, the file
+    names and the index are known before the first byte; each tensor goes straight to disk.
     """
 
-    def __init__(self, directory: str | os.PathLike, layout: Sequence[tuple[str, int]],
-                 max_shard_bytes: int):
+    def __init__(self, directory: str | os.PathLike,
+                 layout: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int):
         self.directory = pathlib.Path(directory)
-        shards: list[list[str]] = [[]]
+        self._shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
         size = 0
-        for key, nbytes in layout:
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
+        for key, shape, dtype in layout:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            if self._shards[-1] and size + nbytes > max_shard_bytes:
+                self._shards.append([])
                 size = 0
-            shards[-1].append(key)
+            self._shards[-1].append((key, tuple(shape), np.dtype(dtype)))
             size += nbytes
-        n = len(shards)
-        names = [SINGLE_FILE] if n == 1 else [
+        n = len(self._shards)
+        self._names = [SINGLE_FILE] if n == 1 else [
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._file_of = {key: names[i] for i, keys in enumerate(shards) for key in keys}
-        self._last_of = {keys[-1]: names[i] for i, keys in enumerate(shards) if keys}
-        self._total = sum(nbytes for _, nbytes in layout)
-        self._order = iter([key for key, _ in layout])
-        self._buffer: dict[str, np.ndarray] = {}
+        self._total = sum(math.prod(s) * d.itemsize for shard in self._shards for _, s, d in shard)
+        self._pending = iter([(i, *item) for i, shard in enumerate(self._shards) for item in shard])
+        self._file = None
+
+    def _open_shard(self, i: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, shape, dtype in self._shards[i]:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _TAGS[dtype], "shape": list(shape),
+                           "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the reference writer pads the header to 8 bytes
+        self._file = open(self.directory / self._names[i], "wb")
+        self._file.write(struct.pack("<Q", len(text)) + text)
+        self._current = i
 
     def add(self, key: str, tensor: np.ndarray) -> None:
-        """Buffer the next tensor of the layout; write its shard when it is the shard's last."""
-        expected = next(self._order, None)
-        if key != expected:
-            raise ValueError(f"tensor {key!r} written out of order: expected {expected!r}")
-        self._buffer[key] = tensor
-        if key in self._last_of:
-            save_file(self._buffer, str(self.directory / self._last_of[key]),
-                      metadata={"format": "pt"})
-            self._buffer = {}
+        """Write the next tensor of the layout (its shape and dtype must match the plan)."""
+        i, want_key, shape, dtype = next(self._pending, (None, None, None, None))
+        if key != want_key or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"tensor {key!r} {tensor.dtype}{list(tensor.shape)} written out of "
+                             f"plan: expected {want_key!r} {dtype}{list(shape or ())}")
+        if self._file is None or i != self._current:
+            self._open_shard(i)
+        self._file.write(_bytes(np.ascontiguousarray(tensor)))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def finish(self) -> None:
-        """Check every planned tensor was written; write the index for a multi-file checkpoint."""
-        missing = next(self._order, None)
+        """Close the last shard, check every planned tensor was written, write the index."""
+        missing = next(self._pending, None)
+        self.close()
         if missing is not None:
-            raise ValueError(f"tensor {missing!r} of the planned layout was never written")
-        if len(set(self._file_of.values())) > 1:
-            index = {"metadata": {"total_size": self._total}, "weight_map": self._file_of}
+            raise ValueError(f"tensor {missing[1]!r} of the planned layout was never written")
+        if len(self._names) > 1:
+            weight_map = {key: self._names[i] for i, shard in enumerate(self._shards)
+                          for key, _, _ in shard}
+            index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -102,3 +102,24 @@ def test_compare_points_at_the_broken_sublayer(converted, monkeypatch):
     assert first_bad.name == "layer_1/attn_1"
     assert "layer_1/attn_1" in format_rows(rows)
     assert rows[-1].stream > 1e-3 and rows[-1].kl_mean > 0
+
+
+def test_bfloat16_checkpoint_loads_exactly_and_round_trips(hub_checkpoint, tmp_path):
+    """Hub checkpoints ship bfloat16: read without torch, widened exactly, written back bit-exact."""
+    from lcjax.convert import hf_to_lcjax, lcjax_to_hf
+
+    from .conftest import write_checkpoint
+
+    src, _ = hub_checkpoint
+    tensors = {k: torch.as_tensor(v).bfloat16() if "correction_bias" not in k else torch.as_tensor(v)
+               for k, (v, _) in read_tensors(src).items()}
+    config = json.loads((src / "config.json").read_text())
+    bf16 = write_checkpoint(tmp_path / "bf16", tensors, config, shards=2)
+    _, variables = load_hf_checkpoint(bf16)
+    gate = variables["params"]["layers"]["moe"]["gate"]  # [L, E, M, F] float32
+    want = tensors["model.layers.1.mlp.experts.3.gate_proj.weight"].float().numpy().T
+    assert gate.dtype == np.float32
+    np.testing.assert_array_equal(gate[1, 3], want)
+    hf_to_lcjax(bf16, tmp_path / "lc")
+    lcjax_to_hf(tmp_path / "lc", tmp_path / "out", dtype="bfloat16", zero_expert_stubs=False)
+    _assert_same_tensors(read_tensors(bf16), read_tensors(tmp_path / "out"))
