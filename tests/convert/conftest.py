@@ -44,12 +44,17 @@ def make_hf_model(config: LongcatFlashConfig, seed: int) -> LongcatFlashForCausa
                 p.normal_(1.0, 0.2)
         for layer in model.model.layers:
             layer.mlp.router.e_score_correction_bias.normal_(0.0, 0.1)
-            layer.mlp.experts.gate_up_proj[config.n_routed_experts:].zero_()
+            if hasattr(layer.mlp.experts, "gate_up_proj"):  # transformers >= 5 (fused experts)
+                layer.mlp.experts.gate_up_proj[config.n_routed_experts:].zero_()
     return model
 
 
 def hub_tensors(model: LongcatFlashForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's weights in the Hub layout: per-expert gate/up/down, routed experts only."""
+    """The model's weights in the Hub layout: per-expert gate/up/down, routed experts only.
+
+    transformers 5 fuses the experts in memory ([E+Z, 2F, M] gate_up_proj); 4.57 already keeps
+    the Hub names, which pass through unchanged.
+    """
     cfg = model.config
     out = {}
     for key, value in model.state_dict().items():
