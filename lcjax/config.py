@@ -402,7 +402,7 @@ class TrainConfig:
         _check(self.z_loss >= 0, "train.z_loss", self.z_loss, ">= 0")
         _check(self.mtp_loss_weight >= 0, "train.mtp_loss_weight", self.mtp_loss_weight, ">= 0")
         _check_choice("train.growth", self.growth, ("none", "stack"))
-        _check(self.growth == "none" or self.init_from, "train.growth", self.growth,
+        _check(self.growth == "none" or bool(self.init_from), "train.growth", self.growth,
                "'none' unless train.init_from names a checkpoint")
 
 

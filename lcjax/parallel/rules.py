@@ -22,7 +22,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("experts", "expert"),
     ("expert_mlp", "tensor"),
-    ("ngram_rows", ("fsdp", "tensor")),
+    # N-gram tables have odd row counts (M_j = ratio*V + 2j + 1), which jit cannot split evenly;
+    # they stay replicated until the tables are stored padded to a shard multiple.
+    ("ngram_rows", None),
     ("q_lora", None),
     ("kv_lora", None),
     ("head_dim", None),
