@@ -1,0 +1,100 @@
+"""Training throughput and MFU for a model preset (default `small`, ~1B params) on this device.
+
+    python scripts/bench_train.py                      # small, bf16, batch 8 x 2048, on the GPU
+    python scripts/bench_train.py --smoke              # tiny shapes on CPU (checks the script)
+
+Synthetic token batches (the data pipeline is not what is measured); the real jitted
+`train_step` with its sharded state, timed over many steps with one sync per window after a
+warm-up. Prints a table and writes JSON (tokens/s, step time, model FLOPs/token, MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.config_io import load_config, resolve_config_path
+from lcjax.parallel import make_mesh
+from lcjax.train.data_setup import axis_rules
+from lcjax.train.flops import device_peak_flops, train_flops_per_token
+from lcjax.train.state import batch_sharding, create_optimizer, init_state, state_shardings
+from lcjax.train.step import train_step
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict:
+    ids = rng.integers(3, vocab, size=(batch, seq + 1), dtype=np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--json", default="bench_train.json")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.smoke:
+        args.preset, args.batch, args.seq, args.steps, args.windows = "tiny", 2, 64, 3, 1
+        args.dtype = "float32"
+    overrides = [f"model.dtype={args.dtype}", f"model.remat_policy={args.remat}",
+                 f"data.seq_len={args.seq}", f"data.global_batch={args.batch}",
+                 "train.steps=1000", *args.overrides]
+    config = load_config(resolve_config_path(args.preset), overrides)
+    mesh = make_mesh(config.mesh)
+    tx = create_optimizer(config)
+    shardings = state_shardings(config, tx, mesh)
+    rows = batch_sharding(mesh)
+    state = init_state(config, tx, mesh)
+    rng = np.random.default_rng(0)
+    batch = {k: jax.device_put(v, rows) for k, v in
+             synthetic_batch(rng, args.batch, args.seq, config.model.vocab_size).items()}
+    with mesh, axis_rules():
+        step = jax.jit(functools.partial(train_step, config=config, tx=tx),
+                       in_shardings=(shardings, rows), out_shardings=(shardings, None), donate_argnums=0)
+        t = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t
+        times, zero = [], 0.0
+        for _ in range(args.windows):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = step(state, batch)
+            zero = float(jax.device_get(metrics["zero_share"]))
+            times.append((time.perf_counter() - t) / args.steps)
+    step_s = float(np.median(times))
+    tokens = args.batch * args.seq
+    flops_tok = train_flops_per_token(config.model, args.seq, zero)
+    peak = device_peak_flops()
+    tok_s = tokens / step_s
+    mfu = None if peak is None else flops_tok * tok_s / (peak * jax.device_count())
+    result = {"preset": args.preset, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+              "jax": jax.__version__, "python": platform.python_version(), "batch": args.batch,
+              "seq": args.seq, "dtype": args.dtype, "remat": args.remat, "compile_s": compile_s,
+              "step_s": step_s, "tokens_per_s": tok_s, "model_flops_per_token": flops_tok,
+              "zero_share": zero, "mfu": mfu, "loss": float(jax.device_get(metrics["loss"]))}
+    for key in ("preset", "device", "batch", "seq", "dtype", "step_s", "tokens_per_s", "model_flops_per_token", "mfu"):
+        value = result[key]
+        text = f"{value:,.4g}" if isinstance(value, float) else str(value)
+        print(f"{key:<24}{text}")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
