@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only contends with XLA
 
 TINY = dict(  # spec §2 tiny kwargs, two logical layers, scaling 6.0
     vocab_size=99, hidden_size=64, ffn_hidden_size=96, expert_ffn_hidden_size=32, num_layers=2,
