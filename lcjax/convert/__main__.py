@@ -78,6 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = compare_with_transformers(args.src, batch=args.batch, seq_len=args.seq_len,
                                          seed=args.seed)
         print(format_rows(rows))
+        model = hf.config_from_checkpoint(args.src).model
+        if any(model.sparse_layers) and args.seq_len > model.loza.window_tokens:
+            print(f"note: transformers has no LoZA sparse attention; beyond "
+                  f"{model.loza.window_tokens} tokens its sparse sublayers differ by design")
         return 0
     print(f"{args.command}: wrote {args.dst} in {time.perf_counter() - start:.1f} s; "
           f"peak RSS {_peak_rss_mib():.0f} MiB")
