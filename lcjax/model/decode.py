@@ -12,7 +12,7 @@ from typing import Any, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from lcjax.config import Config, ModelConfig
 from lcjax.model.cache import ModelCache, cache_capacity, init_layer_cache, write_layer_cache

@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from lcjax.config import Config, ModelConfig
 from lcjax.model.decoder import DecoderLayer, MTPBlock

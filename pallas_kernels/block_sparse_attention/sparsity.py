@@ -301,3 +301,22 @@ def make_problem(q, k, v, *, layout: masks.Layout, scale: float, default_positio
                    t_pad=round_up(t_len, math.lcm(block_k, block_k_bwd)),
                    default_positions=default_positions, has_segments=has_segments,
                    d_k=q.shape[3], d_v=v.shape[3])
+
+
+def plan(name: str, q, k, v, *, layout, scale, config, q_positions, kv_positions, q_segment_ids,
+         min_block: int, block_rule: str):
+    """The backends' shared preamble: hardware block-size floor, layout support in both the
+    forward and backward tilings, then the host-side Problem (block lists, padding)."""
+    if not config.interpret:
+        small = min(config.block_q, config.block_k, config.block_q_bwd, config.block_k_bwd)
+        if small < min_block:
+            raise NotImplementedError(f"{name}: block size {small} is not supported on hardware; "
+                                      f"supported: {block_rule}")
+    default_positions = q_positions is None and kv_positions is None
+    for block_q, block_k in ((config.block_q, config.block_k),
+                             (config.block_q_bwd, config.block_k_bwd)):
+        check_layout(layout, block_q, block_k, default_positions, name)
+    return make_problem(
+        q, k, v, layout=layout, scale=scale, default_positions=default_positions,
+        has_segments=q_segment_ids is not None, block_q=config.block_q, block_k=config.block_k,
+        block_q_bwd=config.block_q_bwd, block_k_bwd=config.block_k_bwd)

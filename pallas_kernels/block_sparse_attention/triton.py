@@ -169,20 +169,11 @@ def block_sparse_attention(q, k, v, *, layout, q_positions=None, kv_positions=No
         config = default_config(q.shape, k.shape, v.shape, layout, interpret=interpret)
     elif interpret and not config.interpret:
         config = dataclasses.replace(config, interpret=True)
-    if not config.interpret:
-        small = min(config.block_q, config.block_k, config.block_q_bwd, config.block_k_bwd)
-        if small < _MIN_BLOCK:
-            raise NotImplementedError(f"{NAME}: block size {small} is not supported on hardware; "
-                                      f"supported: powers of two >= {_MIN_BLOCK}")
-    default_positions = q_positions is None and kv_positions is None
-    for block_q, block_k in ((config.block_q, config.block_k),
-                             (config.block_q_bwd, config.block_k_bwd)):
-        sparsity.check_layout(layout, block_q, block_k, default_positions, NAME)
+    problem = sparsity.plan(NAME, q, k, v, layout=layout, scale=scale, config=config,
+                            q_positions=q_positions, kv_positions=kv_positions,
+                            q_segment_ids=q_segment_ids, min_block=_MIN_BLOCK,
+                            block_rule=f"powers of two >= {_MIN_BLOCK}")
     layout_constants(layout)  # refuse unsupported layouts before tracing anything
-    problem = sparsity.make_problem(
-        q, k, v, layout=layout, scale=scale, default_positions=default_positions,
-        has_segments=q_segment_ids is not None, block_q=config.block_q, block_k=config.block_k,
-        block_q_bwd=config.block_q_bwd, block_k_bwd=config.block_k_bwd)
     padded = sparsity.prepare(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                               s_pad=problem.s_pad, t_pad=problem.t_pad,
                               pad_head_dims_to_pow2=True)
