@@ -174,8 +174,9 @@ class LozaConfig:
 
     @property
     def cache_tokens(self) -> int:
-        """Cache slots of a sparse layer: the window plus one spare block, so a decode chunk of up
-        to block_size tokens never evicts a key that an earlier query of the same chunk needs."""
+        """Cache slots of a sparse layer: the window plus one spare block, so writing up to
+        block_size speculative tokens that are then rejected never evicts a key the next
+        accepted query still needs."""
         return self.window_tokens + self.block_size
 
 

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
-from lcjax.model.cache import LayerCache, write_layer_cache
 from lcjax.model.layers import RMSNorm, declare, dtype_of
 from lcjax.model.rope import apply_rope
 from lcjax.ops import attention as attention_op
@@ -93,21 +92,31 @@ class MLA(nn.Module):
         y = jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt))
         return y, (latent, k_rope)
 
-    def decode(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"], cache: LayerCache,
-               sparse: bool) -> tuple[Float[Array, "B S M"], LayerCache]:
-        """Append S new tokens to the latent cache and attend over it in the absorbed form."""
-        a = self.config.mla
-        cdt = dtype_of(self.config.dtype)
+    def decode(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"], cache,
+               sparse: bool, valid: Optional[Bool[Array, "B S"]] = None):
+        """Append S new tokens to the latent cache and attend over it in the absorbed form.
+
+        `cache` is any latent cache with `update_and_attend` (the contiguous `LayerCache`, or the
+        serve engine's paged cache); `valid` marks real tokens of a right-padded chunk.
+        Returns (y [B, S, M], updated cache).
+        """
+        cfg, a = self.config, self.config.mla
+        cdt = dtype_of(cfg.dtype)
         q_nope, q_rope, latent, k_rope = self._project(x, positions)
-        valid = jnp.ones(positions.shape, bool)
-        cache = write_layer_cache(cache, latent, k_rope, positions, valid, sparse, self.config.loza)
+        if valid is None:
+            valid = jnp.ones(positions.shape, bool)
         kv_b = self.kv_b.astype(cdt)
         w_uk, w_uv = kv_b[..., : a.qk_nope_head_dim], kv_b[..., a.qk_nope_head_dim:]
         q_lat = jnp.einsum("BSHD,CHD->BSHC", q_nope, w_uk)
         q_abs = jnp.concatenate([q_lat, q_rope], axis=-1)  # [B, S, H, C+R]
-        k_abs = jnp.concatenate([cache.latent, cache.k_rope], axis=-1)[:, :, None, :].astype(cdt)
-        v_abs = cache.latent[:, :, None, :].astype(cdt)  # [B, T, 1, C]
-        o_lat = self._attend(q_abs, k_abs, v_abs, sparse, q_positions=positions,
-                             kv_positions=cache.slot_pos)
+        layout = attention_op.layout_for(sparse, cfg.loza)
+
+        def attend(q, k, v, **kwargs):
+            return attention_op.attention(q, k, v, layout=layout, scale=a.softmax_scale,
+                                          implementation=cfg.attention_impl, **kwargs)
+
+        o_lat, cache = cache.update_and_attend(q_abs, latent.astype(cdt), k_rope.astype(cdt),
+                                               positions, valid, sparse=sparse, loza=cfg.loza,
+                                               attend=attend)
         out = jnp.einsum("BSHC,CHD->BSHD", o_lat, w_uv)
         return jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt)), cache

@@ -9,7 +9,7 @@ masking rule serves both kinds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -30,6 +30,29 @@ class LayerCache:
     @property
     def capacity(self) -> int:
         return self.slot_pos.shape[1]
+
+    def update_and_attend(self, q_abs: Float[Array, "B S H D"], latent: Float[Array, "B S C"],
+                          k_rope: Float[Array, "B S R"], positions: Int[Array, "B S"],
+                          valid: Bool[Array, "B S"], *, sparse: bool, loza: LozaConfig,
+                          attend: Callable) -> tuple[Float[Array, "B S H C"], "LayerCache"]:
+        """Absorbed attention of S new tokens over [cached slots, the new tokens], then file them.
+
+        Attending before writing lets a chunk be longer than a sparse ring (chunked prefill):
+        every key a query may see is either still cached or among the new tokens. Cached slots
+        at or after a row's first new position are stale (rejected speculative tokens) and
+        masked, so a position is never seen twice.
+        """
+        dtype = q_abs.dtype
+        first = jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+        old_pos = jnp.where(self.slot_pos < first, self.slot_pos, -1)
+        new_pos = jnp.where(valid, positions, -1).astype(jnp.int32)
+        keys = jnp.concatenate([
+            jnp.concatenate([self.latent, self.k_rope], -1).astype(dtype),
+            jnp.concatenate([latent, k_rope], -1).astype(dtype)], axis=1)[:, :, None, :]  # [B,T+S,1,C+R]
+        values = keys[..., : latent.shape[-1]]
+        out = attend(q_abs, keys, values, q_positions=positions,
+                     kv_positions=jnp.concatenate([old_pos, new_pos], axis=1))
+        return out, write_layer_cache(self, latent, k_rope, positions, valid, sparse, loza)
 
 
 def cache_capacity(sparse: bool, max_len: int, loza: LozaConfig) -> int:

@@ -15,7 +15,6 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
 from lcjax.model.attention import MLA
-from lcjax.model.cache import LayerCache
 from lcjax.model.embedding import TokenEmbedding
 from lcjax.model.layers import RMSNorm, SwiGLU, declare
 from lcjax.model.moe import MoE
@@ -64,16 +63,16 @@ class DecoderLayer(nn.Module):
         return out, (stats, tuple(latents) if self.return_kv else None)
 
     def decode(self, x: Float[Array, "B S M"], sparse: tuple[bool, bool], positions: Int[Array, "B S"],
-               caches: tuple[LayerCache, LayerCache]):
-        """Cached step over S new tokens; returns (x_out, updated caches)."""
+               caches: tuple, valid: Optional[Bool[Array, "B S"]] = None):
+        """Cached step over S new tokens (valid marks real ones); returns (x_out, updated caches)."""
         new_caches = []
 
         def attend(i, h):
-            y, cache = self.attn[i].decode(h, positions, caches[i], sparse[i])
+            y, cache = self.attn[i].decode(h, positions, caches[i], sparse[i], valid)
             new_caches.append(cache)
             return y
 
-        out, _ = self._block(x, attend, None)
+        out, _ = self._block(x, attend, valid)
         return out, tuple(new_caches)
 
 
@@ -88,7 +87,10 @@ class MTPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: Float[Array, "B S M"], next_ids: Int[Array, "B S"],
-                 positions: Int[Array, "B S"], segment_ids: Optional[Int[Array, "B S"]]):
+                 positions: Int[Array, "B S"], segment_ids: Optional[Int[Array, "B S"]],
+                 cache=None, valid: Optional[Bool[Array, "B S"]] = None):
+        """Features [B, S, M] predicting token t+2; with a latent `cache` (cached drafting) the
+        attention runs over it and (features, updated cache) is returned."""
         cfg = self.config
         eps, pdt, m = cfg.rms_norm_eps, cfg.param_dtype, cfg.hidden_size
         next_embeds = TokenEmbedding(cfg, name="embed")(next_ids)
@@ -96,9 +98,14 @@ class MTPBlock(nn.Module):
         h = RMSNorm(eps, "embed", pdt, name="hnorm")(hidden)
         eh_proj = declare(self, "eh_proj", (2 * m, m), ("mlp", "embed"), pdt)  # [2M, M]
         z = jnp.einsum("BSN,NM->BSM", jnp.concatenate([e, h], axis=-1), eh_proj.astype(e.dtype))
-        a, _ = MLA(cfg, name="attn")(RMSNorm(eps, "embed", pdt, name="input_norm")(z), positions,
-                                     segment_ids, False)
+        attn = MLA(cfg, name="attn")
+        normed = RMSNorm(eps, "embed", pdt, name="input_norm")(z)
+        if cache is None:
+            a, _ = attn(normed, positions, segment_ids, False)
+        else:
+            a, cache = attn.decode(normed, positions, cache, False, valid)
         z = z + a
         z = z + SwiGLU(cfg.mtp_ffn, pdt, cfg.dtype, name="mlp")(
             RMSNorm(eps, "embed", pdt, name="post_norm")(z))
-        return RMSNorm(eps, "embed", pdt, name="final_norm")(z)
+        out = RMSNorm(eps, "embed", pdt, name="final_norm")(z)
+        return out if cache is None else (out, cache)
