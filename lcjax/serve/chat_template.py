@@ -1,0 +1,96 @@
+"""Chat templates: messages -> prompt text, with Jinja2 in a sandbox (templates are untrusted).
+
+Where the template comes from, first match wins:
+  1. `--chat-template FILE` (a Jinja2 file);
+  2. the tokenizer's own (`chat_template` in a Hugging Face `tokenizer_config.json`);
+  3. DEFAULT_TEMPLATE below, for lcjax's own runs whose tokenizers have none:
+
+      <|system|>            <- one block per message: <|role|>, newline, content, newline
+      You are terse.
+      <|user|>
+      Hi
+      <|assistant|>         <- with add_generation_prompt, the model continues from here
+
+Templates see the Hugging Face variables: `messages` (dicts with role, content, ...),
+`add_generation_prompt`, `bos_token`, `eos_token`, plus `raise_exception(msg)`,
+`strftime_now(fmt)` and any request `chat_template_kwargs`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+DEFAULT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The template failed to render these messages (a 400 for the request)."""
+
+
+def _tojson(value: Any, indent: Optional[int] = None, ensure_ascii: bool = False) -> str:
+    # Hugging Face's variant: keeps non-ASCII text readable (jinja2's escapes it for HTML).
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
+def _raise_exception(message: str):
+    raise ChatTemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    # trim_blocks / lstrip_blocks: the settings Hugging Face renders its templates with.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    """A compiled template; `render` is cheap and thread-safe."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
+        try:
+            self.template = _compile(source)
+        except jinja2.TemplateSyntaxError as err:
+            raise ValueError(f"chat template does not parse: {err} (line {err.lineno})") from err
+        self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **tokens: str) -> "ChatTemplate":
+        with open(path) as f:
+            return cls(f.read(), **tokens)
+
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:
+        """Prompt text; raises ChatTemplateError when the template rejects the messages."""
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as err:  # includes SecurityError from the sandbox
+            raise ChatTemplateError(f"chat template failed: {err}") from err
+
+
+def resolve_chat_template(path: Optional[str], tokenizer: Any) -> ChatTemplate:
+    """The template for a server: FILE, else the tokenizer's `chat_template`, else the default."""
+    tokens = {"bos_token": getattr(tokenizer, "bos_token", "") or "",
+              "eos_token": getattr(tokenizer, "eos_token", "") or ""}
+    if path:
+        return ChatTemplate.from_file(path, **tokens)
+    source = getattr(tokenizer, "chat_template", None)
+    return ChatTemplate(source or DEFAULT_TEMPLATE, **tokens)
