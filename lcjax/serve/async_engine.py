@@ -48,21 +48,27 @@ class _Stream:
 
 
 class RequestStream:
-    """Async iterator over one request's outputs; the last has `finished=True`.
+    """Async iterator over the outputs of one or more requests (n > 1 shares one stream).
 
-    `close()` (also on cancellation while waiting) aborts the request if it has not finished.
+    Outputs of different requests interleave in engine order; each request's last output has
+    `finished=True` and iteration ends when all have finished. `close()` (also run when the
+    consumer is cancelled while waiting) aborts every request that has not finished.
     """
 
-    def __init__(self, owner: "AsyncEngine", request_id: str, queue: asyncio.Queue):
-        self.request_id = request_id
+    def __init__(self, owner: "AsyncEngine", request_ids: Sequence[str], queue: asyncio.Queue):
+        self.request_ids = list(request_ids)
         self._owner, self._queue = owner, queue
-        self.finished = False
+        self._pending = set(self.request_ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self._pending
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
+        if not self._pending:
             raise StopAsyncIteration
         try:
             item = await self._queue.get()
@@ -70,15 +76,16 @@ class RequestStream:
             self.close()
             raise
         if isinstance(item, BaseException):
-            self.finished = True
+            self.close()
             raise item
-        self.finished = item.finished
+        if item.finished:
+            self._pending.discard(item.request_id)
         return item
 
     def close(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._owner.abort(self.request_id)
+        for request_id in sorted(self._pending):
+            self._owner.abort(request_id)
+        self._pending.clear()
 
 
 class AsyncEngine:
@@ -116,25 +123,40 @@ class AsyncEngine:
 
     async def add_request(self, prompt_token_ids: Sequence[int], params: Any,
                           request_id: Optional[str] = None) -> RequestStream:
-        """Queue a request; returns its stream once the engine has accepted it.
+        """Queue one request; returns its stream once the engine has accepted it.
 
         Raises ValueError (from `engine.add_request`: prompt too long, bad params, ...) or
         EngineShutdown.
         """
+        return await self.add_requests([(prompt_token_ids, params, request_id)])
+
+    async def add_requests(self, requests: Sequence[tuple[Sequence[int], Any, Optional[str]]]) -> RequestStream:
+        """Queue several (prompt ids, params, request id or None) at once; one shared stream.
+
+        All or nothing: if the engine rejects any, the others are aborted and its error raised.
+        """
         if not self.is_running:
             raise EngineShutdown("the engine is shutting down")
         loop = asyncio.get_running_loop()
-        request_id = request_id or uuid.uuid4().hex
-        accepted: asyncio.Future = loop.create_future()
         queue: asyncio.Queue = asyncio.Queue()
-        stream = _Stream(loop, queue, list(prompt_token_ids))
-        self._send(("add", request_id, stream, params, accepted))
+        ids, futures = [], []
+        for prompt_token_ids, params, request_id in requests:
+            request_id = request_id or uuid.uuid4().hex
+            accepted: asyncio.Future = loop.create_future()
+            self._send(("add", request_id, _Stream(loop, queue, list(prompt_token_ids)), params, accepted))
+            ids.append(request_id)
+            futures.append(accepted)
+        stream = RequestStream(self, ids, queue)
         try:
-            await accepted
+            results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
-            self.abort(request_id)  # applied after the add: commands run in order
+            stream.close()  # the aborts run after the adds: commands apply in order
             raise
-        return RequestStream(self, request_id, queue)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            stream.close()
+            raise errors[0]
+        return stream
 
     async def generate(self, prompt_token_ids: Sequence[int], params: Any,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
@@ -232,6 +254,7 @@ class AsyncEngine:
         try:
             self.engine.abort(request_id)
         finally:
+            self._refresh_stats()
             # A consumer that is still listening (shutdown without drain) gets a final output.
             output = _aborted_output(request_id, stream)
             self.metrics.observe([output])
@@ -244,6 +267,7 @@ class AsyncEngine:
             self._fail_all(err)
             return False
         self.metrics.observe(outputs)
+        self._refresh_stats()  # before delivery: a consumer that saw "finished" sees fresh stats
         by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -255,7 +279,6 @@ class AsyncEngine:
             by_loop[stream.loop].append((stream.queue, output))
         for loop, items in by_loop.items():
             _deliver(loop, items)
-        self._refresh_stats()
         return True
 
     def _fail_all(self, err: Exception) -> bool:
@@ -265,14 +288,15 @@ class AsyncEngine:
         log.error("lcjax.serve: engine step failed; failing %d request(s)", len(self._streams),
                   exc_info=err)
         failure = EngineError(f"the engine failed while serving this request: {err!r}")
-        for request_id, stream in list(self._streams.items()):
-            del self._streams[request_id]
+        failed, self._streams = self._streams, {}
+        for request_id in failed:
             try:
                 self.engine.abort(request_id)
             except Exception:  # noqa: BLE001
                 log.exception("lcjax.serve: abort of %s after an engine error failed", request_id)
-            _deliver(stream.loop, [(stream.queue, failure)])
         self._refresh_stats()
+        for stream in failed.values():
+            _deliver(stream.loop, [(stream.queue, failure)])
         try:
             return bool(self.engine.has_unfinished())
         except Exception:  # noqa: BLE001
