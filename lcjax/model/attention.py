@@ -117,6 +117,6 @@ class MLA(nn.Module):
 
         o_lat, cache = cache.update_and_attend(q_abs, latent.astype(cdt), k_rope.astype(cdt),
                                                positions, valid, sparse=sparse, loza=cfg.loza,
-                                               attend=attend)
+                                               attend=attend, scale=a.softmax_scale)
         out = jnp.einsum("BSHC,CHD->BSHD", o_lat, w_uv)
         return jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt)), cache

@@ -34,14 +34,15 @@ class LayerCache:
     def update_and_attend(self, q_abs: Float[Array, "B S H D"], latent: Float[Array, "B S C"],
                           k_rope: Float[Array, "B S R"], positions: Int[Array, "B S"],
                           valid: Bool[Array, "B S"], *, sparse: bool, loza: LozaConfig,
-                          attend: Callable) -> tuple[Float[Array, "B S H C"], "LayerCache"]:
+                          attend: Callable, scale: float) -> tuple[Float[Array, "B S H C"], "LayerCache"]:
         """Absorbed attention of S new tokens over [cached slots, the new tokens], then file them.
 
         Attending before writing lets a chunk be longer than a sparse ring (chunked prefill):
         every key a query may see is either still cached or among the new tokens. Cached slots
         at or after a row's first new position are stale (rejected speculative tokens) and
-        masked, so a position is never seen twice.
+        masked, so a position is never seen twice. `attend` runs the attention (scale bound in).
         """
+        del scale
         dtype = q_abs.dtype
         first = jnp.min(jnp.where(valid, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
         old_pos = jnp.where(self.slot_pos < first, self.slot_pos, -1)

@@ -18,8 +18,9 @@ from pallas_kernels.block_sparse_attention import (
     SlidingWindowLayout,
     block_sparse_attention,
 )
+from pallas_kernels.block_sparse_attention.decode import paged_decode_attention
 
-__all__ = ["attention", "layout_for", "BlockMaskLayout", "CausalLayout", "FullLayout", "Layout",
+__all__ = ["attention", "layout_for", "paged_decode_attention", "BlockMaskLayout", "CausalLayout", "FullLayout", "Layout",
            "LozaLayout", "SlidingWindowLayout"]
 
 

@@ -1,0 +1,431 @@
+"""Continuous-batching inference engine over the paged MLA cache.
+
+`Engine.step()` is one scheduler iteration: admit waiting requests into free slots (reserving
+their pages), run one batch of prefill chunks (at most `prefill_chunk` prompt tokens per row, so a
+long prompt never stalls the running requests for more than one chunk), then one decode step
+(or one MTP speculative round) for every running request, and hand back what each request
+gained. New requests therefore join the running batch between decode steps.
+
+Shapes are bucketed (rows: powers of two up to `max_num_seqs`; prefill length: powers of two
+from 16 up to `prefill_chunk`), so a workload compiles each step function at most once per
+bucket; `stats().num_compilations` counts them. The engine is single-threaded: `AsyncEngine`
+owns it from one thread.
+
+Page policy: a request reserves pages for min(prompt + max_tokens, max_model_len) + k tokens at
+admission and keeps them until it finishes, so running requests never run out of pages and no
+preemption is needed; a request waits while too few pages are free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import uuid
+from collections import deque
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.config import Config, ModelConfig
+from lcjax.model.model import model_config
+from lcjax.serve import runner
+from lcjax.serve.kv_cache import PageAllocator
+from lcjax.serve.outputs import EngineStats, RequestOutput, TokenLogprob
+from lcjax.serve.sampling import SamplingParams, sampling_tensors
+
+LOGPROB_BUCKETS = (0, 1, 5, 20)  # static top-n sizes the step functions compile for
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving capacity and scheduling knobs."""
+
+    max_num_seqs: int = 8  # concurrent requests (engine slots)
+    max_model_len: int = 512  # prompt + generated tokens per request
+    page_size: int = 16  # tokens per KV page
+    num_pages: Optional[int] = None  # pool size; default: every slot can hold max_model_len
+    prefill_chunk: int = 64  # most prompt tokens one request feeds per step
+    max_prefill_seqs: int = 4  # requests prefilled together in one step
+    num_speculative_tokens: int = 0  # k MTP drafts per round; 0 = plain decoding
+    seed: int = 0  # seeds requests that bring none
+    attention_impl: Optional[str] = None  # paged decode backend; None = platform default
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "page_size", "prefill_chunk",
+                     "max_prefill_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine {name}={getattr(self, name)} must be >= 1")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 0")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 2")
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Block-table width: pages one request may hold."""
+        return math.ceil((self.max_model_len + self.num_speculative_tokens) / self.page_size)
+
+
+@dataclasses.dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: float
+    slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    prefilled: int = 0  # prompt tokens consumed so far
+    output: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    emitted_text: int = 0  # characters of `text` already streamed
+    first_token_time: Optional[float] = None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens the main model has consumed (the last sampled token is not yet consumed)."""
+        return self.prefilled + max(len(self.output) - 1, 0)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+def _buckets(limit: int, start: int = 1) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class Engine:
+    """Continuous batching over slots and pages; see the module docstring."""
+
+    def __init__(self, config: Union[Config, ModelConfig], variables: Any, tokenizer=None,
+                 engine_config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.model_cfg = cfg = model_config(config)
+        self.engine_config = ec = engine_config
+        self.tokenizer = tokenizer
+        if ec.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={ec.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        k = ec.num_speculative_tokens
+        if k and not cfg.mtp_layers:
+            raise ValueError(f"num_speculative_tokens={k} needs an MTP head (model.mtp_layers=0)")
+        if k and any(cfg.sparse_layers) and k > cfg.loza.block_size:
+            raise ValueError(f"num_speculative_tokens={k} exceeds loza.block_size="
+                             f"{cfg.loza.block_size}, the rejected tokens a sparse ring can absorb")
+        num_pages = ec.num_pages or ec.max_num_seqs * ec.pages_per_seq + 1
+        self.allocator = PageAllocator(num_pages)
+        self.variables = variables
+        self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k)
+        self.eos_id = cfg.eos_token_id
+        self._free_slots = list(range(ec.max_num_seqs - 1, -1, -1))
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._requests: dict[str, _Request] = {}
+        self._rng = np.random.default_rng(ec.seed)
+        self._compiled: set = set()
+        self._counters = dict(generated=0, prompt=0, draft=0, accepted=0)
+        self._row_buckets = _buckets(ec.max_num_seqs)
+        self._prefill_rows = _buckets(min(ec.max_prefill_seqs, ec.max_num_seqs))
+        self._prefill_lens = _buckets(ec.prefill_chunk, start=min(16, ec.prefill_chunk))
+        # The state (argument 1 after cfg is bound) is donated: steps update the cache in place.
+        # XLA:CPU cannot donate, and would warn on every call.
+        donate = () if jax.default_backend() == "cpu" else (1,)
+        impl = ec.attention_impl
+        self._prefill = jax.jit(functools.partial(runner.prefill_step, cfg, implementation=impl),
+                                static_argnames=("speculative", "num_top"), donate_argnums=donate)
+        self._decode = jax.jit(functools.partial(runner.decode_step, cfg, implementation=impl),
+                               static_argnames=("num_top",), donate_argnums=donate)
+        self._spec = jax.jit(functools.partial(runner.speculative_step, cfg, implementation=impl),
+                             static_argnames=("num_draft", "num_top"), donate_argnums=donate)
+
+    # ----------------------------------------------------------------------------------- API
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    request_id: Optional[str] = None, arrival_time: Optional[float] = None) -> str:
+        """Queue a request; ValueError names the bad value (nothing is queued then)."""
+        ec, cfg = self.engine_config, self.model_cfg
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt) >= ec.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; this server's max_model_len is "
+                             f"{ec.max_model_len}, which must leave room for at least one "
+                             f"generated token")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        params.validate(cfg.vocab_size)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
+        req = _Request(id=request_id, prompt=prompt, params=params, seed=seed & 0xFFFFFFFF,
+                       arrival=arrival_time if arrival_time is not None else time.monotonic())
+        self._requests[request_id] = req
+        self._waiting.append(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is and free its pages (unknown ids are ignored)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        if req in self._waiting:
+            self._waiting.remove(req)
+        if req in self._running:
+            self._running.remove(req)
+            self._release(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        return EngineStats(num_waiting=len(self._waiting), num_running=len(self._running),
+                           free_pages=self.allocator.num_free, total_pages=self.allocator.num_usable,
+                           num_compilations=len(self._compiled), generated_tokens_total=c["generated"],
+                           prompt_tokens_total=c["prompt"], draft_tokens_total=c["draft"],
+                           accepted_tokens_total=c["accepted"])
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: Union[SamplingParams, Sequence[SamplingParams]]) -> list[RequestOutput]:
+        """Run the given prompts to completion (all queued at once); final outputs in order."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        merged: dict[str, list] = {i: [] for i in ids}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.request_id in merged and out.logprobs:
+                    merged[out.request_id].extend(out.logprobs)
+                if out.finished and out.request_id in merged:
+                    final[out.request_id] = out
+        for i in ids:
+            if final[i].logprobs is not None:
+                final[i].logprobs = merged[i]
+        return [final[i] for i in ids]
+
+    # ----------------------------------------------------------------------------- scheduler
+    def step(self) -> list[RequestOutput]:
+        """One iteration: admit, one prefill batch, one decode batch; outputs of progressed requests."""
+        self._admit()
+        outputs: dict[str, RequestOutput] = {}
+        prefilling = [r for r in self._running if not r.decoding][: self.engine_config.max_prefill_seqs]
+        decoding = [r for r in self._running if r.decoding and r.output]
+        if prefilling:
+            for out in self._run_prefill(prefilling):
+                outputs[out.request_id] = out
+        if decoding:
+            for out in self._run_decode(decoding):
+                outputs[out.request_id] = out
+        return list(outputs.values())
+
+    def _pages_needed(self, req: _Request) -> int:
+        ec = self.engine_config
+        total = min(len(req.prompt) + req.params.max_tokens, ec.max_model_len)
+        return math.ceil((total + ec.num_speculative_tokens) / ec.page_size)
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            req = self._waiting[0]
+            need = self._pages_needed(req)
+            if need > self.allocator.num_free:
+                break  # FIFO: later requests wait too, so a large one is not starved
+            self._waiting.popleft()
+            req.pages = self.allocator.allocate(need)
+            req.slot = self._free_slots.pop()
+            self._running.append(req)
+
+    def _release(self, req: _Request) -> None:
+        self.allocator.free(req.pages)
+        req.pages = []
+        self._free_slots.append(req.slot)
+        req.slot = -1
+
+    def _block_tables(self, reqs: Sequence[_Request], rows: int) -> np.ndarray:
+        table = np.zeros((rows, self.engine_config.pages_per_seq), np.int32)
+        for b, r in enumerate(reqs):
+            table[b, : len(r.pages)] = r.pages
+        return table
+
+    def _inputs(self, reqs: Sequence[_Request], rows: int, tokens: np.ndarray, starts, num_valid,
+                reset) -> runner.StepInputs:
+        n = len(reqs)
+
+        def pad(values, fill, dtype):
+            out = np.full((rows,), fill, dtype)
+            out[:n] = values
+            return out
+
+        return runner.StepInputs(
+            tokens=jnp.asarray(tokens), slots=jnp.asarray(pad([r.slot for r in reqs], -1, np.int32)),
+            starts=jnp.asarray(pad(starts, 0, np.int32)),
+            num_valid=jnp.asarray(pad(num_valid, 0, np.int32)),
+            block_tables=jnp.asarray(self._block_tables(reqs, rows)),
+            reset=jnp.asarray(pad(reset, False, bool)),
+            seeds=jnp.asarray(pad([r.seed for r in reqs], 0, np.uint32)),
+            gen_steps=jnp.asarray(pad([len(r.output) for r in reqs], 0, np.int32)),
+            sampling=sampling_tensors([r.params for r in reqs], rows))
+
+    def _num_top(self, reqs: Sequence[_Request]) -> int:
+        wanted = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
+        return -1 if not wanted else _bucket(max(wanted), LOGPROB_BUCKETS)
+
+    def _note_compile(self, *key) -> None:
+        self._compiled.add(key)
+
+    def _run_prefill(self, reqs: list[_Request]) -> list[RequestOutput]:
+        ec = self.engine_config
+        chunks = [r.prompt[r.prefilled: r.prefilled + ec.prefill_chunk] for r in reqs]
+        rows = _bucket(len(reqs), self._prefill_rows)
+        length = _bucket(max(len(c) for c in chunks), self._prefill_lens)
+        tokens = np.zeros((rows, length), np.int32)
+        follow = np.full((rows,), -1, np.int32)
+        for b, (r, c) in enumerate(zip(reqs, chunks)):
+            tokens[b, : len(c)] = c
+            end = r.prefilled + len(c)
+            if end < len(r.prompt):
+                follow[b] = r.prompt[end]
+        inp = self._inputs(reqs, rows, tokens, [r.prefilled for r in reqs],
+                           [len(c) for c in chunks], [r.prefilled == 0 for r in reqs])
+        num_top = self._num_top(reqs)
+        spec = ec.num_speculative_tokens > 0
+        self._note_compile("prefill", rows, length, num_top, spec)
+        self.state, first, scores = self._prefill(self.variables, self.state, inp,
+                                                  jnp.asarray(follow), speculative=spec,
+                                                  num_top=num_top)
+        first = np.asarray(first)
+        scores = jax.tree.map(np.asarray, scores)
+        outs = []
+        for b, (r, c) in enumerate(zip(reqs, chunks)):
+            r.prefilled += len(c)
+            self._counters["prompt"] += len(c)
+            if r.decoding:  # the prompt is done: its first token was sampled
+                outs.append(self._emit(r, [int(first[b])], scores, b, 1))
+        return [o for o in outs if o is not None]
+
+    def _run_decode(self, reqs: list[_Request]) -> list[RequestOutput]:
+        ec = self.engine_config
+        k = ec.num_speculative_tokens
+        rows = _bucket(len(reqs), self._row_buckets)
+        tokens = np.zeros((rows, 1), np.int32)
+        tokens[: len(reqs), 0] = [r.output[-1] for r in reqs]
+        inp = self._inputs(reqs, rows, tokens, [r.length for r in reqs], [1] * len(reqs),
+                           [False] * len(reqs))
+        num_top = self._num_top(reqs)
+        if k:
+            self._note_compile("speculative", rows, k, num_top)
+            self.state, out, accepted, scores = self._spec(self.variables, self.state, inp,
+                                                           num_draft=k, num_top=num_top)
+            out, accepted = np.asarray(out), np.asarray(accepted)
+        else:
+            self._note_compile("decode", rows, num_top)
+            self.state, out, scores = self._decode(self.variables, self.state, inp, num_top=num_top)
+            out, accepted = np.asarray(out)[:, None], np.zeros((rows,), np.int32)
+        scores = jax.tree.map(np.asarray, scores)
+        outs = []
+        for b, r in enumerate(reqs):
+            count = int(accepted[b]) + 1
+            if k:
+                r.draft_tokens += k
+                r.accepted_tokens += count - 1
+                self._counters["draft"] += k
+                self._counters["accepted"] += count - 1
+            outs.append(self._emit(r, [int(t) for t in out[b, :count]], scores, b, count))
+        return [o for o in outs if o is not None]
+
+    # ------------------------------------------------------------------------------- outputs
+    def _emit(self, req: _Request, new: list[int], scores, row: int, count: int) -> Optional[RequestOutput]:
+        """Append new tokens up to the first stop condition; build the request's output."""
+        if req.id not in self._requests:
+            return None
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        p, ec = req.params, self.engine_config
+        kept, reason, stop_reason = [], None, None
+        for tok in new:
+            kept.append(tok)
+            n_out = len(req.output) + len(kept)
+            if n_out > p.min_tokens:
+                if tok == self.eos_id and not p.ignore_eos:
+                    reason, stop_reason = "stop", None
+                elif tok in p.stop_token_ids:
+                    reason, stop_reason = "stop", tok
+            if reason is None and (n_out >= p.max_tokens or
+                                   len(req.prompt) + n_out >= ec.max_model_len):
+                reason = "length"
+            if reason:
+                break
+        req.output.extend(kept)
+        self._counters["generated"] += len(kept)
+        logprobs = None
+        if p.logprobs is not None and scores is not None:
+            chosen, top_ids, top_lp = scores
+            logprobs = [TokenLogprob(token_id=t, logprob=float(chosen[row, j]),
+                                     top=[(int(i), float(v)) for i, v in
+                                          zip(top_ids[row, j, : p.logprobs], top_lp[row, j, : p.logprobs])])
+                        for j, t in enumerate(kept)]
+        text_ids = req.output
+        if self.tokenizer is not None:
+            # The EOS or stop token that ended the request is not part of the text (as in vLLM).
+            skip_last = reason == "stop" and (stop_reason is None or isinstance(stop_reason, int))
+            text_ids = req.output[:-1] if skip_last else req.output
+            req.text = self.tokenizer.decode(text_ids)
+            if p.stop and reason != "stop":
+                hit = self._find_stop(req.text, p.stop, req.emitted_text)
+                if hit is not None:
+                    cut, stop = hit
+                    req.text, reason, stop_reason = req.text[:cut], "stop", stop
+        # Hold back text that may be the start of a stop string or an incomplete character.
+        visible = len(req.text)
+        if reason is None:
+            if req.text.endswith("\ufffd"):
+                visible = len(req.text.rstrip("\ufffd"))
+            for s in p.stop:
+                for n in range(min(len(s) - 1, visible), 0, -1):
+                    if req.text[:visible].endswith(s[:n]):
+                        visible -= n
+                        break
+        visible = max(visible, req.emitted_text)
+        delta = req.text[req.emitted_text: visible]
+        req.emitted_text = visible
+        finished = reason is not None
+        out = RequestOutput(
+            request_id=req.id, prompt_token_ids=req.prompt, token_ids=list(req.output),
+            new_token_ids=kept, text=req.text if finished else req.text[:visible],
+            delta_text=delta, finished=finished, finish_reason=reason, logprobs=logprobs,
+            stop_reason=stop_reason, first_token_time=req.first_token_time,
+            arrival_time=req.arrival, num_draft_tokens=req.draft_tokens,
+            num_accepted_tokens=req.accepted_tokens)
+        if finished:
+            self._requests.pop(req.id, None)
+            self._running.remove(req)
+            self._release(req)
+        return out
+
+    @staticmethod
+    def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[tuple[int, str]]:
+        """Earliest stop string in text that ends after `start` (already streamed text was
+        checked before); returns (cut position, the stop string)."""
+        best = None
+        for s in stops:
+            i = text.find(s, max(0, start - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+

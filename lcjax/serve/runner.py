@@ -1,0 +1,297 @@
+"""The engine's jitted device functions: prefill chunks, decode steps, MTP speculative rounds.
+
+Each is a pure function of (variables, EngineState, step inputs) -> (EngineState, outputs) with
+static shapes: the host pads every step to a (batch, length) bucket, so a workload compiles each
+function once per bucket it uses, never once per request. Sampling happens on device; only the
+chosen tokens (and requested logprobs) come back to the host.
+
+Rows of a step are engine slots (`slots[b]`, -1 = padding). Per-slot state (sparse-layer rings,
+n-gram history, penalty counts, MTP pending inputs) lives in EngineState arrays indexed by slot;
+full-attention layers read and write pages through each row's block table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from lcjax.model.decode import _layer_variables, _sparse_pair
+from lcjax.model.decoder import DecoderLayer, MTPBlock
+from lcjax.model.embedding import Embedder, ngram_history
+from lcjax.model.layers import RMSNorm, acc_dtype, dtype_of
+from lcjax.config import ModelConfig
+from lcjax.serve import sampling
+from lcjax.serve.kv_cache import (PagedLayerCache, ServeCache, gather_rings, init_serve_cache,
+                                  scatter_rings)
+
+DRAFT_SEED_SALT = 0x5BD1E995  # draft keys must be independent of the verify/sample keys
+
+
+@flax.struct.dataclass
+class EngineState:
+    """Everything on device that outlives a step (fields `Any`, shapes in comments)."""
+
+    cache: ServeCache
+    counts: Any  # [slots, V] int32: generated-token counts (frequency/presence/repetition)
+    prompt_mask: Any  # [slots, V] bool: tokens present in the prompt (repetition penalty)
+    pending_hidden: Any  # [slots, K1, M]: main hidden states whose MTP entries are not written yet
+    pending_tokens: Any  # [slots, K1] int32: the token following each pending position
+    pending_count: Any  # [slots] int32
+    pending_start: Any  # [slots] int32: position of pending_hidden[:, 0]
+
+
+def init_engine_state(cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int,
+                      num_speculative: int) -> EngineState:
+    k1 = num_speculative + 1
+    dtype = dtype_of(cfg.dtype)
+    return EngineState(
+        cache=init_serve_cache(cfg, num_slots, num_pages, page_size),
+        counts=jnp.zeros((num_slots, cfg.vocab_size), jnp.int32),
+        prompt_mask=jnp.zeros((num_slots, cfg.vocab_size), bool),
+        pending_hidden=jnp.zeros((num_slots, k1, cfg.hidden_size), dtype),
+        pending_tokens=jnp.zeros((num_slots, k1), jnp.int32),
+        pending_count=jnp.zeros((num_slots,), jnp.int32),
+        pending_start=jnp.zeros((num_slots,), jnp.int32))
+
+
+@flax.struct.dataclass
+class StepInputs:
+    """One padded step (host-built). Row b feeds tokens[b, :num_valid[b]] at positions starts[b].."""
+
+    tokens: Any  # [B, S] int32
+    slots: Any  # [B] int32, -1 = padding row
+    starts: Any  # [B] int32: position of tokens[:, 0]
+    num_valid: Any  # [B] int32
+    block_tables: Any  # [B, N] int32 (padding rows: all page 0)
+    reset: Any  # [B] bool: first chunk of a request (clear its slot's rings/history/counts)
+    seeds: Any  # [B] uint32: per-request sampling seed
+    gen_steps: Any  # [B] int32: tokens the request has generated so far (key index)
+    sampling: Any  # sampling.SamplingTensors, rows [B]
+
+
+def _rows(table: Array, slots: Int[Array, "B"]) -> Array:
+    return table[jnp.clip(slots, 0, table.shape[0] - 1)]
+
+
+def _put_rows(table: Array, slots: Int[Array, "B"], rows: Array) -> Array:
+    return table.at[jnp.where(slots < 0, table.shape[0], slots)].set(rows, mode="drop")
+
+
+def _forward(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInputs, *,
+             all_valid: bool, implementation):
+    """Main model over the step's tokens: (final-normed hidden [B, S, M], new cache, history rows)."""
+    params = variables["params"]
+    b, s = inp.tokens.shape
+    positions = inp.starts[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(s)[None, :] < inp.num_valid[:, None]
+    history = None
+    if cfg.ngram.enabled:
+        history = jnp.where(inp.reset[:, None], 0, _rows(cache.ngram_history, inp.slots))
+    x = Embedder(cfg).apply({"params": params["embed"]}, inp.tokens, None, history)
+    layers = list(cache.layers)
+    for layer in range(cfg.num_layers):
+        pair = _sparse_pair(cfg, layer)
+        views = []
+        for i, sparse in enumerate(pair):
+            held = layers[2 * layer + i]
+            views.append(gather_rings(held, inp.slots, inp.reset) if sparse else PagedLayerCache(
+                pages=held, block_tables=inp.block_tables, kv_lora_rank=cfg.mla.kv_lora_rank,
+                all_valid=all_valid, implementation=implementation))
+        x, new = DecoderLayer(cfg).apply(_layer_variables(variables, layer, cfg), x, pair,
+                                         positions, tuple(views), valid, method=DecoderLayer.decode)
+        for i, sparse in enumerate(pair):
+            idx = 2 * layer + i
+            layers[idx] = scatter_rings(layers[idx], new[i], inp.slots) if sparse else new[i].pages
+    hidden = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
+    return hidden, cache.replace(layers=tuple(layers)), history
+
+
+def _project(cfg: ModelConfig, params: Any, hidden: Float[Array, "B S M"]) -> Float[Array, "B S V"]:
+    cdt = dtype_of(cfg.dtype)
+    return jnp.einsum("BSM,MV->BSV", hidden.astype(cdt),
+                      params["lm_head"].astype(cdt)).astype(acc_dtype(cdt))
+
+
+def _update_history(cfg: ModelConfig, cache: ServeCache, inp: StepInputs, history,
+                    consumed: Int[Array, "B"]) -> ServeCache:
+    if not cfg.ngram.enabled:
+        return cache
+    new = ngram_history(inp.tokens, consumed, cfg, history)
+    return cache.replace(ngram_history=_put_rows(cache.ngram_history, inp.slots, new))
+
+
+def _mtp(cfg: ModelConfig, variables: Any, mtp_pages: Array, hidden: Float[Array, "B S M"],
+         next_ids: Int[Array, "B S"], positions: Int[Array, "B S"], valid, block_tables):
+    """MTP block over a paged cache: (features [B, S, M], new pages)."""
+    view = PagedLayerCache(pages=mtp_pages, block_tables=block_tables,
+                           kv_lora_rank=cfg.mla.kv_lora_rank)
+    feats, view = MTPBlock(cfg).apply({"params": variables["params"]["mtp"]}, hidden, next_ids,
+                                      positions, None, view, valid)
+    return feats, view.pages
+
+
+def _sample(logits: Float[Array, "B S V"], state: EngineState, inp: StepInputs,
+            prev_tokens: Int[Array, "B S"], seeds, key_offset: int = 0):
+    """Sampling log-probs of S consecutive positions of each row (penalised), and their keys."""
+    counts = _rows(state.counts, inp.slots)
+    prompt = _rows(state.prompt_mask, inp.slots)
+    penalised = sampling.apply_penalties(logits, counts, prompt, prev_tokens, inp.sampling)
+    logprobs = sampling.sampling_logprobs(penalised, inp.sampling)
+    keys = sampling.request_keys(seeds, inp.gen_steps + key_offset, logits.shape[1])
+    return logprobs, keys
+
+
+def _count(state: EngineState, slots, tokens: Int[Array, "B S"], mask) -> Any:
+    """counts[slot] += occurrences of tokens[b, mask[b]]."""
+    v = state.counts.shape[1]
+    add = jnp.zeros((tokens.shape[0], v), jnp.int32)
+    add = add.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(mask.astype(jnp.int32))
+    return state.counts.at[jnp.where(slots < 0, state.counts.shape[0], slots)].add(add, mode="drop")
+
+
+def _scores(logits, tokens, num_top: int):
+    if num_top < 0:
+        return None
+    return sampling.token_logprobs(logits, tokens, num_top)
+
+
+def prefill_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs,
+                 next_tokens: Int[Array, "B"], *, speculative: bool, num_top: int,
+                 implementation=None):
+    """One chunk per row. Rows whose prompt ends in this chunk (next_tokens[b] < 0) sample their
+    first token; the others pass the prompt token that follows the chunk (for the MTP cache).
+
+    Returns (state, first tokens [B], logprob scores or None).
+    """
+    variables = nn.unbox(variables)
+    b, s = inp.tokens.shape
+    reset = inp.reset[:, None]
+    state = state.replace(
+        counts=_put_rows(state.counts, inp.slots, jnp.where(reset, 0, _rows(state.counts, inp.slots))),
+        prompt_mask=_put_rows(state.prompt_mask, inp.slots,
+                              jnp.where(reset, False, _rows(state.prompt_mask, inp.slots))))
+    hidden, cache, history = _forward(cfg, variables, state.cache, inp, all_valid=False,
+                                      implementation=implementation)
+    cache = _update_history(cfg, cache, inp, history, inp.num_valid)
+    valid = jnp.arange(s)[None, :] < inp.num_valid[:, None]
+    seen = _rows(state.prompt_mask, inp.slots).at[jnp.arange(b)[:, None], inp.tokens].max(valid)
+    state = state.replace(prompt_mask=_put_rows(state.prompt_mask, inp.slots, seen))
+
+    last = jnp.maximum(inp.num_valid - 1, 0)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, M]
+    logits = _project(cfg, variables["params"], last_hidden)  # [B, 1, V]
+    logprobs, keys = _sample(logits, state, inp, jnp.zeros((b, 1), jnp.int32), inp.seeds)
+    first = sampling.sample(logprobs, keys)[:, 0]
+    final = next_tokens < 0
+    state = state.replace(counts=_count(state, jnp.where(final, inp.slots, -1), first[:, None],
+                                        jnp.ones((b, 1), bool)))
+    if speculative:
+        # MTP entry t needs (h_t, token t+1): known for every chunk position except a final
+        # chunk's last, which waits as the row's pending input for the first draft.
+        follow = jnp.where(final, first, next_tokens)
+        shifted = jnp.concatenate([inp.tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+        at_last = jnp.arange(s)[None, :] == last[:, None]
+        next_ids = jnp.where(at_last, follow[:, None], shifted)
+        mtp_valid = valid & ~(at_last & final[:, None])
+        positions = inp.starts[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        _, mtp_pages = _mtp(cfg, variables, cache.mtp, hidden, next_ids, positions, mtp_valid,
+                            inp.block_tables)
+        cache = cache.replace(mtp=mtp_pages)
+        k1 = state.pending_hidden.shape[1]
+        pend_slots = jnp.where(final, inp.slots, -1)
+        pend_h = jnp.zeros((b, k1, hidden.shape[-1]), state.pending_hidden.dtype)
+        pend_h = pend_h.at[:, 0].set(last_hidden[:, 0].astype(pend_h.dtype))
+        pend_t = jnp.zeros((b, k1), jnp.int32).at[:, 0].set(first)
+        state = state.replace(
+            pending_hidden=_put_rows(state.pending_hidden, pend_slots, pend_h),
+            pending_tokens=_put_rows(state.pending_tokens, pend_slots, pend_t),
+            pending_count=_put_rows(state.pending_count, pend_slots, jnp.ones((b,), jnp.int32)),
+            pending_start=_put_rows(state.pending_start, pend_slots, inp.starts + last))
+    state = state.replace(cache=cache)
+    return state, first, _scores(logits, first[:, None], num_top)
+
+
+def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
+                num_top: int, implementation=None):
+    """One token per row (the previous step's sample). Returns (state, tokens [B], scores)."""
+    variables = nn.unbox(variables)
+    b = inp.tokens.shape[0]
+    hidden, cache, history = _forward(cfg, variables, state.cache, inp, all_valid=True,
+                                      implementation=implementation)
+    cache = _update_history(cfg, cache, inp, history, inp.num_valid)
+    logits = _project(cfg, variables["params"], hidden)  # [B, 1, V]
+    logprobs, keys = _sample(logits, state, inp, jnp.zeros((b, 1), jnp.int32), inp.seeds)
+    tokens = sampling.sample(logprobs, keys)[:, 0]
+    state = state.replace(cache=cache, counts=_count(state, inp.slots, tokens[:, None],
+                                                     jnp.ones((b, 1), bool)))
+    return state, tokens, _scores(logits, tokens[:, None], num_top)
+
+
+def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
+                     num_draft: int, num_top: int, implementation=None):
+    """One MTP round per row: k drafts, one verify pass of k+1 tokens, the standard acceptance rule.
+
+    inp.tokens [B, 1] holds each row's last sampled token x_n (position n = starts). The drafts
+    start from the row's pending MTP inputs (main hidden states whose next token is now known),
+    so the MTP cache always holds entries computed from main-model hidden states; later drafts
+    of a round feed the MTP's own features back (one MTP layer, applied k times).
+
+    Returns (state, tokens [B, k+1] (first accepted+1 valid), accepted [B], scores or None).
+    """
+    variables = nn.unbox(variables)
+    params = variables["params"]
+    b = inp.tokens.shape[0]
+    k, k1 = num_draft, num_draft + 1
+    slots = inp.slots
+    # 1. Draft: MTP over the pending entries; the last one's features predict token n+1.
+    pend_h = _rows(state.pending_hidden, slots)
+    pend_t = _rows(state.pending_tokens, slots)
+    pend_n = _rows(state.pending_count, slots)
+    pend_start = _rows(state.pending_start, slots)
+    positions = pend_start[:, None] + jnp.arange(k1, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(k1)[None, :] < pend_n[:, None]
+    feats, mtp_pages = _mtp(cfg, variables, state.cache.mtp, pend_h, pend_t, positions, valid,
+                            inp.block_tables)
+    feat = jnp.take_along_axis(feats, jnp.maximum(pend_n - 1, 0)[:, None, None], axis=1)
+    draft_seeds = inp.seeds ^ jnp.uint32(DRAFT_SEED_SALT)
+    drafts, draft_logprobs = [], []
+    for j in range(k):
+        logits = _project(cfg, params, feat)  # [B, 1, V]
+        prev = jnp.zeros((b, 1), jnp.int32)
+        lp, keys = _sample(logits, state, inp, prev, draft_seeds, key_offset=j)
+        token = sampling.sample(lp, keys)  # [B, 1]
+        drafts.append(token)
+        draft_logprobs.append(lp)
+        if j + 1 < k:
+            pos = (inp.starts + j)[:, None]
+            feat, mtp_pages = _mtp(cfg, variables, mtp_pages, feat, token, pos,
+                                   jnp.ones((b, 1), bool), inp.block_tables)
+    drafts = jnp.concatenate(drafts, axis=1)  # [B, k]
+    draft_logprobs = jnp.concatenate(draft_logprobs, axis=1)  # [B, k, V]
+    # 2. Verify x_n, d_1..d_k in one pass of the main model.
+    verify = inp.replace(tokens=jnp.concatenate([inp.tokens, drafts], axis=1),
+                         num_valid=jnp.full((b,), k1, jnp.int32))
+    hidden, cache, history = _forward(cfg, variables, state.cache, verify, all_valid=True,
+                                      implementation=implementation)
+    logits = _project(cfg, params, hidden)  # [B, k+1, V]
+    prev = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    target, _ = _sample(logits, state, inp, prev, inp.seeds)
+    accept_keys = sampling.request_keys(inp.seeds, inp.gen_steps, 1)[:, 0]
+    accepted, tokens = sampling.speculative_accept(target, draft_logprobs, drafts,
+                                                   jnp.full((b,), k, jnp.int32), accept_keys)
+    emitted = jnp.arange(k1)[None, :] <= accepted[:, None]
+    # Only x_n and the accepted drafts were consumed: the n-gram history must not see the rest.
+    cache = _update_history(cfg, cache, verify, history, accepted + 1)
+    state = state.replace(
+        cache=cache.replace(mtp=mtp_pages),
+        counts=_count(state, slots, tokens, emitted),
+        pending_hidden=_put_rows(state.pending_hidden, slots, hidden.astype(state.pending_hidden.dtype)),
+        pending_tokens=_put_rows(state.pending_tokens, slots, tokens),
+        pending_count=_put_rows(state.pending_count, slots, accepted + 1),
+        pending_start=_put_rows(state.pending_start, slots, inp.starts))
+    return state, tokens, accepted, _scores(logits, tokens, num_top)
