@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
