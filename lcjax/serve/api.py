@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import inspect
 import json
 import logging
 import time
@@ -199,36 +198,66 @@ class _Serving:
         prompts = [self._encode_prompt(text)]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.heavy_thinking is not None:
-            return await self._heavy_thinking(body, prompts[0], logprobs)
+            return await self._heavy_thinking(body, prompts[0], logprobs, request)
         base, stream = await self._start(body, prompts, body.completion_limit, logprobs, "chatcmpl")
         fmt = _ChatFormat(self, body, base, prompts)
         if body.stream:
             return self._sse(stream, fmt)
         return await _unless_disconnected(request, self._collect(stream, fmt), stream)
 
-    # -------------------------------------------------------- HOOK(heavy_thinking)
-    # Heavy Thinking mode: `heavy_thinking: {"num_traces", "temperature", "return_traces"}` on
-    # /v1/chat/completions. lcjax/serve/heavy_thinking.py (written separately) provides
-    # `heavy_think(...)`; until it exists the option is a 400 naming it. A later pass wires
-    # the call below to its final signature and response shape (traces, usage, streaming).
+    # -------------------------------------------------------- Heavy Thinking
+    # `heavy_thinking: {"num_traces", "temperature", "return_traces"}` on /v1/chat/completions:
+    # N traces of the conversation, then one summary request (lcjax/serve/heavy_thinking.py).
+    # The summary is the answer; trace tokens count as usage.completion_tokens_details
+    # .reasoning_tokens. Non-streaming, n=1, no logprobs (400 otherwise).
     async def _heavy_thinking(self, body: ChatCompletionRequest, prompt_ids: list[int],
-                              logprobs: Optional[int]):
+                              logprobs: Optional[int], request: Request):
         try:
-            from lcjax.serve import heavy_thinking  # noqa: PLC0415 - optional module
+            from lcjax.serve import heavy_thinking
         except ImportError:
             raise APIError("heavy_thinking is not available in this build "
                            "(lcjax.serve.heavy_thinking is missing).", param="heavy_thinking",
                            code="unsupported") from None
-        if body.stream:
-            raise APIError("heavy_thinking does not support stream=true yet.", param="stream")
-        params = self._sampling_params(body, len(prompt_ids), body.completion_limit, logprobs, body.seed)
-        result = heavy_thinking.heavy_think(
-            self.engine, self.tokenizer, prompt_ids, params, num_traces=body.heavy_thinking.num_traces,
-            temperature=body.heavy_thinking.temperature, return_traces=body.heavy_thinking.return_traces)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-    # -------------------------------------------------------- end HOOK(heavy_thinking)
+        for field, bad in (("stream", body.stream), ("n", body.n != 1), ("logprobs", logprobs is not None)):
+            if bad:
+                raise APIError(f"heavy_thinking does not support '{field}' yet.", param=field, code="unsupported")
+        options = body.heavy_thinking
+        config = heavy_thinking.HeavyThinkingConfig(num_traces=options.num_traces, temperature=options.temperature,
+                                                    return_traces=options.return_traces)
+        params = self._sampling_params(body, len(prompt_ids), body.completion_limit, None, body.seed)
+        users = [m for m in body.messages if m.role == "user"]
+        problem = users[-1].text() if users else body.messages[-1].text()
+        kwargs = body.chat_template_kwargs
+
+        def render(text: str) -> list[int]:
+            message = type(body.messages[0])(role="user", content=text)
+            return self._encode_prompt(self._render([message], True, kwargs))
+
+        work = heavy_thinking.heavy_think_async(self.engine.generate, prompt_ids, problem, params, config,
+                                                tokenizer=self.tokenizer, render_summary_prompt=render)
+        try:
+            result = await _unless_disconnected(request, work)
+        except heavy_thinking.HeavyThinkingAborted as err:
+            raise EngineShutdown(str(err)) from None
+        if not isinstance(result, heavy_thinking.HeavyThinkingResult):
+            return result  # the client went away, or an engine error response
+        summary = result.summary
+        prompt = len(prompt_ids) + summary.num_prompt_tokens
+        completion = result.trace_tokens + summary.num_generated_tokens
+        response = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": summary.text},
+                         "logprobs": None, "finish_reason": summary.finish_reason}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                      "completion_tokens_details": {"reasoning_tokens": result.trace_tokens}}}
+        if options.return_traces:
+            response["heavy_thinking"] = {
+                "traces": [{"text": t.text, "finish_reason": t.finish_reason,
+                            "completion_tokens": t.num_generated_tokens} for t in result.traces],
+                "summary_prompt": result.summary_prompt}
+        return response
+
 
     # -------------------------------------------------------- request plumbing
 
@@ -352,8 +381,10 @@ class _ClosingStreamingResponse(StreamingResponse):
             self._on_close()
 
 
-async def _unless_disconnected(request: Request, work, stream: RequestStream):
-    """Await `work`, aborting `stream` if the client disconnects first (non-streaming)."""
+async def _unless_disconnected(request: Request, work, stream: Optional[RequestStream] = None):
+    """Await `work`, cancelling it (and aborting `stream`) if the client disconnects first.
+
+    Used for non-streaming responses, where Starlette itself does not watch the connection."""
     task = asyncio.ensure_future(work)
 
     async def disconnected():
@@ -367,8 +398,10 @@ async def _unless_disconnected(request: Request, work, stream: RequestStream):
         watcher.cancel()
         if not task.done():
             task.cancel()
-            stream.close()
-    if task.cancelled():
+            if stream is not None:
+                stream.close()
+    if not task.done():  # the client left: let the work clean up (abort its requests), then stop
+        await asyncio.wait({task})
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     try:
         return task.result()

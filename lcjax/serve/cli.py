@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", metavar="RUN_DIR",
                         help="a training run directory (config.yaml, tokenizer.json, checkpoints/)")
     source.add_argument("--hf-model", metavar="DIR", help="a Hugging Face LongCat-Flash directory")
-    model.add_argument("--config", metavar="YAML",
-                       help="model preset or YAML for a randomly initialised model (default: tiny)")
+    model.add_argument("--config", metavar="YAML", action="append",
+                       help="model preset or YAML for a randomly initialised model; repeat to layer "
+                            "files (default: tiny)")
     model.add_argument("--served-model-name", help="the model id clients use (default: from the source)")
     model.add_argument("--chat-template", metavar="FILE",
                        help="Jinja2 chat template (default: the tokenizer's, else the built-in one)")
@@ -85,12 +86,14 @@ def load_model(args: argparse.Namespace) -> tuple[Config, Any, Any, str]:
             print(f"{PREFIX} loading the default training run {run_dir} (step {step})", flush=True)
             config, variables, tokenizer = loading.load_run(run_dir)
             return config, variables, tokenizer, run_dir.absolute().name
-        print(f"{PREFIX} WARNING: no checkpoint in {run_dir} (train one with `python -m lcjax.train`); "
-              "serving a RANDOMLY INITIALISED tiny model with a byte-level tokenizer: its output "
-              "is noise", file=sys.stderr, flush=True)
-    name = args.config or "tiny"
-    config, variables, tokenizer = loading.random_model(load_config(resolve_config_path(name)), args.seed)
-    return config, variables, tokenizer, f"lcjax-random-{pathlib.Path(name).stem}"
+        print(f"{PREFIX} no checkpoint in {run_dir} (train one with `python -m lcjax.train`)",
+              file=sys.stderr, flush=True)
+    names = args.config or ["tiny"]
+    print(f"{PREFIX} WARNING: serving a RANDOMLY INITIALISED {' + '.join(names)} model with a byte-level "
+          "tokenizer: its output is noise", file=sys.stderr, flush=True)
+    config = load_config([resolve_config_path(c) for c in names])
+    config, variables, tokenizer = loading.random_model(config, args.seed)
+    return config, variables, tokenizer, f"lcjax-random-{pathlib.Path(names[0]).stem}"
 
 
 def engine_config(args: argparse.Namespace, config: Config):

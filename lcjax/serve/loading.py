@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lcjax.config import Config
@@ -44,12 +45,18 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Tokenizer]:
                              "(written by `python -m lcjax.train`)")
     config = load_config(run_dir / RUN_CONFIG)
     tokenizer = Tokenizer.from_json((run_dir / TOKENIZER_FILE).read_text())
+    # Only params and router_bias (not the optimizer state), as host arrays: the restore does
+    # not depend on the mesh the run was trained on; the engine places them itself.
+    boxed = jax.eval_shape(LongCatModel(config.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    abstract = nn.unbox({"params": boxed["params"], "router_bias": boxed[BIAS_COLLECTION]})
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
     manager = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "data"))
     try:
         step = manager.latest_step()
         if step is None:
             raise ValueError(f"{run_dir} holds no finished checkpoint (looked in {run_dir / 'checkpoints'})")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
     finally:
         manager.close()
     variables = {"params": state["params"], BIAS_COLLECTION: state["router_bias"]}

@@ -1,7 +1,7 @@
 """One real server for the API tests: the tiny model (random init, byte tokenizer) behind the
 real Engine, AsyncEngine and uvicorn on a free localhost port, built once per session.
 
-Capacity is kept small (2 sequences, 16-token prefill chunks, max_model_len 128) so the whole
+Capacity is kept small (2 sequences, 16-token prefill chunks) so the whole
 session compiles only a handful of step shapes: XLA:CPU compiles dominate these tests.
 """
 
@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-MAX_MODEL_LEN = 128
+MAX_MODEL_LEN = 512
 
 
 @dataclasses.dataclass
@@ -32,16 +32,23 @@ class Served:
 
 
 @pytest.fixture(scope="session")
-def served():
+def tiny_model():
+    """(Config, variables, ByteTokenizer): the tiny preset, randomly initialised once per session."""
     from lcjax.config_io import load_config, resolve_config_path
+    from lcjax.serve.loading import random_model
+
+    return random_model(load_config(resolve_config_path("tiny")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model):
     from lcjax.serve.api import build_app
     from lcjax.serve.async_engine import AsyncEngine
     from lcjax.serve.engine import Engine, EngineConfig
-    from lcjax.serve.loading import random_model
     from lcjax.serve.metrics import ServingMetrics
     from lcjax.serve.server import Server
 
-    config, variables, tokenizer = random_model(load_config(resolve_config_path("tiny")), seed=0)
+    config, variables, tokenizer = tiny_model
     engine = Engine(config, variables, tokenizer,
                     EngineConfig(max_num_seqs=2, max_model_len=MAX_MODEL_LEN, page_size=16, prefill_chunk=16))
     name = "tiny-test"

@@ -206,7 +206,7 @@ def test_32_concurrent_streams_complete_with_exact_token_counts(served):
 # ---------------------------------------------------------------- bad input
 
 
-_LONG = list(range(3, 3 + MAX_MODEL_LEN + 5))
+_LONG = [5] * (MAX_MODEL_LEN + 5)
 
 BAD_REQUESTS = [
     # (path, body (dict, or str sent raw), status, param or None, text expected in the message)
@@ -354,12 +354,26 @@ def test_api_key(served):
     assert served.async_engine.is_running
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lcjax.serve.heavy_thinking") is not None,
-                    reason="heavy_thinking exists: its own tests cover the option")
-def test_heavy_thinking_hook_without_module(served):
-    body = {"model": served.model, "messages": [{"role": "user", "content": "x"}],
-            "heavy_thinking": {"num_traces": 2, "temperature": 0.8, "return_traces": True}}
-    response = post(served, "/v1/chat/completions", body)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "heavy_thinking"
-    bad = post(served, "/v1/chat/completions", {**body, "heavy_thinking": {"num_traces": 0}})
+def test_heavy_thinking(served):
+    if importlib.util.find_spec("lcjax.serve.heavy_thinking") is None:
+        body = {"model": served.model, "messages": [{"role": "user", "content": "x"}], "heavy_thinking": {}}
+        response = post(served, "/v1/chat/completions", body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "heavy_thinking"
+        return
+    client = served.client()
+    options = {"num_traces": 2, "temperature": 0.8, "return_traces": True}
+    out = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "2+2?"}],
+                                         max_tokens=3, seed=3, extra_body={"ignore_eos": True,
+                                                                           "heavy_thinking": options})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 2 * 3 + 3  # two traces, then the summary
+    assert out.usage.completion_tokens_details.reasoning_tokens == 6
+    traces = out.model_extra["heavy_thinking"]["traces"]
+    assert [t["completion_tokens"] for t in traces] == [3, 3]
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "x"}],
+                                       stream=True, extra_body={"heavy_thinking": options})
+    bad = post(served, "/v1/chat/completions", {"model": served.model, "messages": [{"role": "user", "content": "x"}],
+                                                "heavy_thinking": {"num_traces": 0}})
     assert bad.status_code == 400 and "num_traces" in bad.json()["error"]["param"]
+    wait_idle(served)
