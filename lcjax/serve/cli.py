@@ -1,4 +1,4 @@
-"""`python -m lcjax.serve [--checkpoint RUN_DIR | --hf-model DIR] [--port N] ...`.
+"""`python -m lcjax.serve`: an OpenAI-compatible HTTP server for an lcjax model.
 
 With no model flag it serves the newest checkpoint of the default training run
 (`python -m lcjax.train`, run directory runs/stdlib_tiny) if there is one, else a randomly
@@ -21,7 +21,9 @@ PREFIX = "lcjax.serve:"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcjax.serve", description=__doc__.splitlines()[0])
+    summary, _, details = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m lcjax.serve", description=summary.split(": ", 1)[1],
+                                epilog=details)
     model = p.add_argument_group("model (default: the default training run, else random tiny)")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="RUN_DIR",
@@ -118,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.quant:
         parser.error(f"--quant {args.quant}: quantised serving is not available yet")
+    if args.config and (args.checkpoint or args.hf_model):
+        parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model bring their own")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         from lcjax.serve.api import build_app

@@ -262,6 +262,23 @@ def test_still_serving_after_bad_input_and_no_pages_leak(served):
     wait_idle(served)
 
 
+def test_unexpected_exception_is_a_500_error_object(served, monkeypatch):
+    def broken(text):
+        raise KeyError("tokenizer bug")
+
+    monkeypatch.setattr(served.tokenizer, "encode", broken)
+    response = post(served, "/tokenize", {"prompt": "x"})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "internal_error"
+    monkeypatch.undo()
+    assert post(served, "/tokenize", {"prompt": "x"}).status_code == 200
+
+
+def test_form_encoded_body_is_a_400(served):
+    response = httpx.post(served.url + "/v1/completions", content=b"prompt=x",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
 def test_openai_client_raises_bad_request(served):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         served.client().completions.create(model=served.model, prompt="x", temperature=-0.5)

@@ -54,6 +54,12 @@ def test_quant_is_not_available_yet(capsys):
     assert exit_info.value.code == 2 and "not available yet" in capsys.readouterr().err
 
 
+def test_config_with_a_checkpoint_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--config", "tiny", "--checkpoint", "runs/x"])
+    assert "--config" in capsys.readouterr().err
+
+
 def test_port_in_use_is_a_one_line_error(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
