@@ -291,7 +291,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_pages(served):
         with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while metric(served, "lcjax_request_success_total", finished_reason="abort") < before + 1:
             assert time.monotonic() < deadline, "the request was not aborted"
             time.sleep(0.05)
@@ -304,7 +304,7 @@ def test_client_disconnect_non_stream_aborts(served):
     with patched_step(served, slow_step(0.01)):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.url + "/v1/completions", json=body, timeout=0.3)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while metric(served, "lcjax_request_success_total", finished_reason="abort") < before + 1:
             assert time.monotonic() < deadline, "the request was not aborted"
             time.sleep(0.05)
