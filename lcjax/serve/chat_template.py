@@ -77,6 +77,9 @@ class ChatTemplate:
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                **kwargs: Any) -> str:
         """Prompt text; raises ChatTemplateError when the template rejects the messages."""
+        reserved = sorted(set(kwargs) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
+        if reserved:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {reserved}")
         try:
             return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)

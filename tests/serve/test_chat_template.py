@@ -32,4 +32,6 @@ def test_template_errors_are_value_errors_and_the_sandbox_holds():
         ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}").render(MESSAGES)
     with pytest.raises(ValueError, match="does not parse"):
         ChatTemplate("{% for %}")
+    with pytest.raises(ChatTemplateError, match="may not set"):
+        ChatTemplate(DEFAULT_TEMPLATE).render(MESSAGES, messages=[])
     assert issubclass(ChatTemplateError, ValueError)  # the API answers 400
