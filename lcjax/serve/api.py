@@ -300,7 +300,7 @@ class _Serving:
 
     def _render(self, messages, add_generation_prompt: bool, kwargs: Optional[dict]) -> str:
         dicts = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
-        return self.template.render(dicts, add_generation_prompt, **(kwargs or {}))
+        return self.template.render(dicts, add_generation_prompt, kwargs)
 
     def _sampling_params(self, body, prompt_len: int, max_tokens: Optional[int],
                          logprobs: Optional[int], seed: Optional[int]) -> SamplingParams:

@@ -75,14 +75,19 @@ class ChatTemplate:
             return cls(f.read(), **tokens)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               **kwargs: Any) -> str:
-        """Prompt text; raises ChatTemplateError when the template rejects the messages."""
-        reserved = sorted(set(kwargs) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
+               extra: Optional[Mapping[str, Any]] = None) -> str:
+        """Prompt text; `extra` holds more template variables (a request's chat_template_kwargs).
+
+        Raises ChatTemplateError when the template rejects the messages.
+        """
+        variables = dict(extra or {})
+        reserved = sorted(set(variables) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
         if reserved:
             raise ChatTemplateError(f"chat_template_kwargs may not set {reserved}")
+        variables.update(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                         bos_token=self.bos_token, eos_token=self.eos_token)
         try:
-            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
+            return self.template.render(**variables)
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as err:  # includes SecurityError from the sandbox

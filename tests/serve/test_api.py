@@ -237,6 +237,8 @@ BAD_REQUESTS = [
      "top_logprobs", "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"messages": []}}, 400, None, "chat_template_kwargs"),
     ("/tokenize", {}, 400, "prompt", ""),
 ]
 

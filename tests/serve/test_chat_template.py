@@ -33,5 +33,5 @@ def test_template_errors_are_value_errors_and_the_sandbox_holds():
     with pytest.raises(ValueError, match="does not parse"):
         ChatTemplate("{% for %}")
     with pytest.raises(ChatTemplateError, match="may not set"):
-        ChatTemplate(DEFAULT_TEMPLATE).render(MESSAGES, messages=[])
+        ChatTemplate(DEFAULT_TEMPLATE).render(MESSAGES, extra={"messages": []})
     assert issubclass(ChatTemplateError, ValueError)  # the API answers 400
