@@ -1,0 +1,334 @@
+"""Serving benchmark: a fixed synthetic workload replayed against an OpenAI-compatible server.
+
+    python scripts/bench_serve.py --launch --smoke            # starts the server itself (CPU, ~1 min)
+    python scripts/bench_serve.py --base-url http://127.0.0.1:8000/v1 --num-prompts 200
+    python scripts/bench_serve.py --launch -- --config small --max-num-seqs 16   # server flags after --
+
+Like `vllm bench serve` with its random dataset: N streaming /v1/completions requests whose
+prompts are random token ids (`prompt` as a token list, so input lengths are exact) and whose
+output lengths are exact too (`ignore_eos`, sent through `extra_body`); lengths are drawn
+uniformly from [len * (1 - r), len * (1 + r)] with a seeded generator, so every run replays the
+same workload. Requests arrive as a Poisson process (`--request-rate`, default inf = all at
+once), at most `--max-concurrency` in flight. Per request: TTFT (first streamed chunk), TPOT
+((latency - TTFT) / (output tokens - 1)), ITL (gaps between chunks) and end-to-end latency.
+Prints vLLM's result table and writes `--json`.
+
+XLA compiles the engine's step functions per batch-size bucket on first use (a stall of seconds),
+so untimed warm-up bursts of up to `--num-warmups` simultaneous requests (the workload's own
+prompts, at most 8 output tokens; see `warmup_sizes`) run first: set it to the server's
+`--max-num-seqs` so the buckets the timed run meets are compiled before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+READY = "lcjax.serve: ready"
+SERVING = re.compile(r"lcjax\.serve: serving (?P<model>\S+) at (?P<url>\S+)")
+
+
+# ------------------------------------------------------------------------------ workload
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    output_len: int
+    arrival: float  # seconds after the start
+
+
+def lengths(rng: np.random.Generator, mean: int, ratio: float, n: int) -> np.ndarray:
+    low, high = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
+    return rng.integers(low, high + 1, size=n)
+
+
+def workload(num: int, input_len: int, output_len: int, range_ratio: float, token_range: Sequence[int],
+             request_rate: float, seed: int) -> list[Request]:
+    """The same requests for the same arguments; arrivals come from their own stream, so the
+    request rate changes only the timing."""
+    rng = np.random.default_rng(seed)
+    ins = lengths(rng, input_len, range_ratio, num)
+    outs = lengths(rng, output_len, range_ratio, num)
+    prompts = [rng.integers(token_range[0], token_range[1], size=int(n)).tolist() for n in ins]
+    if request_rate == float("inf"):
+        arrivals = np.zeros(num)
+    else:
+        gaps = np.random.default_rng([seed, 1]).exponential(1.0 / request_rate, size=num)
+        arrivals = np.cumsum(gaps) - gaps[0]
+    return [Request(p, int(o), float(a)) for p, o, a in zip(prompts, outs, arrivals)]
+
+
+# ------------------------------------------------------------------------------ client
+@dataclasses.dataclass
+class Result:
+    prompt_len: int
+    output_len: int = 0  # tokens the server reports (usage.completion_tokens)
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list = dataclasses.field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> Optional[float]:
+        return (self.latency - self.ttft) / (self.output_len - 1) if self.output_len > 1 else None
+
+
+async def one_request(client, model: str, req: Request, temperature: float) -> Result:
+    result = Result(prompt_len=len(req.prompt))
+    start = last = time.perf_counter()
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=req.prompt, max_tokens=req.output_len, temperature=temperature,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices:  # one chunk per engine step that advanced this request
+                if not result.ttft:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+            if chunk.usage is not None:
+                result.output_len = chunk.usage.completion_tokens
+        result.latency = time.perf_counter() - start
+        if result.output_len != req.output_len:
+            result.error = f"got {result.output_len} tokens, asked for {req.output_len}"
+    except Exception as err:  # noqa: BLE001 - a failed request is counted, not fatal
+        result.error = f"{type(err).__name__}: {err}"
+    return result
+
+
+async def replay(client, model: str, requests: list[Request], max_concurrency: Optional[int],
+                 temperature: float) -> tuple[list[Result], float]:
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    start = time.perf_counter()
+
+    async def run(req: Request) -> Result:
+        delay = req.arrival - (time.perf_counter() - start)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if gate is None:
+            return await one_request(client, model, req, temperature)
+        async with gate:
+            return await one_request(client, model, req, temperature)
+
+    results = await asyncio.gather(*(run(r) for r in requests))
+    return list(results), time.perf_counter() - start
+
+
+def summarize(results: list[Result], duration: float) -> dict:
+    ok = [r for r in results if not r.error]
+    ms = lambda xs: [1000 * x for x in xs]  # noqa: E731
+    series = {"ttft": ms(r.ttft for r in ok), "tpot": ms(r.tpot for r in ok if r.tpot is not None),
+              "itl": ms(x for r in ok for x in r.itl), "e2el": ms(r.latency for r in ok)}
+    out_tokens, in_tokens = sum(r.output_len for r in ok), sum(r.prompt_len for r in ok)
+    metrics = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+               "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+               "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+               "total_token_throughput": (in_tokens + out_tokens) / duration}
+    for name, xs in series.items():
+        xs = np.asarray(xs) if xs else np.zeros(1)
+        metrics.update({f"mean_{name}_ms": float(xs.mean()), f"median_{name}_ms": float(np.median(xs)),
+                        f"p99_{name}_ms": float(np.percentile(xs, 99))})
+    errors = sorted({r.error for r in results if r.error})
+    return {**metrics, "errors": errors[:5]}
+
+
+def table(m: dict) -> str:
+    def row(name, value, fmt="{:.2f}"):
+        return f"{name:<40}{fmt.format(value):<10}"
+
+    lines = ["{s:{c}^50}".format(s=" Serving Benchmark Result ", c="="),
+             row("Successful requests:", m["completed"], "{}"),
+             row("Failed requests:", m["failed"], "{}"),
+             row("Benchmark duration (s):", m["duration_s"]),
+             row("Total input tokens:", m["total_input_tokens"], "{}"),
+             row("Total generated tokens:", m["total_output_tokens"], "{}"),
+             row("Request throughput (req/s):", m["request_throughput"]),
+             row("Output token throughput (tok/s):", m["output_throughput"]),
+             row("Total Token throughput (tok/s):", m["total_token_throughput"])]
+    for key, title, label in (("ttft", "Time to First Token", "TTFT"),
+                              ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+                              ("itl", "Inter-token Latency", "ITL"),
+                              ("e2el", "End-to-end Latency", "E2EL")):
+        lines.append("{s:{c}^50}".format(s=title, c="-"))
+        for stat in ("mean", "median", "p99"):
+            lines.append(row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {label} (ms):",
+                             m[f"{stat}_{key}_ms"]))
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ --launch
+class LaunchedServer:
+    """`python -m lcjax.serve ARGS` as a child; its output is echoed with a prefix."""
+
+    def __init__(self, args: list[str], timeout: float, quiet: bool):
+        if not any(a == "--port" or a.startswith("--port=") for a in args):
+            args = [*args, "--port", "0"]  # a free port; the ready lines name it
+        self.command = [sys.executable, "-m", "lcjax.serve", *args]
+        print("launching:", " ".join(self.command), flush=True)
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self.url = self.model = None
+        self._ready = threading.Event()
+        self._quiet = quiet
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server was not ready after {timeout:.0f} s")
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            if not self._quiet or "lcjax.serve:" in line:
+                print(f"[server] {line}", flush=True)
+            match = SERVING.search(line)
+            if match:
+                self.url, self.model = match["url"], match["model"]
+            if READY in line:
+                self._ready.set()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGINT (drain and exit 0), then SIGKILL after `timeout` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    server_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="With --launch, arguments after `--` go to python -m lcjax.serve.")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model id (default: the server's first /v1/models entry)")
+    p.add_argument("--api-key", default=os.environ.get("LCJAX_API_KEY", "unused"))
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: all equal)")
+    p.add_argument("--token-range", type=int, nargs=2, default=(3, 256), metavar=("LOW", "HIGH"),
+                   help="prompt token ids drawn from [LOW, HIGH) (default 3 256: valid in every "
+                        "preset's vocabulary, past pad/bos/eos)")
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--num-warmups", type=int,
+                   help="untimed warm-up bursts of up to N requests (default: "
+                        "--max-concurrency, else 16; 0 = none); match the server's --max-num-seqs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the metrics and per-request figures here")
+    p.add_argument("--launch", action="store_true", help="start python -m lcjax.serve, benchmark, stop it")
+    p.add_argument("--launch-timeout", type=float, default=900.0, help="seconds to wait for its ready line")
+    p.add_argument("--quiet-server", action="store_true", help="echo only the server's lcjax.serve lines")
+    p.add_argument("--smoke", action="store_true",
+                   help="32 requests of 32 + 32 tokens at concurrency 4 (warm-up bursts of 1-4); with "
+                        "--launch and no server flags, a small random tiny server")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_prompts, args.input_len, args.output_len, args.max_concurrency = 32, 32, 32, 4
+        if args.launch and not server_args:
+            server_args = ["--config", "tiny", "--max-num-seqs", "4", "--max-model-len", "128",
+                           "--prefill-chunk", "32"]
+    if args.num_warmups is None:
+        args.num_warmups = args.max_concurrency or 16
+    if server_args and not args.launch:
+        p.error("arguments after `--` are server flags: they need --launch")
+    return args, server_args
+
+
+def warmup_sizes(n: int) -> list[int]:
+    """Burst sizes: every size up to 8, then powers of two, then n (nothing for n = 0).
+
+    How a burst's requests group into prefill batches depends on when each reaches the engine,
+    so the small sizes (where prefill batches are formed) are all tried, and the whole sequence
+    runs twice (`bench`), to meet the buckets a timed run can."""
+    sizes = set(range(1, min(n, 8) + 1))
+    b = 16
+    while b < n:
+        sizes.add(b)
+        b *= 2
+    return sorted(sizes | {n}) if n > 0 else []
+
+
+async def bench(args: argparse.Namespace, base_url: str, model: Optional[str]) -> tuple[dict, list[Result]]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=args.api_key, max_retries=0, timeout=3600)
+    try:
+        if model is None:
+            model = (await client.models.list()).data[0].id
+        requests = workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                            args.token_range, args.request_rate, args.seed)
+        sizes = warmup_sizes(args.num_warmups)
+        if sizes:
+            print(f"warm-up: untimed bursts of {sizes} requests, twice", flush=True)
+        for size in sizes * 2:
+            burst = [dataclasses.replace(requests[i % len(requests)], arrival=0.0,
+                                         output_len=min(8, requests[i % len(requests)].output_len))
+                     for i in range(size)]
+            results, _ = await replay(client, model, burst, None, args.temperature)
+            failed = [r.error for r in results if r.error]
+            if failed:
+                raise RuntimeError(f"{len(failed)} warm-up request(s) failed, e.g. {failed[0]}")
+        print(f"benchmark: {len(requests)} requests to {model} at {base_url}, request rate "
+              f"{args.request_rate}, max concurrency {args.max_concurrency}", flush=True)
+        results, duration = await replay(client, model, requests, args.max_concurrency, args.temperature)
+    finally:
+        await client.close()
+    return {"model": model, **summarize(results, duration)}, results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, server_args = parse_args(sys.argv[1:] if argv is None else argv)
+    server = LaunchedServer(server_args, args.launch_timeout, args.quiet_server) if args.launch else None
+    try:
+        base_url = server.url if server else args.base_url
+        model = args.model or (server.model if server else None)
+        metrics, results = asyncio.run(bench(args, base_url, model))
+    finally:
+        code = server.stop() if server else 0
+        if server:
+            print(f"server stopped (exit code {code})", flush=True)
+    print(table(metrics))
+    for error in metrics["errors"]:
+        print("error:", error)
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "api_key"}
+        config["request_rate"] = str(config["request_rate"])
+        record = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config, "server_args": server_args,
+                  **metrics, "input_lens": [r.prompt_len for r in results],
+                  "output_lens": [r.output_len for r in results], "ttfts": [r.ttft for r in results],
+                  "itls": [r.itl for r in results], "latencies": [r.latency for r in results]}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if metrics["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
