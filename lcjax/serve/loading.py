@@ -82,7 +82,8 @@ def random_model(config: Config, seed: int = 0) -> tuple[Config, dict, "ByteToke
             config.model, vocab_size=ByteTokenizer.vocab_size))
     ids = jnp.zeros((1, 8), jnp.int32)
     variables = nn.unbox(jax.jit(LongCatModel(config.model).init)(jax.random.key(seed), ids))
-    return config, dict(variables), ByteTokenizer()
+    # What a checkpoint holds too; other collections init may create are not served state.
+    return config, {"params": variables["params"], BIAS_COLLECTION: variables[BIAS_COLLECTION]}, ByteTokenizer()
 
 
 def load_hf_model(directory: str | os.PathLike, config: Optional[Config] = None) -> tuple[Config, dict, "HFTokenizer"]:
