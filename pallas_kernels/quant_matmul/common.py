@@ -61,7 +61,7 @@ def epilogue(acc, x_scale, w_scale, *, mode: Mode, alpha):
     if mode.group_size is None:
         return (y * x_scale) * w_scale
     if mode.integer_scale:
-        return y * x_scale / jnp.float32(alpha)
+        return y * x_scale * jnp.float32(1 / alpha)
     return y * x_scale
 
 

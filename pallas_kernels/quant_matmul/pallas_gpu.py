@@ -107,32 +107,34 @@ def search_space(m: int, k: int, n: int, mode: Mode, num_experts: int = 1) -> tu
     return tuple(configs)
 
 
-def check(x, w, *, mode: Mode, out_dtype, grouped: bool, config=None, interpret=False) -> None:
-    """Raise NotImplementedError for a case this backend cannot run."""
+def check(x, w, *, mode: Mode, out_dtype, grouped: bool, config=None, interpret=False,
+          name: str = NAME) -> None:
+    """Raise NotImplementedError for a case this backend cannot run (`name`: the backend that
+    shares these limits, for the message)."""
     del out_dtype
     if config is not None and not isinstance(config, Config):
         raise ValueError(f"config={config!r} must be a {NAME}.Config")
-    name = jnp.dtype(x.dtype).name
-    if name not in SUPPORTED_X_DTYPES:
-        raise NotImplementedError(f"{NAME}: x.dtype={name} is not supported; supported: "
+    x_dtype = jnp.dtype(x.dtype).name
+    if x_dtype not in SUPPORTED_X_DTYPES:
+        raise NotImplementedError(f"{name}: x.dtype={x_dtype} is not supported; supported: "
                                   f"{SUPPORTED_X_DTYPES}")
     platform = jax.default_backend()
     if platform != "gpu" and not interpret:
-        raise NotImplementedError(f"{NAME}: platform={platform!r} is not supported; supported: "
-                                  f"('gpu',), or implementation='{NAME}_interpret' anywhere")
+        raise NotImplementedError(f"{name}: platform={platform!r} is not supported; supported: "
+                                  f"('gpu',), or implementation='{name}_interpret' anywhere")
     if config is None:
         config = default_config(x.shape[0], x.shape[1], w.shape[-1], mode,
                                 num_experts=w.shape[0] if grouped else 1, grouped=grouped)
-    common.k_plan(NAME, mode, x.shape[1], config.block_k, 1 if grouped else config.split_k)
+    common.k_plan(name, mode, x.shape[1], config.block_k, 1 if grouped else config.split_k)
     if grouped and config.split_k != 1:
-        raise NotImplementedError(f"{NAME}: split_k={config.split_k} is not supported by "
+        raise NotImplementedError(f"{name}: split_k={config.split_k} is not supported by "
                                   "quant_gmm; supported: 1")
     if not interpret:
         per_byte = 8 // mode.bits
         min_k = 32 if mode.a8 else 16  # tensor-core MMA shapes: k >= 32 (int8) / 16 (16-bit)
         if config.block_k // per_byte < min_k or config.block_m < 16 or config.block_n < 16:
             raise NotImplementedError(
-                f"{NAME}: block_k={config.block_k} (bits={mode.bits}), block_m={config.block_m}, "
+                f"{name}: block_k={config.block_k} (bits={mode.bits}), block_m={config.block_m}, "
                 f"block_n={config.block_n} are below the MMA minimum (each dot's k >= {min_k}, "
                 "m, n >= 16)")
 

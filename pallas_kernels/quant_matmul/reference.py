@@ -6,12 +6,14 @@ Modes (api.py validates and normalises the arguments; scales are float32 unless 
   A8, float groups      y[m,n] = (sum_g float(part[g,m,n]) * w_scale[g,n]) * x_scale[m],
                         part[g] = sum_{k in g} x w in int32, the sum over g in order
                         (the float-scale fine-grained W4A8 baseline)
-  A8, integer groups    y[m,n] = float(acc[m,n]) * x_scale[m] / alpha,
+  A8, integer groups    y[m,n] = (float(acc[m,n]) * x_scale[m]) * float32(1 / alpha),
                         acc = sum_g s_int[g,n] * part[g,m,n] in int32     (Integer Scale)
   A16                   y[m,n] = sum_k x[m,k] * (float(w[k,n]) * w_scale[g(k) or -, n]),
                         float32 accumulation (W4A16 / W8A16)
-then cast to out_dtype. The integer parts are exact; backends must reproduce them bit for bit
-(float32 epilogues in the order written above, so with power-of-two alpha they agree exactly).
+then cast to out_dtype. The integer parts are exact; backends reproduce them bit for bit, and the
+per-channel and Integer Scale epilogues too (float32 products in the order written above; 1/alpha
+is a product, not a division, whose rounding differs between compilers; a power-of-two alpha
+makes it exact).
 
 int32 overflow (techniques.md §2): |x| <= 128 and |w| <= 128 (int8) or 8 (int4), so
   per-channel / float groups:  |acc| <= K * 128 * wmax          (W8A8: K <= 2^17; W4A8: K <= 2^21)
@@ -135,7 +137,7 @@ def quant_matmul_reference(
     elif mode.integer_scale:
         acc = integer_accumulator(x, w, bits=mode.bits, group_size=mode.group_size,
                                   integer_scale=w_scale)
-        y = acc.astype(jnp.float32) * xs / jnp.float32(alpha)
+        y = acc.astype(jnp.float32) * xs * jnp.float32(1 / alpha)
     else:
         parts = group_partials(x, unpacked_weights(w, mode.bits), mode.group_size)
         scaled = parts.astype(jnp.float32) * w_scale.astype(jnp.float32)[:, None, :]
@@ -194,7 +196,7 @@ def quant_gmm_reference(
     ws_gmn = ws_rows.swapaxes(0, 1)
     if mode.integer_scale:
         acc = jnp.sum(parts * ws_gmn.astype(jnp.int32), axis=0, dtype=jnp.int32)
-        y = acc.astype(jnp.float32) * xs / jnp.float32(alpha)
+        y = acc.astype(jnp.float32) * xs * jnp.float32(1 / alpha)
     else:
         scaled = parts.astype(jnp.float32) * ws_gmn.astype(jnp.float32)
         acc_f = jax.lax.fori_loop(0, num_k_groups, lambda i, a: a + scaled[i],
