@@ -36,9 +36,17 @@ def sixteen_times(mode: Mode) -> bool:
     return mode.bits == 4 and mode.a8 and not mode.integer_scale
 
 
-def unpack_tile(p, *, a8: bool, dtype):
+def unpack_tile(p, *, a8: bool, dtype, wide: bool = False):
     """Packed int8 tile -> (even-k operand, odd-k operand). A8: 16·lo and 16·hi in int8
-    (SINT4toS8); A16: sign-extended lo and hi cast to the activation dtype (exact)."""
+    (SINT4toS8); A16: sign-extended lo and hi cast to the activation dtype (exact).
+    wide: the same bits computed in int32 lanes (Mosaic TPU has no int8 vector shifts)."""
+    if wide:
+        p32 = p.astype(jnp.int32)
+        if a8:  # 16·lo = (p << 28) >> 24, 16·hi = p & ~0xF, both in [-128, 112]
+            return (jnp.right_shift(jnp.left_shift(p32, 28), 24).astype(jnp.int8),
+                    (p32 & -16).astype(jnp.int8))
+        return (jnp.right_shift(jnp.left_shift(p32, 28), 28).astype(dtype),
+                jnp.right_shift(p32, 4).astype(dtype))
     if a8:
         return jnp.left_shift(p, 4), p & jnp.int8(-16)
     lo = jnp.right_shift(jnp.left_shift(p, 4), 4)
