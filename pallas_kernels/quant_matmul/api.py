@@ -17,7 +17,7 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int, Shaped
+from jaxtyping import Array, Shaped
 
 from pallas_kernels.quant_matmul.reference import Mode
 
@@ -112,9 +112,9 @@ def quant_matmul(
 def quant_gmm(
     x: Shaped[Array, "M K"],
     w: Shaped[Array, "E Kw N"],
-    group_sizes: Int[Array, "Eg"],
+    group_sizes: Shaped[Array, "Eg"],
     *,
-    w_scale: Shaped[Array, "Es *Gs Ns"],
+    w_scale: Shaped[Array, "*Ws"],
     x_scale: Shaped[Array, "*Ms"] | None = None,
     bits: int = 8,
     group_size: int | None = None,
