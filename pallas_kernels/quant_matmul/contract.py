@@ -178,11 +178,13 @@ def _jitted(implementation: str, config, case: Case):
                                      config=config))
 
 
-def run(implementation: str, case: Case, config=None):
-    """The case through `implementation`, jitted once per (implementation, config, case)."""
+def run(implementation: str, case: Case, config=None, *, jaxpr: bool = False):
+    """The case through `implementation`, jitted once per (implementation, config, case); with
+    jaxpr=True, the traced program's text instead."""
     kwargs, _ = make_inputs(case)
     arrays = {k: v for k, v in kwargs.items() if k not in _STATIC}
-    return _jitted(implementation, config, case)(arrays)
+    fn = _jitted(implementation, config, case)
+    return str(jax.make_jaxpr(fn)(arrays)) if jaxpr else fn(arrays)
 
 
 def assert_matches(case: Case, got, want) -> None:
@@ -200,6 +202,8 @@ class QuantMatmulContract:
     implementation: str = "xla"
     config: Any = None
     unsupported: dict[str, str] = {}
+    # what this backend's traced program contains (None: no kernel call at all, the reference)
+    marker: str | None = None
 
     def _run(self, case):
         if case.name in self.unsupported:
@@ -224,3 +228,12 @@ class QuantMatmulContract:
         if case.name in self.unsupported:
             pytest.skip("unsupported")
         np.testing.assert_array_equal(np.asarray(self._run(case)), np.asarray(self._run(case)))
+
+    @pytest.mark.parametrize("name", ["w8a8_exact", "gmm_w4a8_int_g32"])
+    def test_this_backend_ran(self, name):
+        case = case_named(name)
+        text = run(self.implementation, case, self.config, jaxpr=True)
+        if self.marker is None:
+            assert "pallas_call" not in text and "callback" not in text
+        else:
+            assert self.marker in text

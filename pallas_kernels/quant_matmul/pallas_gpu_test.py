@@ -10,6 +10,7 @@ BLOCKS = dict(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
 
 class TestPallasGpuInterpret(QuantMatmulContract):
     implementation = "pallas_gpu_interpret"
+    marker = "pallas_call"
     config = pallas_gpu.Config(**BLOCKS)
 
 

@@ -9,6 +9,7 @@ from pallas_kernels.quant_matmul.contract import QuantMatmulContract
 
 class TestPallasTpuInterpret(QuantMatmulContract):
     implementation = "pallas_tpu_interpret"
+    marker = "pallas_call"
     config = pallas_tpu.Config(block_m=8, block_k=64, block_n=32)
     unsupported = {"w8a16_f16": r"x.dtype=float16 is not supported; supported: \('int8', "}
 

@@ -29,6 +29,7 @@ _HERE = pathlib.Path(__file__).resolve()
 @pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child")
 class TestTritonInterpret(QuantMatmulContract):
     implementation = "triton_interpret"
+    marker = "pure_callback"
     config = pallas_gpu.Config(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
 
 
