@@ -19,6 +19,7 @@ SHAPES = {
     "w4a8_float_g128_decode": (16, 8192, 28672, 4, True, 128, False, None),
     "w4a16_g128_decode": (16, 8192, 28672, 4, False, 128, False, None),
     "w4a16_m1": (1, 8192, 28672, 4, False, None, False, None),
+    "w4a8_int_g128_split_k": (16, 8192, 8192, 4, True, 128, True, None),  # GPU: split_k=2
     "gmm_w4a8_int_g128": (4096, 1024, 384, 4, True, 128, True, 16),
     "gmm_w8a16": (4096, 1024, 384, 8, False, None, False, 16),
 }

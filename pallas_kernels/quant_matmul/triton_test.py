@@ -67,12 +67,14 @@ _SM90 = [
     (Mode(4, True, 128, False), 1, 8192, 28672, "i8", r"mma\.\S*\.s32\.s8\.s8"),
     (Mode(4, True, None, False), 16, 8192, 28672, "i8", r"mma\.\S*\.s32\.s8\.s8"),
     (Mode(4, False, 128, False), 16, 8192, 28672, "bf16", r"mma\.\S*\.bf16"),
+    (Mode(4, True, 128, True), 16, 8192, 8192, "i8", r"mma\.\S*\.s32\.s8\.s8"),  # split_k=2
 ]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles the real kernel")
 @pytest.mark.parametrize("mode, m, k, n, x_type, mma", _SM90, ids=[
-    "w8a8_8192", "w4a8_int_decode", "w4a8_float_m1", "w4a8_odyssey_decode", "w4a16_decode"])
+    "w8a8_8192", "w4a8_int_decode", "w4a8_float_m1", "w4a8_odyssey_decode", "w4a16_decode",
+    "w4a8_int_split_k"])
 def test_compiles_for_h100(mode, m, k, n, x_type, mma):
     """TTIR -> TTGIR -> LLVM -> PTX -> cubin for sm_90 with the heuristic config: catches what
     the interpreter accepts but the compiler does not (dot dtypes, shapes, shared memory), and
@@ -82,6 +84,7 @@ def test_compiles_for_h100(mode, m, k, n, x_type, mma):
     from triton import compile as triton_compile
 
     config = pallas_gpu.default_config(m, k, n, mode)
+    assert (config.split_k > 1) == (n == 8192 and m == 16)
     plan = common.k_plan("triton", mode, k, config.block_k, config.split_k)
     _, constants = triton_kernel.quant_matmul_launch(
         m=m, k=k, n=n, num_tiles=-(-m // config.block_m), num_experts=1, bits=mode.bits,
