@@ -4,6 +4,12 @@ Train/prefill expands the latent into per-head keys and values. Cached decode us
 form: queries are mapped into the latent space through kv_b's key half, attention runs as
 multi-query attention over the latent cache (keys C+R dims, values C dims), and kv_b's value
 half maps the result back to heads. Both are the same function of the inputs.
+
+Quantized params (lcjax.quant): q_a, q_b, kv_a and o run quantized matmuls. kv_b is stored
+quantized but always used dequantized (weight-only), in both forms: the absorbed decode splits
+it into its key and value halves and contracts them with queries and attention outputs, not
+with kv_b's own input, so no activation quantization of the latent could be shared by both
+forms; dequantizing keeps decode equal to the full forward.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
-from lcjax.model.layers import RMSNorm, declare, dtype_of
+from lcjax.model.layers import RMSNorm, declare, dtype_of, linear
 from lcjax.model.rope import apply_rope
 from lcjax.ops import attention as attention_op
+from lcjax.ops.quantized_matmul import weight_as
 
 SparseFlag = Union[bool, Bool[Array, ""]]
 
@@ -48,12 +55,12 @@ class MLA(nn.Module):
         cfg, a = self.config, self.config.mla
         cdt = dtype_of(cfg.dtype)
         x = x.astype(cdt)
-        q_lat = self.q_a_norm(jnp.einsum("BSM,MQ->BSQ", x, self.q_a.astype(cdt)))
-        q = jnp.einsum("BSQ,QHD->BSHD", q_lat, self.q_b.astype(cdt))
+        q_lat = self.q_a_norm(linear(self, "q_a", "BSM,MQ->BSQ", x, self.q_a, cdt))
+        q = linear(self, "q_b", "BSQ,QHD->BSHD", q_lat, self.q_b, cdt)
         if a.scale_q_lora:
             q = q * math.sqrt(cfg.hidden_size / a.q_lora_rank)
         q_nope, q_rope = jnp.split(q, [a.qk_nope_head_dim], axis=-1)
-        ckv = jnp.einsum("BSM,MC->BSC", x, self.kv_a.astype(cdt))
+        ckv = linear(self, "kv_a", "BSM,MC->BSC", x, self.kv_a, cdt)
         latent, k_rope = jnp.split(ckv, [a.kv_lora_rank], axis=-1)
         latent = self.kv_a_norm(latent)
         if a.scale_kv_lora:
@@ -81,7 +88,7 @@ class MLA(nn.Module):
         a = self.config.mla
         cdt = dtype_of(self.config.dtype)
         q_nope, q_rope, latent, k_rope = self._project(x, positions)
-        kv = jnp.einsum("BTC,CHD->BTHD", latent, self.kv_b.astype(cdt))
+        kv = jnp.einsum("BTC,CHD->BTHD", latent, weight_as(self.kv_b, cdt))
         k_nope, v = jnp.split(kv, [a.qk_nope_head_dim], axis=-1)
         b, t, h, _ = k_nope.shape
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, t, h, k_rope.shape[-1]))], -1)
@@ -89,7 +96,7 @@ class MLA(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         out = self._attend(q, k, v, sparse, q_positions=positions, kv_positions=positions,
                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
-        y = jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt))
+        y = linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt)
         return y, (latent, k_rope)
 
     def decode(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"], cache,
@@ -105,7 +112,7 @@ class MLA(nn.Module):
         q_nope, q_rope, latent, k_rope = self._project(x, positions)
         if valid is None:
             valid = jnp.ones(positions.shape, bool)
-        kv_b = self.kv_b.astype(cdt)
+        kv_b = weight_as(self.kv_b, cdt)
         w_uk, w_uv = kv_b[..., : a.qk_nope_head_dim], kv_b[..., a.qk_nope_head_dim:]
         q_lat = jnp.einsum("BSHD,CHD->BSHC", q_nope, w_uk)
         q_abs = jnp.concatenate([q_lat, q_rope], axis=-1)  # [B, S, H, C+R]
@@ -119,4 +126,4 @@ class MLA(nn.Module):
                                                positions, valid, sparse=sparse, loza=cfg.loza,
                                                attend=attend, scale=a.softmax_scale)
         out = jnp.einsum("BSHC,CHD->BSHD", o_lat, w_uv)
-        return jnp.einsum("BSHD,HDM->BSM", out, self.o.astype(cdt)), cache
+        return linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt), cache

@@ -1,4 +1,5 @@
-"""Shared building blocks: parameter declaration with logical axes, RMSNorm, dense SwiGLU."""
+"""Shared building blocks: parameter declaration with logical axes, weight matmuls, RMSNorm,
+dense SwiGLU."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from lcjax.ops import quantized_matmul
+from lcjax.quant import observe
 
 # HF initialises every linear with normal(0, initializer_range=0.02); norms with ones.
 default_init = nn.initializers.normal(stddev=0.02)
@@ -30,6 +34,18 @@ def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[O
         raise ValueError(f"param {name}: shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
                         dtype_of(param_dtype))
+
+
+def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, dtype) -> Float[Array, "..."]:
+    """einsum(spec, x, w) in `dtype` for the weight param `name` of `module`.
+
+    A float weight runs `jnp.einsum(spec, x, w.astype(dtype))`, as it always has; a quantized
+    weight (lcjax.quant.QTensor) runs the quantized matmul. While calibrating (the
+    lcjax.quant.observe collections mutable) the input's statistics are recorded under `name`.
+    """
+    rhs, out = spec.split(",")[1].split("->")
+    observe.record(module, name, x, kdims=sum(c not in out for c in rhs))
+    return quantized_matmul.einsum(spec, x, w, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -64,7 +80,7 @@ class SwiGLU(nn.Module):
         up = declare(self, "up", (m, self.ffn_size), ("embed", "mlp"), self.param_dtype)  # [M, F]
         down = declare(self, "down", (self.ffn_size, m), ("mlp", "embed"), self.param_dtype)  # [F, M]
         x = x.astype(cdt)
-        h_bsf = nn.silu(jnp.einsum("BSM,MF->BSF", x, gate.astype(cdt)))
-        h_bsf = h_bsf * jnp.einsum("BSM,MF->BSF", x, up.astype(cdt))
+        h_bsf = nn.silu(linear(self, "gate", "BSM,MF->BSF", x, gate, cdt))
+        h_bsf = h_bsf * linear(self, "up", "BSM,MF->BSF", x, up, cdt)
         h_bsf = nn.with_logical_constraint(h_bsf, ("batch", "length", "mlp"))
-        return jnp.einsum("BSF,FM->BSM", h_bsf, down.astype(cdt))
+        return linear(self, "down", "BSF,FM->BSM", h_bsf, down, cdt)

@@ -16,6 +16,7 @@ from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder
 from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
+from lcjax.quant import observe
 
 _REMAT = {
     "full": None,
@@ -85,7 +86,9 @@ class LongCatModel(nn.Module):
                              prevent_cse=not cfg.scan_layers, static_argnums=(2,))
         if cfg.scan_layers:
             flags = jnp.asarray(np.array(pairs, dtype=bool))  # [L, 2]
-            scanned = nn.scan(layer, variable_axes={"params": 0, BIAS_COLLECTION: 0},
+            # Calibration (lcjax.quant) sows per-layer input statistics: stacked like params.
+            axes = {"params": 0, BIAS_COLLECTION: 0, **{c: 0 for c in observe.COLLECTIONS}}
+            scanned = nn.scan(layer, variable_axes=axes,
                               split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                               length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})

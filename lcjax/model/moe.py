@@ -4,11 +4,15 @@ Router (HF LongcatFlashTopkRouter): p = softmax(x @ W) over routed + zero expert
 top-k chosen on p + e_score_correction_bias (selection only); weights are the unbiased p, not
 renormalised, times routed_scaling_factor. Zero experts return weight * x and are resolved
 before dispatch, so only routed slots reach the expert GEMMs.
+
+Quantized expert weights (lcjax.quant.QTensor [E, K, N]) run through the grouped quantized
+matmul in the ragged dispatch; the dense dispatch is the float oracle and refuses them. The
+router stays in float.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import flax.struct
@@ -18,7 +22,10 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig, MoEConfig
 from lcjax.model.layers import acc_dtype, declare, dtype_of
+from lcjax.ops import quantized_matmul
 from lcjax.ops.grouped_matmul import grouped_matmul
+from lcjax.quant import observe
+from lcjax.quant.quantizers import QTensor
 
 BIAS_COLLECTION = "router_bias"
 
@@ -50,16 +57,22 @@ def _swiglu_experts_dense(x, gate, up, down, combine):
     return jnp.einsum("TEM,TE->TM", out, combine.astype(out.dtype))
 
 
-def _swiglu_experts_ragged(x, gate, up, down, ids, weights, routed, num_experts: int):
-    """Dropless: sort (token, slot) pairs by expert, grouped matmuls, weight, scatter-add back."""
+def _swiglu_experts_ragged(x, gate, up, down, ids, weights, routed, num_experts: int,
+                           matmul: Optional[Callable] = None):
+    """Dropless: sort (token, slot) pairs by expert, grouped matmuls, weight, scatter-add back.
+
+    `matmul(name, rows, w, group_sizes)` runs one grouped matmul (default: grouped_matmul).
+    """
+    if matmul is None:
+        matmul = lambda name, rows, w, sizes: grouped_matmul(rows, w, sizes)  # noqa: E731
     t, k = ids.shape
     flat_ids = jnp.where(routed, ids, num_experts).reshape(-1)  # zero-expert slots sort last
     order = jnp.argsort(flat_ids, stable=True)
     token_of = (jnp.arange(t * k) // k)[order]
     group_sizes = jnp.bincount(flat_ids, length=num_experts + 1)[:num_experts]
     xs = x[token_of]  # [T*K, M]
-    h = nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
-    out = grouped_matmul(h, down, group_sizes)  # rows of zero-expert slots come back as 0
+    h = nn.silu(matmul("gate", xs, gate, group_sizes)) * matmul("up", xs, up, group_sizes)
+    out = matmul("down", h, down, group_sizes)  # rows of zero-expert slots come back as 0
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token_of].add(out)
 
@@ -92,12 +105,19 @@ class MoE(nn.Module):
         zero_w = jnp.sum(jnp.where(routed, 0.0, weights), axis=-1, keepdims=True)  # [T, 1]
         zero_out = zero_w * x_tm.astype(rdt) if moe.zero_expert_type == "identity" else 0.0
         xc = x_tm.astype(cdt)
-        gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
         if moe.dispatch == "dense":
+            if any(isinstance(w, QTensor) for w in (gate, up, down)):
+                raise ValueError(f"{self.path}: moe.dispatch='dense' is the float oracle; "
+                                 "quantized expert weights need moe.dispatch='ragged'")
+            gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
             combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=rdt) * weights[..., None], axis=1)
             y = _swiglu_experts_dense(xc, gate, up, down, combine)
         else:
-            y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e)
+            def matmul(name, rows, w, sizes):
+                observe.record_grouped(self, name, rows, sizes)
+                return quantized_matmul.grouped(rows, w, sizes, cdt)
+
+            y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e, matmul)
         y = (y.astype(rdt) + zero_out).astype(cdt).reshape(b, s, m)
         return y, routing_stats(ids, routed, token_mask, moe)
 

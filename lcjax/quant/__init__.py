@@ -1,0 +1,38 @@
+"""Post-training quantization of LongCat models (issue 7): quantizers, recipes, calibration.
+
+- quantizers: `QTensor` (the quantized weight leaf the model runs), int8/int4 (packed) weights
+  per tensor / channel / group, symmetric or asymmetric; per-token and static int8 activations.
+- recipes: W8A8 (+SmoothQuant), FPTQ W4A8 (LAE + layer policy), W4A8 + Integer Scale, W4A16,
+  OdysseyLLM per-channel W4A8 with clip search, naive W4A8.
+- `quantize_model(params_or_variables, config, recipe, calib_data)`; orbax save/load.
+
+The model imports `lcjax.quant.quantizers` (through lcjax.ops), and `apply` / `calibrate` import
+the model, so those names load lazily here (PEP 562) to keep the import graph acyclic.
+"""
+
+from lcjax.quant.quantizers import (QTensor, dequantize, pack_int4, quantize_per_token,
+                                    quantize_static, quantize_weight, unpack_int4)
+
+_LAZY = {
+    "quantize_model": "lcjax.quant.apply",
+    "quantized_paths": "lcjax.quant.apply",
+    "calibrate": "lcjax.quant.calibrate",
+    "RecipeConfig": "lcjax.quant.recipes",
+    "RECIPES": "lcjax.quant.recipes",
+    "get_recipe": "lcjax.quant.recipes",
+    "FPTQConfig": "lcjax.quant.fptq",
+    "save_quantized": "lcjax.quant.checkpoint",
+    "load_quantized": "lcjax.quant.checkpoint",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lcjax.quant' has no attribute {name!r}")
+
+
+__all__ = ["QTensor", "dequantize", "pack_int4", "quantize_per_token", "quantize_static",
+           "quantize_weight", "unpack_int4", *_LAZY]
