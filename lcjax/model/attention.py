@@ -27,6 +27,7 @@ from lcjax.model.layers import RMSNorm, declare, dtype_of, linear
 from lcjax.model.rope import apply_rope
 from lcjax.ops import attention as attention_op
 from lcjax.ops.quantized_matmul import weight_as
+from lcjax.quant import observe
 
 SparseFlag = Union[bool, Bool[Array, ""]]
 
@@ -88,6 +89,7 @@ class MLA(nn.Module):
         a = self.config.mla
         cdt = dtype_of(self.config.dtype)
         q_nope, q_rope, latent, k_rope = self._project(x, positions)
+        observe.record(self, "kv_b", latent)  # calibration only (clip search of the weight)
         kv = jnp.einsum("BTC,CHD->BTHD", latent, weight_as(self.kv_b, cdt))
         k_nope, v = jnp.split(kv, [a.qk_nope_head_dim], axis=-1)
         b, t, h, _ = k_nope.shape

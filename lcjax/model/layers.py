@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 
 from lcjax.ops import quantized_matmul
 from lcjax.quant import observe
+from lcjax.quant.quantizers import QTensor
 
 # HF initialises every linear with normal(0, initializer_range=0.02); norms with ones.
 default_init = nn.initializers.normal(stddev=0.02)
@@ -29,9 +30,20 @@ def acc_dtype(dtype) -> jnp.dtype:
 
 def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Optional[str]],
             param_dtype: str, init: Callable = default_init) -> jax.Array:
-    """Create a parameter whose logical axis names travel with it (for sharding rules)."""
+    """Create a parameter whose logical axis names travel with it (for sharding rules).
+
+    A quantized weight (lcjax.quant.QTensor) is returned as stored: its integer payload has the
+    matrix layout [K, N], not `shape`, which flax's parameter shape check would reject.
+    """
     if len(shape) != len(axes):
         raise ValueError(f"param {name}: shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if isinstance(stored, QTensor):
+            if tuple(stored.kshape) + tuple(stored.nshape) != tuple(shape)[-len(stored.kshape) - len(stored.nshape):]:
+                raise ValueError(f"param {name}: quantized weight of logical shape "
+                                 f"{stored.logical_shape} where {tuple(shape)} is declared")
+            return stored
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape),
                         dtype_of(param_dtype))
 

@@ -5,7 +5,9 @@ model's float path is unchanged, bit for bit). For a QTensor it quantizes the in
 says and calls `pallas_kernels.quant_matmul.quant_matmul`:
 
   act="dynamic"  per-token int8, s_x[m] = max|x[m]| / 127
-  act="static"   per-tensor int8 with the calibrated scale (values beyond it clip)
+  act="static"   per-tensor int8 with the calibrated scale (values beyond it clip); a scale of
+                 0 (a layer of a stacked tensor that FPTQ's policy leaves dynamic) means
+                 per-token, so one static tensor type serves a per-layer policy under nn.scan
   act="none"     weight-only (A16): the kernel dequantizes the weights
   smooth         x / s before quantizing (SmoothQuant / FPTQ's LAE; W was multiplied by s). Not
                  folded into the preceding RMSNorm: that norm's output also feeds the float
@@ -115,10 +117,11 @@ def _quantize_input(xk, w: QTensor, smooth, act_scale):
         return x_in, None, x32
     if w.act == "dynamic":
         xq, xs = quantize_per_token(x32)
-    else:
-        xs = jnp.asarray(act_scale, jnp.float32)
+    else:  # static; a zero scale marks a layer (or expert) the FPTQ policy sends to per-token
+        _, dynamic = quantize_per_token(x32)
+        xs = jnp.where(act_scale > 0, act_scale, dynamic)
         xq = quantize_static(x32, xs)
-    x_hat = None if w.zero is None else xq.astype(jnp.float32) * (xs[..., None] if xs.ndim else xs)
+    x_hat = None if w.zero is None else xq.astype(jnp.float32) * xs[..., None]
     return xq, xs, x_hat
 
 

@@ -44,7 +44,8 @@ class QTensor:
     zero: Any = None  # float32 like `scale` (asymmetric zero point, integer-valued) or None
     channel_scale: Any = None  # float32 [*batch, N]: integer scale's float rescale c[n]
     smooth: Any = None  # float32 [*batch, K]: the input is divided by it (SmoothQuant / LAE)
-    act_scale: Any = None  # float32 [*batch]: static per-tensor input scale (act="static")
+    act_scale: Any = None  # float32 [*batch]: static per-tensor input scale (act="static");
+    #                        0 = this slice quantizes its input per token (FPTQ policy, per layer)
     bits: int = flax.struct.field(pytree_node=False, default=8)
     granularity: str = flax.struct.field(pytree_node=False, default="channel")
     group_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
