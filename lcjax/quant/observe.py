@@ -18,9 +18,16 @@ GRAM = "quant_gram"
 COLLECTIONS = (STATS, GRAM)
 
 
+def _wanted(module: nn.Module) -> tuple[bool, bool]:
+    """Which collections to fill: only when calibrating (init makes every collection mutable)."""
+    if module.is_initializing():
+        return False, False
+    return tuple(module.is_mutable_collection(c) for c in COLLECTIONS)
+
+
 def record(module: nn.Module, name: str, x: Float[Array, "..."], kdims: int = 1) -> None:
     """Sow stats of x (rows: all leading dims; channels: the trailing `kdims` dims, flattened)."""
-    want_stats, want_gram = (module.is_mutable_collection(c) for c in COLLECTIONS)
+    want_stats, want_gram = _wanted(module)
     if not (want_stats or want_gram):
         return
     k = 1
@@ -37,7 +44,7 @@ def record(module: nn.Module, name: str, x: Float[Array, "..."], kdims: int = 1)
 def record_grouped(module: nn.Module, name: str, x: Float[Array, "R K"],
                    group_sizes: Int[Array, "E"]) -> None:
     """Per-expert stats of rows sorted by expert (rows past sum(group_sizes) are ignored)."""
-    want_stats, want_gram = (module.is_mutable_collection(c) for c in COLLECTIONS)
+    want_stats, want_gram = _wanted(module)
     if not (want_stats or want_gram):
         return
     e = group_sizes.shape[0]
