@@ -167,7 +167,8 @@ def quantize_layer(name: str, w: Any, spec: LayerSpec, recipe: RecipeConfig,
 
 
 def quantize_model(params: Any, config: Union[Config, ModelConfig], recipe: Union[str, RecipeConfig],
-                   calib_data: Optional[Any] = None, *, return_report: bool = False):
+                   calib_data: Optional[Any] = None, *, stats: Optional[dict] = None,
+                   return_report: bool = False):
     """Quantize a float LongCat tree with `recipe`; the result runs in LongCatModel, decode and serve.
 
     Args:
@@ -177,6 +178,8 @@ def quantize_model(params: Any, config: Union[Config, ModelConfig], recipe: Unio
       recipe: a RecipeConfig or a preset name with overrides ("fptq_w4a8:group_size=8").
       calib_data: batches for lcjax.quant.calibrate (trainer batch dicts or token arrays
         [B, S]); required by recipes with static scales, smoothing or clip search.
+      stats: statistics from lcjax.quant.calibrate (instead of calib_data; reused across a
+        sweep of recipes). Clip search needs them with gram=True.
       return_report: also return one dict per quantized weight (ranges, policy, clip, α).
 
     Raises:
@@ -197,8 +200,12 @@ def quantize_model(params: Any, config: Union[Config, ModelConfig], recipe: Unio
     if not specs:
         raise ValueError("quantize_model: no quantizable weights found (is this a LongCat params tree?)")
 
-    stats: dict = {}
-    if recipe.needs_calibration:
+    if stats is None:
+        stats = {}
+    elif recipe.clip_search and not any("gram" in st for st in stats.values()):
+        raise ValueError(f"recipe {recipe.name!r} searches clipping on the output error: the "
+                         "given stats need calibrate(..., gram=True)")
+    if recipe.needs_calibration and not stats:
         if calib_data is None:
             raise ValueError(f"recipe {recipe.name!r} calibrates (static scales, smoothing or clip "
                              "search): pass calib_data")

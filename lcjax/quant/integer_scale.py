@@ -87,6 +87,6 @@ def weight_deviation(float_qt: QTensor, int_qt: QTensor, gram=None) -> float:
         sm = np.asarray(float_qt.smooth, np.float64)
         h = h / (sm[..., :, None] * sm[..., None, :])
     d = wi - wf
-    num = np.einsum("...kn,...kj,...jn->", d, h, d)
-    den = np.einsum("...kn,...kj,...jn->", wf, h, wf)
+    num = np.einsum("...kn,...kj,...jn->...n", d, h, d).sum()
+    den = np.einsum("...kn,...kj,...jn->...n", wf, h, wf).sum()
     return float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
