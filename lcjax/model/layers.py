@@ -3,7 +3,7 @@ dense SwiGLU."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ def acc_dtype(dtype) -> jnp.dtype:
 
 
 def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Optional[str]],
-            param_dtype: str, init: Callable = default_init) -> jax.Array:
+            param_dtype: str, init: Callable = default_init) -> Union[jax.Array, QTensor]:
     """Create a parameter whose logical axis names travel with it (for sharding rules).
 
     A quantized weight (lcjax.quant.QTensor) is returned as stored: its integer payload has the

@@ -4,7 +4,8 @@
   per tensor / channel / group, symmetric or asymmetric; per-token and static int8 activations.
 - recipes: W8A8 (+SmoothQuant), FPTQ W4A8 (LAE + layer policy), W4A8 + Integer Scale, W4A16,
   OdysseyLLM per-channel W4A8 with clip search, naive W4A8.
-- `quantize_model(params_or_variables, config, recipe, calib_data)`; orbax save/load.
+- `quantize_model(params_or_variables, config, recipe, calib_data)`; orbax save/load;
+  `lcjax.quant.calibrate.calibrate` (the module shares its name, so it is not re-exported).
 
 The model imports `lcjax.quant.quantizers` (through lcjax.ops), and `apply` / `calibrate` import
 the model, so those names load lazily here (PEP 562) to keep the import graph acyclic.
@@ -16,7 +17,6 @@ from lcjax.quant.quantizers import (QTensor, dequantize, pack_int4, quantize_per
 _LAZY = {
     "quantize_model": "lcjax.quant.apply",
     "quantized_paths": "lcjax.quant.apply",
-    "calibrate": "lcjax.quant.calibrate",
     "RecipeConfig": "lcjax.quant.recipes",
     "RECIPES": "lcjax.quant.recipes",
     "get_recipe": "lcjax.quant.recipes",

@@ -18,7 +18,6 @@ from typing import Any, Optional, Union
 
 import flax.core
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -130,15 +129,15 @@ def quantize_layer(name: str, w: Any, spec: LayerSpec, recipe: RecipeConfig,
                 pol = np.broadcast_to(pol[..., None], absmax.shape[:-1])
             lae = fptq_lib.lae_scale(absmax)
             smooth = np.where((pol == fptq_lib.LAE)[..., None], lae, 1.0).astype(np.float32)
-            scale = static_scale(np.max(absmax / smooth, axis=-1))
+            scale = static_scale(np.asarray(np.max(absmax / smooth, axis=-1)))
             act_scale = np.where(pol == fptq_lib.DYNAMIC, 0.0, scale).astype(np.float32)
             act = "static"
-            report["policy"] = {p: int(np.sum(np.asarray(pol) == p)) for p in np.unique(pol)}
+            report["policy"] = {str(p): int(np.sum(np.asarray(pol) == p)) for p in np.unique(pol)}
             if smooth is not None and not (pol == fptq_lib.LAE).any():
                 smooth = None
         elif recipe.act == "static":
             eff = absmax if smooth is None else absmax / smooth
-            act_scale = np.asarray(static_scale(eff.max(axis=-1)), np.float32)
+            act_scale = static_scale(np.asarray(eff.max(axis=-1)))
     if smooth is not None:
         w2 = w2 * smooth[..., :, None]
 
@@ -152,9 +151,8 @@ def quantize_layer(name: str, w: Any, spec: LayerSpec, recipe: RecipeConfig,
         clip, err, base = search_clip(w2, h, bits=recipe.weight_bits, grid=recipe.clip_grid)
         report["clip_mean"] = float(np.mean(clip))
         report["clip_mse_ratio"] = float(np.sum(err) / max(np.sum(base), 1e-30))
-        clip = jnp.asarray(clip)
 
-    qt = quantize_weight(jnp.asarray(w2), kdims=1, batch_dims=len(batch), bits=recipe.weight_bits,
+    qt = quantize_weight(w2, kdims=1, batch_dims=len(batch), bits=recipe.weight_bits,
                          granularity=recipe.granularity, group_size=recipe.group_size,
                          symmetric=recipe.symmetric, clip=clip, name=name)
     qt = qt.replace(kshape=kshape, nshape=nshape)

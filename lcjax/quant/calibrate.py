@@ -10,6 +10,7 @@ gram [*batch, K, K].
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Union
 
 import jax
@@ -41,6 +42,19 @@ def _flatten_sown(tree: Any) -> dict[Path, Any]:
     return {path: value[0] for path, value in flat.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def _observed_forward(cfg: ModelConfig, gram: bool):
+    """The jitted forward returning the observer collections (one compile per config)."""
+    mutable = [observe.STATS] + ([observe.GRAM] if gram else [])
+
+    @jax.jit
+    def run(variables, ids, segment_ids, positions):
+        _, state = LongCatModel(cfg).apply(variables, ids, segment_ids, positions,
+                                           return_aux=True, mutable=mutable)
+        return state
+    return run
+
+
 def calibrate(config: Union[Config, ModelConfig], variables: dict, batches: Iterable[Any], *,
               gram: bool = False) -> dict[Path, dict]:
     """Per quantizable weight path: {"absmax", "count"(, "gram")} over all `batches`.
@@ -52,14 +66,7 @@ def calibrate(config: Union[Config, ModelConfig], variables: dict, batches: Iter
       gram: also accumulate Σ x xᵀ per input (K² floats each; for clip search).
     """
     cfg = model_config(config)
-    mutable = [observe.STATS] + ([observe.GRAM] if gram else [])
-
-    @jax.jit
-    def run(variables, ids, segment_ids, positions):
-        _, state = LongCatModel(cfg).apply(variables, ids, segment_ids, positions,
-                                           return_aux=True, mutable=mutable)
-        return state
-
+    run = _observed_forward(cfg, gram)
     out: dict[Path, dict] = {}
     seen = 0
     for batch in batches:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import numpy.typing as npt
 
 STATIC, LAE, DYNAMIC = "static", "lae_static", "dynamic"
 
@@ -31,14 +32,14 @@ class FPTQConfig:
             raise ValueError(f"FPTQConfig: v0={self.v0}, v1={self.v1}: expected 0 <= v0 <= v1")
 
 
-def lae_scale(absmax: np.ndarray) -> np.ndarray:
+def lae_scale(absmax: npt.ArrayLike) -> np.ndarray:
     """s_j = m_j / log2(2 + m_j) (1 for a channel never seen non-zero)."""
     m = np.asarray(absmax, np.float64)
     s = m / np.log2(2.0 + m)
     return np.where(m > 0, s, 1.0).astype(np.float32)
 
 
-def policy(v: np.ndarray, cfg: FPTQConfig = FPTQConfig()) -> np.ndarray:
+def policy(v: npt.ArrayLike, cfg: FPTQConfig = FPTQConfig()) -> np.ndarray:
     """Per layer range v (any shape) -> STATIC / LAE / DYNAMIC (object array of the same shape)."""
     v = np.asarray(v)
     return np.where(v <= cfg.v0, STATIC, np.where(v <= cfg.v1, LAE, DYNAMIC))

@@ -19,7 +19,7 @@ from typing import Union
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.quant.quantizers import ACT_QMAX, QTensor, dequantize, int_values
+from lcjax.quant.quantizers import ACT_QMAX, QTensor, dequantize, unpack_int4
 
 INT32_MAX = 2**31 - 1
 MAX_AUTO_EXPONENT = 16
@@ -41,7 +41,8 @@ def accumulator_bound(qt: QTensor, alpha: int) -> np.ndarray:
     """Exact worst-case |int32 accumulator| per column [*b, N] for int8 inputs within ±127."""
     t, _ = _factor(qt)
     s_int = np.round(alpha * t)
-    q = np.abs(np.asarray(int_values(qt), np.int64))  # [*b, K, N]
+    q = np.asarray(qt.q)
+    q = np.abs((unpack_int4(q) if qt.bits == 4 else q).astype(np.int64))  # [*b, K, N]
     g = qt.group_size
     absq = q.reshape(q.shape[:-2] + (q.shape[-2] // g, g, q.shape[-1])).sum(axis=-2)  # [*b, G, N]
     return ACT_QMAX * (s_int * absq).sum(axis=-2)

@@ -20,11 +20,22 @@ per-token dynamic (scale = max|x_row| / 127) or per-tensor static (a calibrated 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import flax.struct
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
+
+# Weight quantization is offline work: given numpy arrays it runs in numpy (no per-shape XLA
+# compiles for each of a model's weights); given jax arrays it runs in jnp (traceable). Both
+# follow the same code with the same rounding (half to even) in float32.
+HostOrDevice = Union[jax.Array, np.ndarray]
+
+
+def _xp(*arrays):
+    return np if all(isinstance(a, (np.ndarray, np.generic, float, int)) for a in arrays) else jnp
 
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_MODES = ("none", "dynamic", "static")  # "none": weight-only (A16)
@@ -91,21 +102,21 @@ def is_qtensor(x: Any) -> bool:
 # int4 packing (the layout of pallas_kernels.quant_matmul.pack_int4)
 
 
-def pack_int4(q: Int[Array, "*b K N"]) -> Int[Array, "*b K2 N"]:
+def pack_int4(q: Int[HostOrDevice, "*b K N"]) -> Int[HostOrDevice, "*b K2 N"]:
     """Values in [-8, 7] along K -> int8 [*b, K//2, N]: low nibble = even k, high nibble = odd k."""
     if q.shape[-2] % 2:
         raise ValueError(f"pack_int4: K={q.shape[-2]} must be even (two nibbles per int8 along K)")
-    q = q.astype(jnp.int8)
+    q = q.astype(np.int8)
     lo, hi = q[..., 0::2, :], q[..., 1::2, :]
-    return ((hi << 4) | (lo & 0x0F)).astype(jnp.int8)
+    return ((hi << 4) | (lo & 0x0F)).astype(np.int8)
 
 
-def unpack_int4(p: Int[Array, "*b K2 N"]) -> Int[Array, "*b K N"]:
+def unpack_int4(p: Int[HostOrDevice, "*b K2 N"]) -> Int[HostOrDevice, "*b K N"]:
     """Inverse of pack_int4 with sign extension: lo = (p << 4) >> 4, hi = p >> 4 (arithmetic)."""
-    p = p.astype(jnp.int8)
+    p = p.astype(np.int8)
     lo = (p << 4) >> 4
     hi = p >> 4
-    out = jnp.stack([lo, hi], axis=-2)  # [*b, K//2, 2, N]
+    out = _xp(p).stack([lo, hi], axis=-2)  # [*b, K//2, 2, N]
     return out.reshape(p.shape[:-2] + (2 * p.shape[-2], p.shape[-1]))
 
 
@@ -121,7 +132,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-top if symmetric else -top - 1), top
 
 
-def _reduce(fn, w: Float[Array, "*b K N"], granularity: str, group_size: Optional[int]):
+def _reduce(fn, w: Float[HostOrDevice, "*b K N"], granularity: str, group_size: Optional[int]):
     """A statistic over each scale's slice: tensor -> [*b], channel -> [*b, N], group -> [*b, G, N]."""
     if granularity == "tensor":
         return fn(w, axis=(-2, -1))
@@ -134,7 +145,7 @@ def _reduce(fn, w: Float[Array, "*b K N"], granularity: str, group_size: Optiona
 def _expand_scale(s, granularity: str, group_size: Optional[int]):
     """Stored scale (or zero point) -> broadcastable against [*b, K, N]."""
     if granularity == "group":
-        return jnp.repeat(s, group_size, axis=-2)
+        return _xp(s).repeat(s, group_size, axis=-2)
     if granularity == "channel":
         return s[..., None, :]
     return s[..., None, None]
@@ -160,7 +171,7 @@ def check_weight_settings(name: str, k: int, bits: int, granularity: str, group_
         raise ValueError(f"{name}: int4 packing needs an even contraction dimension, got K={k}")
 
 
-def weight_scales(w: Float[Array, "*b K N"], *, bits: int, granularity: str = "channel",
+def weight_scales(w: Float[HostOrDevice, "*b K N"], *, bits: int, granularity: str = "channel",
                   group_size: Optional[int] = None, symmetric: bool = True, clip: Any = 1.0):
     """(scale, zero or None) of `w` [*b, K, N] in the stored granularity.
 
@@ -169,38 +180,41 @@ def weight_scales(w: Float[Array, "*b K N"], *, bits: int, granularity: str = "c
     [*b, N] (not with "tensor"). All-zero slices get s = 1 (code 0).
     """
     qmin, qmax = qrange(bits, symmetric)
-    w = w.astype(jnp.float32)
-    clip = jnp.asarray(clip, jnp.float32)
+    xp = _xp(w, clip)
+    w = w.astype(np.float32)
+    clip = xp.asarray(clip, np.float32)
     if clip.ndim and granularity == "tensor":
         raise ValueError("a per-channel clip needs per-channel or per-group scales, not 'tensor'")
     if clip.ndim and granularity == "group":
         clip = clip[..., None, :]  # [*b, 1, N] against [*b, G, N]
     if symmetric:
-        amax = _reduce(jnp.max, jnp.abs(w), granularity, group_size) * clip
-        return jnp.where(amax > 0, amax / qmax, 1.0), None
-    lo = jnp.minimum(_reduce(jnp.min, w, granularity, group_size), 0.0) * clip
-    hi = jnp.maximum(_reduce(jnp.max, w, granularity, group_size), 0.0) * clip
-    scale = jnp.where(hi > lo, (hi - lo) / (qmax - qmin), 1.0)
-    return scale, qmin - jnp.round(lo / scale)
+        amax = _reduce(xp.max, xp.abs(w), granularity, group_size) * clip
+        return xp.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)), None
+    lo = xp.minimum(_reduce(xp.min, w, granularity, group_size), 0.0) * clip
+    hi = xp.maximum(_reduce(xp.max, w, granularity, group_size), 0.0) * clip
+    scale = xp.where(hi > lo, (hi - lo) / np.float32(qmax - qmin), np.float32(1.0))
+    return scale, np.float32(qmin) - xp.round(lo / scale)
 
 
-def quantize_values(w: Float[Array, "*b K N"], scale, zero, *, bits: int, granularity: str,
-                    group_size: Optional[int]) -> Int[Array, "*b K N"]:
+def quantize_values(w: Float[HostOrDevice, "*b K N"], scale, zero, *, bits: int, granularity: str,
+                    group_size: Optional[int]) -> Int[HostOrDevice, "*b K N"]:
     """Integer codes (int8 container) of w under given scales: round(w / s) (+ z), clipped."""
     qmin, qmax = qrange(bits, zero is None)
-    q = jnp.round(w.astype(jnp.float32) / _expand_scale(scale, granularity, group_size))
+    xp = _xp(w, scale)
+    q = xp.round(w.astype(np.float32) / _expand_scale(scale, granularity, group_size))
     if zero is not None:
         q = q + _expand_scale(zero, granularity, group_size)
-    return jnp.clip(q, qmin, qmax).astype(jnp.int8)
+    return xp.clip(q, qmin, qmax).astype(np.int8)
 
 
-def quantize_weight(w: Float[Array, "..."], *, kdims: int = 1, batch_dims: int = 0, bits: int = 8,
+def quantize_weight(w: Float[HostOrDevice, "..."], *, kdims: int = 1, batch_dims: int = 0, bits: int = 8,
                     granularity: str = "channel", group_size: Optional[int] = None,
                     symmetric: bool = True, clip: Any = 1.0, name: str = "weight") -> QTensor:
     """Quantize a weight of logical shape [*batch, *kshape, *nshape] (kdims contraction dims).
 
-    Returns a weight-only QTensor (act="none"); recipes add the activation side. `clip` is a
-    scalar or a per-output-channel [*batch, N] range factor (OdysseyLLM clipping).
+    Returns a weight-only QTensor (act="none", jax arrays); recipes add the activation side.
+    `clip` is a scalar or a per-output-channel [*batch, N] range factor (OdysseyLLM clipping).
+    numpy input is quantized in numpy, jax input in jnp (same float32 arithmetic).
     """
     batch = tuple(w.shape[:batch_dims])
     kshape = tuple(w.shape[batch_dims: batch_dims + kdims])
@@ -211,8 +225,9 @@ def quantize_weight(w: Float[Array, "..."], *, kdims: int = 1, batch_dims: int =
     scale, zero = weight_scales(w2, bits=bits, granularity=granularity, group_size=group_size,
                                 symmetric=symmetric, clip=clip)
     q = quantize_values(w2, scale, zero, bits=bits, granularity=granularity, group_size=group_size)
-    return QTensor(q=pack_int4(q) if bits == 4 else q, scale=scale.astype(jnp.float32),
-                   zero=None if zero is None else zero.astype(jnp.float32), bits=bits,
+    q = pack_int4(q) if bits == 4 else q
+    return QTensor(q=jnp.asarray(q), scale=jnp.asarray(scale, jnp.float32),
+                   zero=None if zero is None else jnp.asarray(zero, jnp.float32), bits=bits,
                    granularity=granularity, group_size=group_size, act="none", kshape=kshape,
                    nshape=nshape)
 
@@ -267,10 +282,11 @@ def quantize_static(x: Float[Array, "*t K"], scale: Float[Array, "*s"]) -> Int[A
     return jnp.clip(jnp.round(x.astype(jnp.float32) / s), -ACT_QMAX, ACT_QMAX).astype(jnp.int8)
 
 
-def static_scale(absmax: Float[Array, "*b"]) -> Float[Array, "*b"]:
+def static_scale(absmax: Float[HostOrDevice, "*b"]) -> Float[HostOrDevice, "*b"]:
     """Per-tensor static scale from a calibrated max|x|: max / 127 (1 if nothing was seen)."""
-    absmax = jnp.asarray(absmax, jnp.float32)
-    return jnp.where(absmax > 0, absmax / ACT_QMAX, 1.0)
+    xp = _xp(absmax)
+    absmax = xp.asarray(absmax, np.float32)
+    return xp.where(absmax > 0, absmax / np.float32(ACT_QMAX), np.float32(1.0))
 
 
 def fake_quant(x: Float[Array, "..."], bits: int = 8) -> Float[Array, "..."]:

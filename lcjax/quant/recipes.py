@@ -26,6 +26,7 @@ import dataclasses
 from typing import Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from lcjax.quant.fptq import FPTQConfig
 from lcjax.quant.quantizers import GRANULARITIES, qrange
@@ -136,7 +137,7 @@ def get_recipe(recipe: Union[str, RecipeConfig]) -> RecipeConfig:
 # SmoothQuant and the OdysseyLLM clip search
 
 
-def smoothquant_scale(absmax: np.ndarray, w: np.ndarray, strength: float) -> np.ndarray:
+def smoothquant_scale(absmax: npt.ArrayLike, w: npt.ArrayLike, strength: float) -> np.ndarray:
     """s_j = max|X_j|^a / max_n|W[j, n]|^(1-a) per input channel (1 where either is 0).
 
     absmax [*b, K]; w [*b, K, N] -> s [*b, K]."""
