@@ -115,7 +115,9 @@ class MoE(nn.Module):
         else:
             def matmul(name, rows, w, sizes):
                 observe.record_grouped(self, name, rows, sizes)
-                return quantized_matmul.grouped(rows, w, sizes, cdt)
+                if isinstance(w, QTensor):
+                    return quantized_matmul.grouped(rows, w, sizes, cdt)
+                return grouped_matmul(rows, w.astype(cdt), sizes)
 
             y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e, matmul)
         y = (y.astype(rdt) + zero_out).astype(cdt).reshape(b, s, m)
