@@ -40,7 +40,8 @@ def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[O
     if module.has_variable("params", name):
         stored = module.get_variable("params", name)
         if isinstance(stored, QTensor):
-            if tuple(stored.kshape) + tuple(stored.nshape) != tuple(shape)[-len(stored.kshape) - len(stored.nshape):]:
+            logical = tuple(stored.kshape) + tuple(stored.nshape)
+            if logical != tuple(shape)[len(shape) - len(logical):]:
                 raise ValueError(f"param {name}: quantized weight of logical shape "
                                  f"{stored.logical_shape} where {tuple(shape)} is declared")
             return stored
