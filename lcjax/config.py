@@ -250,19 +250,76 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh shape; -1 on one axis takes the remaining devices."""
+    """Device mesh shape; -1 on one ICI axis takes the remaining devices.
+
+    `data/fsdp/expert/tensor` are the sizes within a slice or host group (ICI, fast links);
+    `dcn_*` multiply them across slices / hosts joined by the data-centre network (DCN). The
+    mesh axis `data` then has data * dcn_data devices, and so on. Keep DCN on `data` (or
+    `fsdp`): the other axes' collectives run every layer.
+    """
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
 
     def __post_init__(self):
-        sizes = dataclasses.astuple(self)
+        sizes = (self.data, self.fsdp, self.expert, self.tensor)
         _check(sum(s == -1 for s in sizes) <= 1, "mesh", sizes, "at most one axis set to -1")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            _check(value == -1 or value >= 1, f"mesh.{f.name}", value, "-1 or >= 1")
+            if f.name.startswith("dcn_"):
+                _check(isinstance(value, int) and value >= 1, f"mesh.{f.name}", value, ">= 1")
+            else:
+                _check(value == -1 or value >= 1, f"mesh.{f.name}", value, "-1 or >= 1")
+
+    @property
+    def ici_sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.expert, self.tensor)
+
+    @property
+    def dcn_sizes(self) -> tuple[int, int, int, int]:
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_expert, self.dcn_tensor)
+
+
+TP_COMM_MODES = ("none", "int8", "int4", "int6")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over the mesh: rule table, expert dispatch, quantized TP comm.
+
+    rules: a preset in configs/rules (`fsdp`, `fsdp_tp`, `ep_fsdp_tp`) or a YAML path; it maps
+      logical axis names to mesh axes (lcjax.parallel.rules).
+    expert_dispatch: `auto` (all-to-all expert parallelism when the mesh's expert axis > 1 and
+      the rules put `experts` on it, else GSPMD), `all_to_all` (require it) or `gspmd` (never).
+    expert_capacity_factor: 0 = dropless (each device can receive every slot it could be sent);
+      c > 0 caps the rows one device sends another at ceil(c * slots / expert_devices), and
+      slots over the cap are dropped (their weight is lost, as in GShard).
+    quantized_tp_comm: Flash Communication on the tensor-parallel all-reduces of the attention
+      output and the dense MLP down projections: `none`, `int8`, `int4` or `int6` (int4 for the
+      reduce-scatter half, int8 for the all-gather half). comm_group_size: elements per scale.
+    """
+
+    rules: str = "ep_fsdp_tp"
+    expert_dispatch: str = "auto"
+    expert_capacity_factor: float = 0.0
+    quantized_tp_comm: str = "none"
+    comm_group_size: int = 128
+
+    def __post_init__(self):
+        _check(isinstance(self.rules, str) and bool(self.rules), "parallel.rules", self.rules,
+               "a preset name in configs/rules or a YAML path")
+        _check_choice("parallel.expert_dispatch", self.expert_dispatch, ("auto", "all_to_all", "gspmd"))
+        _check(self.expert_capacity_factor >= 0, "parallel.expert_capacity_factor",
+               self.expert_capacity_factor, ">= 0 (0 = dropless)")
+        _check_choice("parallel.quantized_tp_comm", self.quantized_tp_comm, TP_COMM_MODES)
+        _check(isinstance(self.comm_group_size, int) and self.comm_group_size > 0,
+               "parallel.comm_group_size", self.comm_group_size, "a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +470,7 @@ class Config:
 
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
+    parallel: ParallelConfig = ParallelConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
