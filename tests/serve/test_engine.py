@@ -103,8 +103,11 @@ def test_greedy_under_mixed_load_equals_single_request(model, workload, k):
     if k:
         assert stats.draft_tokens_total > 0
         assert 0 <= stats.accepted_tokens_total <= stats.draft_tokens_total
-    # Buckets bound the compilations: rows {1,2,4} x steps, prefill rows {1,2} x lengths {16}.
+    # Buckets bound the compilations: decode rows {1, 2, 4}, prefill rows {1, 2} x length {16};
+    # the engine's count agrees with jax's own cache of compiled executables.
     assert stats.num_compilations <= 3 + 2
+    jitted = (engine._prefill, engine._decode, engine._spec)
+    assert stats.num_compilations == sum(f._cache_size() for f in jitted)
 
 
 def test_prefill_chunk_longer_than_sparse_ring(model, workload):
