@@ -24,6 +24,8 @@ from lcjax.config import ModelConfig, MoEConfig
 from lcjax.model.layers import acc_dtype, declare, dtype_of
 from lcjax.ops import quantized_matmul
 from lcjax.ops.grouped_matmul import grouped_matmul
+from lcjax.parallel import context as parallel_context
+from lcjax.parallel import expert_parallel
 from lcjax.quant import observe
 from lcjax.quant.quantizers import QTensor
 
@@ -112,6 +114,9 @@ class MoE(nn.Module):
             gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
             combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=rdt) * weights[..., None], axis=1)
             y = _swiglu_experts_dense(xc, gate, up, down, combine)
+        elif (ep := self._expert_parallel_plan(x.shape, gate)) is not None:
+            y = self._expert_parallel(xc.reshape(b, s, m), ids, weights, gate, up, down, ep)
+            y = y.reshape(b * s, m)
         else:
             def matmul(name, rows, w, sizes):
                 observe.record_grouped(self, name, rows, sizes)
@@ -122,6 +127,42 @@ class MoE(nn.Module):
             y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e, matmul)
         y = (y.astype(rdt) + zero_out).astype(cdt).reshape(b, s, m)
         return y, routing_stats(ids, routed, token_mask, moe)
+
+    def _expert_parallel_plan(self, x_shape, gate):
+        """(par, batch axes, expert-MLP axes) for all-to-all dispatch here, or None (GSPMD)."""
+        par = parallel_context.current()
+        mode = "gspmd" if par is None else par.config.expert_dispatch
+        if mode == "gspmd":
+            return None
+        moe = self.config.moe
+        expert_shape = (moe.num_experts, self.config.hidden_size, moe.expert_ffn_size)  # [E, M, F]
+        found = expert_parallel.plan(par, x_shape, expert_shape)
+        if found is None and mode == "all_to_all":
+            raise ValueError(f"{self.path}: parallel.expert_dispatch='all_to_all' needs mesh.expert > 1 "
+                             f"dividing num_experts={self.config.moe.num_experts}, rules placing "
+                             f"`experts` on `expert` and batch rows {x_shape[0]} split over it "
+                             f"(mesh {par.axis_sizes})")
+        if found is not None and isinstance(gate, QTensor):
+            raise ValueError(f"{self.path}: expert parallelism runs float expert weights; serve "
+                             "quantized experts with parallel.expert_dispatch=gspmd")
+        return None if found is None else (par, *found)
+
+    def _expert_parallel(self, x, ids, weights, gate, up, down, ep):
+        """Routed experts through lcjax.parallel.expert_parallel (one local ragged FFN per device)."""
+        par, batch_axes, mlp_axes = ep
+        cdt = x.dtype
+        b, s, _ = x.shape
+
+        def experts_fn(rows, local_ids, gate, up, down):
+            e_local = gate.shape[0]
+            ones = jnp.ones((rows.shape[0], 1), jnp.float32)
+            return _swiglu_experts_ragged(rows, gate, up, down, local_ids[:, None], ones,
+                                          local_ids[:, None] < e_local, e_local)
+
+        return expert_parallel.expert_parallel_moe(
+            x, ids.reshape(b, s, -1), weights.reshape(b, s, -1), gate.astype(cdt), up.astype(cdt),
+            down.astype(cdt), experts_fn, par=par, num_experts=self.config.moe.num_experts,
+            batch_axes=batch_axes, mlp_axes=mlp_axes)
 
 
 def routing_stats(ids: Int[Array, "T K"], routed: Bool[Array, "T K"],

@@ -1,0 +1,67 @@
+"""The active parallelism (mesh, rule table, ParallelConfig) that model code may consult.
+
+Like flax's `logical_axis_rules`, it is a context, read at trace time: `use_parallelism(mesh,
+config.parallel)` around `jax.jit` tracing makes MoE layers dispatch tokens with all-to-all
+(lcjax.parallel.expert_parallel) and row-parallel projections reduce with Flash Communication
+(lcjax.parallel.tensor_parallel). Outside it (one device, tests, serving) models run plain code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import flax.linen as nn
+from jax.sharding import Mesh, PartitionSpec
+
+from lcjax.config import ParallelConfig
+from lcjax.parallel.rules import Rules, load_rules, resolve_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    """A concrete mesh with its rules and settings; helpers answer "how is this split here?"."""
+
+    mesh: Mesh
+    rules: Rules
+    config: ParallelConfig
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return dict(self.mesh.shape)
+
+    def spec(self, shape: Sequence[int], logical: Sequence[Optional[str]]) -> PartitionSpec:
+        """Mesh PartitionSpec of an array by its logical names (rules + divisibility)."""
+        return resolve_spec(shape, logical, self.axis_sizes, self.rules)
+
+    def dim_axes(self, shape: Sequence[int], logical: Sequence[Optional[str]]) -> list[tuple[str, ...]]:
+        """Per dim of an array, the mesh axes it is split over (empty tuple: not split)."""
+        spec = tuple(self.spec(shape, logical))
+        spec += (None,) * (len(shape) - len(spec))
+        return [() if p is None else (p,) if isinstance(p, str) else tuple(p) for p in spec]
+
+
+_CURRENT: contextvars.ContextVar[Optional[Parallelism]] = contextvars.ContextVar(
+    "lcjax_parallelism", default=None)
+
+
+def current() -> Optional[Parallelism]:
+    """The Parallelism set by the innermost `use_parallelism`, or None."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def use_parallelism(mesh: Mesh, config: Optional[ParallelConfig] = None,
+                    rules: Optional[Rules] = None) -> Iterator[Parallelism]:
+    """Enter `mesh` and its logical axis rules, and expose them to model code while tracing."""
+    config = ParallelConfig() if config is None else config
+    rules = load_rules(config.rules) if rules is None else rules
+    par = Parallelism(mesh=mesh, rules=rules, config=config)
+    token = _CURRENT.set(par)
+    try:
+        with mesh, nn.logical_axis_rules(rules):
+            yield par
+    finally:
+        _CURRENT.reset(token)
