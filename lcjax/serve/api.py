@@ -12,7 +12,7 @@ Streaming follows OpenAI's chunk format: chat streams open with a `{"role": "ass
 per choice; one chunk per engine output (several tokens under speculative decoding); each
 choice's last chunk carries its finish_reason; with `stream_options.include_usage` a final
 chunk with empty `choices` carries `usage` (otherwise the last finish chunk carries it); then
-`data: [DONE]`.
+`data: [DONE]`. The bodies and chunks themselves are built in lcjax/serve/responses.py.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,9 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lcjax.serve.async_engine import AsyncEngine, EngineError, EngineShutdown, RequestStream
 from lcjax.serve.chat_template import ChatTemplate, resolve_chat_template
 from lcjax.serve.metrics import CONTENT_TYPE
-from lcjax.serve.outputs import RequestOutput, TokenLogprob
 from lcjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, error_body)
+from lcjax.serve.responses import ChatFormat, CompletionFormat, ResponseFormat, sse
 from lcjax.serve.sampling import SamplingParams
 
 log = logging.getLogger("lcjax.serve")
@@ -185,7 +184,7 @@ class _Serving:
         prompts = self._completion_prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         base, stream = await self._start(body, prompts, max_tokens, body.logprobs, "cmpl")
-        fmt = _CompletionFormat(self, body, base, prompts)
+        fmt = CompletionFormat(self.model_name, self.token_text, body, base, prompts)
         if body.stream:
             return self._sse(stream, fmt)
         return await _unless_disconnected(request, self._collect(stream, fmt), stream)
@@ -200,7 +199,7 @@ class _Serving:
         if body.heavy_thinking is not None:
             return await self._heavy_thinking(body, prompts[0], logprobs, request)
         base, stream = await self._start(body, prompts, body.completion_limit, logprobs, "chatcmpl")
-        fmt = _ChatFormat(self, body, base, prompts)
+        fmt = ChatFormat(self.model_name, self.token_text, body, base, prompts)
         if body.stream:
             return self._sse(stream, fmt)
         return await _unless_disconnected(request, self._collect(stream, fmt), stream)
@@ -344,22 +343,22 @@ class _Serving:
                 requests.append((ids, params, f"{base}-{p * body.n + i}"))
         return base, await self.engine.add_requests(requests)
 
-    async def _collect(self, stream: RequestStream, fmt: "_Format") -> dict:
+    async def _collect(self, stream: RequestStream, fmt: ResponseFormat) -> dict:
         async for output in stream:
             fmt.add(output)
         return fmt.response()
 
-    def _sse(self, stream: RequestStream, fmt: "_Format") -> StreamingResponse:
+    def _sse(self, stream: RequestStream, fmt: ResponseFormat) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             try:
                 for chunk in fmt.opening_chunks():
-                    yield _sse(chunk)
+                    yield sse(chunk)
                 async for output in stream:
-                    yield _sse(fmt.chunk(output))
+                    yield sse(fmt.chunk(output))
                 for chunk in fmt.closing_chunks():
-                    yield _sse(chunk)
+                    yield sse(chunk)
             except EngineError as err:
-                yield _sse(error_body(str(err), "internal_error"))
+                yield sse(error_body(str(err), "internal_error"))
             yield "data: [DONE]\n\n"
 
         return _ClosingStreamingResponse(events(), on_close=stream.close, media_type="text/event-stream",
@@ -409,10 +408,6 @@ async def _unless_disconnected(request: Request, work, stream: Optional[RequestS
         return _error(500, str(err), "internal_error")
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
 def _named_field(message: str, fields: dict) -> Optional[str]:
     """The request field an error message names (SamplingParams errors name their field)."""
     names = sorted((k for k in fields if k in message), key=len, reverse=True)
@@ -426,140 +421,3 @@ def _version() -> str:
         return version("lcjax")
     except Exception:  # noqa: BLE001 - not installed (running from a checkout)
         return "0.1.0"
-
-
-# ---------------------------------------------------------------- response formats
-
-
-class _Choice:
-    """Accumulates one choice's outputs."""
-
-    def __init__(self, index: int, prompt_ids: list[int]):
-        self.index, self.prompt_ids = index, prompt_ids
-        self.last: Optional[RequestOutput] = None
-        self.logprobs: list[TokenLogprob] = []
-        self.text_offset = 0
-
-
-class _Format:
-    """OpenAI response bodies for one request; subclasses give the completion/chat shapes."""
-
-    object_name = chunk_object = ""
-
-    def __init__(self, serving: _Serving, body: Union[CompletionRequest, ChatCompletionRequest],
-                 base: str, prompts: list[list[int]]):
-        self.serving, self.body, self.id, self.created = serving, body, base, int(time.time())
-        self.prompts = prompts
-        self.choices = [_Choice(p * body.n + i, ids) for p, ids in enumerate(prompts) for i in range(body.n)]
-        self._by_id = {f"{base}-{c.index}": c for c in self.choices}
-        options = body.stream_options
-        self.include_usage = bool(options and options.include_usage)
-        self.continuous_usage = bool(options and options.continuous_usage_stats)
-        self._unfinished = len(self.choices)
-
-    def add(self, output: RequestOutput) -> _Choice:
-        choice = self._by_id[output.request_id]
-        choice.last = output
-        if output.logprobs:
-            choice.logprobs.extend(output.logprobs)
-        return choice
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(c.last.num_generated_tokens for c in self.choices if c.last is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _chunk(self, choices: list[dict], usage: Optional[dict] = None) -> dict:
-        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created,
-                 "model": self.serving.model_name, "choices": choices}
-        if usage is not None:
-            chunk["usage"] = usage
-        return chunk
-
-    def opening_chunks(self) -> list[dict]:
-        return []
-
-    def chunk(self, output: RequestOutput) -> dict:
-        choice = self.add(output)
-        body = self._choice_delta(choice, output)
-        body["finish_reason"] = output.finish_reason if output.finished else None
-        usage = None
-        if output.finished:
-            self._unfinished -= 1
-            if self._unfinished == 0 and not self.include_usage:
-                usage = self.usage()  # the last finish chunk carries usage when no usage chunk follows
-        if self.continuous_usage:
-            usage = self.usage()
-        return self._chunk([body], usage)
-
-    def closing_chunks(self) -> list[dict]:
-        return [self._chunk([], self.usage())] if self.include_usage else []
-
-    def response(self) -> dict:
-        return {"id": self.id, "object": self.object_name, "created": self.created,
-                "model": self.serving.model_name,
-                "choices": [self._choice_final(c) for c in self.choices], "usage": self.usage()}
-
-    def _choice_delta(self, choice: _Choice, output: RequestOutput) -> dict:
-        raise NotImplementedError
-
-    def _choice_final(self, choice: _Choice) -> dict:
-        raise NotImplementedError
-
-
-class _CompletionFormat(_Format):
-    object_name = chunk_object = "text_completion"
-
-    def _logprobs(self, choice: _Choice, entries: list[TokenLogprob]) -> Optional[dict]:
-        if self.body.logprobs is None:
-            return None
-        text = self.serving.token_text
-        tokens, offsets = [], []
-        for entry in entries:
-            tokens.append(text(entry.token_id))
-            offsets.append(choice.text_offset)
-            choice.text_offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{text(t): lp for t, lp in e.top} if e.top else None for e in entries],
-                "text_offset": offsets}
-
-    def _choice_delta(self, choice: _Choice, output: RequestOutput) -> dict:
-        return {"index": choice.index, "text": output.delta_text,
-                "logprobs": self._logprobs(choice, output.logprobs or []), "finish_reason": None}
-
-    def _choice_final(self, choice: _Choice) -> dict:
-        last = choice.last
-        return {"index": choice.index, "text": last.text if last else "",
-                "logprobs": self._logprobs(choice, choice.logprobs),
-                "finish_reason": last.finish_reason if last else "abort"}
-
-
-class _ChatFormat(_Format):
-    object_name, chunk_object = "chat.completion", "chat.completion.chunk"
-
-    def _logprobs(self, entries: list[TokenLogprob]) -> Optional[dict]:
-        if not self.body.logprobs:
-            return None
-        text = self.serving.token_text
-
-        def item(token_id: int, logprob: float) -> dict:
-            token = text(token_id)
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-        return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                            for e in entries], "refusal": None}
-
-    def opening_chunks(self) -> list[dict]:
-        return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}]) for c in self.choices]
-
-    def _choice_delta(self, choice: _Choice, output: RequestOutput) -> dict:
-        delta = {"content": output.delta_text} if output.delta_text or not output.finished else {}
-        return {"index": choice.index, "delta": delta, "logprobs": self._logprobs(output.logprobs or []),
-                "finish_reason": None}
-
-    def _choice_final(self, choice: _Choice) -> dict:
-        last = choice.last
-        return {"index": choice.index, "message": {"role": "assistant", "content": last.text if last else ""},
-                "logprobs": self._logprobs(choice.logprobs),
-                "finish_reason": last.finish_reason if last else "abort"}

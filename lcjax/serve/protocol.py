@@ -4,7 +4,7 @@ Request models forbid unknown fields (a typo such as `temprature` is a 400, not 
 ignored) but declare every field the official `openai` client sends for these endpoints, plus
 vLLM's top-level extras (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`,
 `min_tokens`). Fields we declare but do not implement are rejected by `unsupported()` with a 400
-naming the field, never accepted and ignored. Response bodies are plain dicts built in `api.py`.
+naming the field, never accepted and ignored. Response bodies are plain dicts built in `responses.py`.
 """
 
 from __future__ import annotations
