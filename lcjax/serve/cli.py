@@ -4,6 +4,13 @@ With no model flag it serves the newest checkpoint of the default training run
 (`python -m lcjax.train`, run directory runs/stdlib_tiny) if there is one, else a randomly
 initialised tiny model (with a warning). Prints the URL and `lcjax.serve: ready` once it takes
 requests; Ctrl-C (or SIGTERM) stops accepting, drains running requests and exits 0.
+
+`--quant RECIPE` quantizes the loaded weights (lcjax.quant.quantize_model) before serving, e.g.
+`--quant w8a8` or `--quant fptq_w4a8:group_size=8`. Recipes with static activation scales,
+smoothing or clip search calibrate on `--quant-calib-batches` batches: the run's training data
+when serving a training run directory (the held-out split stays unseen, as in
+scripts/eval_quant.py), else uniform random token ids (FPTQ reports random-token calibration
+works; pass a run directory for real data). Weight-only and per-token dynamic recipes need none.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from lcjax.config import Config
 
@@ -35,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--served-model-name", help="the model id clients use (default: from the source)")
     model.add_argument("--chat-template", metavar="FILE",
                        help="Jinja2 chat template (default: the tokenizer's, else the built-in one)")
-    model.add_argument("--quant", metavar="RECIPE", help="weight quantisation recipe (not available yet)")
+    model.add_argument("--quant", metavar="RECIPE",
+                       help="quantize the weights with this lcjax.quant recipe, optionally with "
+                            "overrides (NAME:key=value,...); names: " + ", ".join(_recipe_names()))
+    model.add_argument("--quant-calib-batches", type=int, default=4, metavar="N",
+                       help="calibration batches for recipes that calibrate (default 4)")
     model.add_argument("--seed", type=int, default=0, help="random init and unseeded requests")
 
     engine = p.add_argument_group("engine")
@@ -62,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _recipe_names() -> list[str]:
+    from lcjax.quant.recipes import RECIPES
+
+    return sorted(RECIPES)
+
+
 def default_run_dir() -> pathlib.Path:
     """train.run_dir of `python -m lcjax.train` with no arguments (relative to the cwd)."""
     from lcjax.config_io import load_config, resolve_config_path
@@ -70,32 +87,79 @@ def default_run_dir() -> pathlib.Path:
     return pathlib.Path(load_config([resolve_config_path(c) for c in DEFAULT_CONFIGS]).train.run_dir)
 
 
-def load_model(args: argparse.Namespace) -> tuple[Config, Any, Any, str]:
-    """(Config, variables, tokenizer, default served name) for the flags."""
+class LoadedModel(NamedTuple):
+    config: Config
+    variables: Any  # {"params", "router_bias"}
+    tokenizer: Any
+    name: str  # the default served model name
+    run_dir: Optional[pathlib.Path] = None  # the training run it came from, if any
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """The model, tokenizer and default served name for the flags."""
     from lcjax.config_io import load_config, resolve_config_path
     from lcjax.serve import loading
 
     if args.checkpoint:
-        config, variables, tokenizer = loading.load_run(args.checkpoint)
-        return config, variables, tokenizer, pathlib.Path(args.checkpoint).absolute().name
+        run_dir = pathlib.Path(args.checkpoint).absolute()
+        return LoadedModel(*loading.load_run(run_dir), run_dir.name, run_dir)
     if args.hf_model:
-        config, variables, tokenizer = loading.load_hf_model(args.hf_model)
-        return config, variables, tokenizer, pathlib.Path(args.hf_model).absolute().name
+        return LoadedModel(*loading.load_hf_model(args.hf_model), pathlib.Path(args.hf_model).absolute().name)
     if args.config is None:
         run_dir = default_run_dir()
         step = loading.latest_step(run_dir)
         if step is not None:
             print(f"{PREFIX} loading the default training run {run_dir} (step {step})", flush=True)
-            config, variables, tokenizer = loading.load_run(run_dir)
-            return config, variables, tokenizer, run_dir.absolute().name
+            return LoadedModel(*loading.load_run(run_dir), run_dir.absolute().name, run_dir.absolute())
         print(f"{PREFIX} no checkpoint in {run_dir} (train one with `python -m lcjax.train`)",
               file=sys.stderr, flush=True)
     names = args.config or ["tiny"]
     print(f"{PREFIX} WARNING: serving a RANDOMLY INITIALISED {' + '.join(names)} model with a byte-level "
           "tokenizer: its output is noise", file=sys.stderr, flush=True)
     config = load_config([resolve_config_path(c) for c in names])
-    config, variables, tokenizer = loading.random_model(config, args.seed)
-    return config, variables, tokenizer, f"lcjax-random-{pathlib.Path(names[0]).stem}"
+    return LoadedModel(*loading.random_model(config, args.seed), f"lcjax-random-{pathlib.Path(names[0]).stem}")
+
+
+def calibration_batches(recipe, model: LoadedModel, num_batches: int, max_model_len: int):
+    """(batches, description) for `recipe`: None when it does not calibrate; the run's training
+    batches when the model came from a training run whose data still loads; else random ids."""
+    if not recipe.needs_calibration:
+        return None, "none needed"
+    if model.run_dir is not None:
+        from lcjax.data import make_iterator
+
+        try:
+            iterator = make_iterator(model.config.data, model.tokenizer, "train")
+            batches = [next(iterator) for _ in range(num_batches)]
+            return batches, f"{num_batches} training batches of {model.run_dir.name}"
+        except (OSError, ValueError, StopIteration) as err:  # data moved or gone since training
+            print(f"{PREFIX} WARNING: the run's training data does not load ({err}); calibrating "
+                  "on random token ids", file=sys.stderr, flush=True)
+    from lcjax.quant.calibrate import random_token_batches
+
+    seq = min(128, max_model_len)
+    batches = random_token_batches(model.config, num_batches, 4, seq, seed=0)
+    return batches, f"{num_batches} batches of random token ids [4, {seq}]"
+
+
+def quantize(args: argparse.Namespace, model: LoadedModel, max_model_len: int) -> LoadedModel:
+    """`model` with its weights quantized by `--quant` (ValueError naming layer and setting)."""
+    from lcjax.quant import quantize_model
+    from lcjax.quant.recipes import get_recipe
+
+    recipe = get_recipe(args.quant)
+    calib, source = calibration_batches(recipe, model, args.quant_calib_batches, max_model_len)
+    print(f"{PREFIX} quantizing with {recipe.name} (calibration: {source})", flush=True)
+    try:
+        variables, report = quantize_model(model.variables, model.config, recipe, calib, return_report=True)
+    except ValueError as err:
+        if "group_size" not in str(err):
+            raise
+        raise ValueError(f"{err} (pick a group size dividing every contraction dimension: "
+                         f"--quant {recipe.name.split(':')[0]}:group_size=G)") from None
+    print(f"{PREFIX} quantized {len(report)} weights; router, norms, embeddings and lm_head stay float",
+          flush=True)
+    return model._replace(variables=variables)
 
 
 def engine_config(args: argparse.Namespace, config: Config):
@@ -118,8 +182,15 @@ def warmup(engine) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quant:
-        parser.error(f"--quant {args.quant}: quantised serving is not available yet")
+    if args.quant is not None:
+        from lcjax.quant.recipes import get_recipe
+
+        try:
+            get_recipe(args.quant)
+        except ValueError as err:
+            parser.error(f"--quant {args.quant}: {err}")
+    if args.quant_calib_batches < 1:
+        parser.error(f"--quant-calib-batches {args.quant_calib_batches}: must be >= 1")
     if args.config and (args.checkpoint or args.hf_model):
         parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model bring their own")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -132,10 +203,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from lcjax.serve.server import Server, bind
 
         sock = bind(args.host, args.port)  # fail fast if the port is taken, before loading
-        config, variables, tokenizer, name = load_model(args)
-        name = args.served_model_name or name
+        model = load_model(args)
+        ec = engine_config(args, model.config)
+        if args.quant is not None:
+            model = quantize(args, model, ec.max_model_len)
+        config, variables, tokenizer = model.config, model.variables, model.tokenizer
+        name = args.served_model_name or model.name
         template = resolve_chat_template(args.chat_template, tokenizer)
-        engine = Engine(config, variables, tokenizer, engine_config(args, config))
+        engine = Engine(config, variables, tokenizer, ec)
         if not args.no_warmup:
             print(f"{PREFIX} compiling (warm-up request)", flush=True)
             warmup(engine)

@@ -1,6 +1,7 @@
 """`python -m lcjax.serve`: flags, model sources (training run, HF directory, random), and a real
 process that prints its URL and ready line, serves, and drains on Ctrl-C with exit status 0."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,10 +49,20 @@ def test_flags():
         parse("--checkpoint", "a", "--hf-model", "b")  # one model source at a time
 
 
-def test_quant_is_not_available_yet(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--quant", "fp8"], r"--quant fp8: unknown quantization recipe 'fp8': expected one of \[.*'w8a8'"),
+    (["--quant", "w8a8:bits=3"], r"--quant w8a8:bits=3: recipe override 'bits' is not a recipe setting"),
+    (["--quant", "w8a8", "--quant-calib-batches", "0"], r"--quant-calib-batches 0: must be >= 1"),
+])
+def test_bad_quant_flags_are_rejected_before_loading(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda args: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--quant", "fp8"])
-    assert exit_info.value.code == 2 and "not available yet" in capsys.readouterr().err
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(message, err), err
+    if "fp8" in argv:  # the error names every valid recipe
+        from lcjax.quant import RECIPES
+        assert all(name in err for name in RECIPES)
 
 
 def test_config_with_a_checkpoint_is_an_error(capsys):
@@ -68,7 +79,7 @@ def test_port_in_use_is_a_one_line_error(capsys):
     assert code == 2 and "error" in capsys.readouterr().err
 
 
-def test_load_run_and_the_default_run(tiny_model, tmp_path, monkeypatch):
+def test_load_run_and_the_default_run(tiny_model, tmp_path, monkeypatch, capsys):
     from lcjax.train.checkpoint import RunCheckpoints
     from lcjax.train.state import TrainState
 
@@ -89,8 +100,22 @@ def test_load_run_and_the_default_run(tiny_model, tmp_path, monkeypatch):
     assert got_tokenizer.encode("print(1)") == tokenizer.encode("print(1)")
 
     monkeypatch.chdir(tmp_path)  # no flags: the default training run, when it has a checkpoint
-    config2, _, _, name = cli.load_model(parse())
-    assert config2 == config and name == "stdlib_tiny"
+    model = cli.load_model(parse())
+    assert model.config == config and model.name == "stdlib_tiny" and model.run_dir == run_dir
+
+    # --quant calibrates on the run's training batches; random ids once its data is gone.
+    from lcjax.config import DataConfig
+    from lcjax.quant import get_recipe
+
+    assert cli.calibration_batches(get_recipe("w8a8"), model, 2, 512) == (None, "none needed")
+    batches, source = cli.calibration_batches(get_recipe("fptq_w4a8"), model, 2, 512)
+    assert source == "2 training batches of stdlib_tiny" and len(batches) == 2
+    assert batches[0]["inputs"].shape == (config.data.global_batch, config.data.seq_len)
+    assert batches[0]["inputs"].max() < tokenizer.vocab_size
+    gone = dataclasses.replace(config, data=DataConfig(source="text", path=str(tmp_path / "gone" / "*.txt")))
+    batches, source = cli.calibration_batches(get_recipe("fptq_w4a8"), model._replace(config=gone), 3, 64)
+    assert source == "3 batches of random token ids [4, 64]" and batches[0].shape == (4, 64)
+    assert "does not load" in capsys.readouterr().err
 
     with pytest.raises(ValueError, match="config.yaml is missing"):
         loading.load_run(tmp_path)
@@ -105,10 +130,11 @@ def test_no_flags_and_no_run_means_random_tiny_with_a_warning(tmp_path, monkeypa
         return config, {}, loading.ByteTokenizer()
 
     monkeypatch.setattr(loading, "random_model", fake_random_model)
-    _, _, _, name = cli.load_model(parse("--seed", "5"))
+    model = cli.load_model(parse("--seed", "5"))
     err = capsys.readouterr().err
     assert "no checkpoint in runs/stdlib_tiny" in err and "RANDOMLY INITIALISED tiny" in err
-    assert name == "lcjax-random-tiny" and seen["seed"] == 5 and seen["config"].model.hidden_size == 48
+    assert model.name == "lcjax-random-tiny" and model.run_dir is None
+    assert seen["seed"] == 5 and seen["config"].model.hidden_size == 48
 
 
 def test_byte_tokenizer_of_random_models():
@@ -130,8 +156,8 @@ def test_hf_model_directory(tiny_model, tmp_path):
     (hub / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": {"content": "</s>"}, "bos_token": "<s>", "chat_template": template}))
 
-    got_config, got_variables, got_tokenizer, name = cli.load_model(parse("--hf-model", str(hub)))
-    assert name == "hub" and got_config.model.vocab_size == config.model.vocab_size
+    got_config, got_variables, got_tokenizer, name, run_dir = cli.load_model(parse("--hf-model", str(hub)))
+    assert name == "hub" and run_dir is None and got_config.model.vocab_size == config.model.vocab_size
     _same(got_variables, variables)
     assert (got_tokenizer.eos_id, got_tokenizer.bos_id, got_tokenizer.chat_template) == (2, 1, template)
     text = "x = [1, 2]"
@@ -141,16 +167,19 @@ def test_hf_model_directory(tiny_model, tmp_path):
     assert rendered == "[user] hi"
 
 
-def test_serve_process_ready_serves_and_drains_on_ctrl_c(tmp_path):
-    """The real entry point in a child process: a random model (the tmp cwd holds no training
-    run), tiny trimmed to one layer without n-grams, LoZA or MTP so it compiles quickly."""
+@contextlib.contextmanager
+def serve_process(tmp_path, *flags):
+    """`python -m lcjax.serve` in a child process on a random model (the tmp cwd holds no
+    training run), tiny trimmed to one layer without n-grams, LoZA or MTP so it compiles
+    quickly. Yields (process, stdout lines up to the ready line, openai client of its /v1);
+    kills it if still running afterwards."""
     (tmp_path / "small.yaml").write_text(
         "model: {num_layers: 1, ngram: {enabled: false}, loza: {layer_pattern: ''}, mtp_layers: 0}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "LCJAX_TYPECHECK": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lcjax.serve", "--port", "0", "--config", "tiny", "--config", "small.yaml",
          "--max-num-seqs", "1", "--max-model-len", "320", "--prefill-chunk", "16", "--log-level", "warning",
-         "--served-model-name", "cli-test"],
+         "--served-model-name", "cli-test", *flags],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -163,8 +192,15 @@ def test_serve_process_ready_serves_and_drains_on_ctrl_c(tmp_path):
         timer.cancel()
         assert lines and lines[-1].strip() == "lcjax.serve: ready", (lines, proc.stderr.read())
         url = re.search(r"serving cli-test at (http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        yield proc, lines, openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
+
+def test_serve_process_ready_serves_and_drains_on_ctrl_c(tmp_path):
+    with serve_process(tmp_path) as (proc, _, client):
         # Ctrl-C while a long stream runs: the stream still completes, then the process exits 0.
         stream = client.completions.create(model="cli-test", prompt="drain", max_tokens=300, stream=True,
                                            extra_body={"ignore_eos": True},
@@ -176,12 +212,35 @@ def test_serve_process_ready_serves_and_drains_on_ctrl_c(tmp_path):
         assert rest[-1].usage.completion_tokens == 300
         assert [first, *rest][-2].choices[0].finish_reason == "length"
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err
     assert "lcjax.serve: stopped" in out and "RANDOMLY INITIALISED tiny + small.yaml" in err
+
+
+def test_serve_process_with_quant(tmp_path):
+    """--quant with a calibrating recipe (FPTQ W4A8: random-token calibration, int4 groups,
+    static and per-token int8 activations) serves completions through the openai client."""
+    with serve_process(tmp_path, "--quant", "fptq_w4a8:group_size=8", "--quant-calib-batches", "2") as (
+            proc, lines, client):
+        text = "".join(lines)
+        assert "quantizing with fptq_w4a8:group_size=8 (calibration: 2 batches of random token ids" in text
+        assert re.search(r"quantized \d+ weights", text)
+        out = client.completions.create(model="cli-test", prompt="int4", max_tokens=5, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+        chat = client.chat.completions.create(model="cli-test", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=3, stream=True, extra_body={"ignore_eos": True},
+                                              stream_options={"include_usage": True})
+        assert list(chat)[-1].usage.completion_tokens == 3
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
+def test_quant_group_size_error_is_one_line_with_a_hint(tiny_model, capsys):
+    config, variables, tokenizer = tiny_model
+    model = cli.LoadedModel(config, variables, tokenizer, "t")
+    with pytest.raises(ValueError, match=r"layers/\w+/\w+: group_size=128 does not divide .*"
+                                         r"--quant w4a16:group_size=G\)"):
+        cli.quantize(parse("--quant", "w4a16"), model, 64)
 
 
 def test_engine_config_from_flags(tiny_model):
