@@ -220,9 +220,7 @@ class _Serving:
         for field, bad in (("stream", body.stream), ("n", body.n != 1), ("logprobs", logprobs is not None)):
             if bad:
                 raise APIError(f"heavy_thinking does not support '{field}' yet.", param=field, code="unsupported")
-        options = body.heavy_thinking
-        config = heavy_thinking.HeavyThinkingConfig(num_traces=options.num_traces, temperature=options.temperature,
-                                                    return_traces=options.return_traces)
+        config = heavy_thinking.HeavyThinkingConfig(**body.heavy_thinking.model_dump(exclude_none=True))
         params = self._sampling_params(body, len(prompt_ids), body.completion_limit, None, body.seed)
         users = [m for m in body.messages if m.role == "user"]
         problem = users[-1].text() if users else body.messages[-1].text()
@@ -250,7 +248,7 @@ class _Serving:
                          "logprobs": None, "finish_reason": summary.finish_reason}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                       "completion_tokens_details": {"reasoning_tokens": result.trace_tokens}}}
-        if options.return_traces:
+        if config.return_traces:
             response["heavy_thinking"] = {
                 "traces": [{"text": t.text, "finish_reason": t.finish_reason,
                             "completion_tokens": t.num_generated_tokens} for t in result.traces],

@@ -41,11 +41,12 @@ class StreamOptions(_Strict):
 
 
 class HeavyThinking(_Strict):
-    """Heavy Thinking mode (several reasoning traces, then a summary); see api.py's hook."""
+    """Heavy Thinking mode (several reasoning traces, then a summary); see api.py's hook.
+    Unset fields take HeavyThinkingConfig's defaults (lcjax/serve/heavy_thinking.py)."""
 
-    num_traces: int = Field(4, ge=1, le=64)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    return_traces: bool = False
+    num_traces: Optional[int] = Field(None, ge=1, le=64)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    return_traces: Optional[bool] = None
 
 
 class _SamplingFields(_Strict):

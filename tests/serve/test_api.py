@@ -392,6 +392,12 @@ def test_heavy_thinking(served):
     with pytest.raises(openai.BadRequestError, match="stream"):
         client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "x"}],
                                        stream=True, extra_body={"heavy_thinking": options})
+    # Unset options take HeavyThinkingConfig's defaults: 3 traces, no traces in the response.
+    from lcjax.serve.heavy_thinking import HeavyThinkingConfig
+    out = client.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "2+2?"}],
+                                         max_tokens=1, extra_body={"ignore_eos": True, "heavy_thinking": {}})
+    assert out.usage.completion_tokens_details.reasoning_tokens == HeavyThinkingConfig().num_traces == 3
+    assert "heavy_thinking" not in (out.model_extra or {})
     bad = post(served, "/v1/chat/completions", {"model": served.model, "messages": [{"role": "user", "content": "x"}],
                                                 "heavy_thinking": {"num_traces": 0}})
     assert bad.status_code == 400 and "num_traces" in bad.json()["error"]["param"]
