@@ -4,3 +4,10 @@ from lcjax.parallel.mesh import MESH_AXES, make_mesh
 from lcjax.parallel.rules import LOGICAL_AXIS_RULES, logical_shardings
 
 __all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "logical_shardings", "make_mesh"]
+
+# Flash Communication quantized all-reduce and the HLO byte counter its benchmarks use.
+from lcjax.parallel.collectives import dequantize_groups, quantize_groups, quantized_all_reduce
+from lcjax.parallel.hlo_bytes import collective_bytes, collective_ops
+
+__all__ += ["collective_bytes", "collective_ops", "dequantize_groups", "quantize_groups",
+            "quantized_all_reduce"]
