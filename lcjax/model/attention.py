@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
-from lcjax.model.layers import RMSNorm, declare, dtype_of, linear
+from lcjax.model.layers import O_PROJ, RMSNorm, declare, dtype_of, linear
 from lcjax.model.rope import apply_rope
 from lcjax.ops import attention as attention_op
 from lcjax.ops.quantized_matmul import weight_as
@@ -98,7 +98,7 @@ class MLA(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         out = self._attend(q, k, v, sparse, q_positions=positions, kv_positions=positions,
                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
-        y = linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt)
+        y = linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt, O_PROJ)
         return y, (latent, k_rope)
 
     def decode(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"], cache,
@@ -128,4 +128,4 @@ class MLA(nn.Module):
                                                positions, valid, sparse=sparse, loza=cfg.loza,
                                                attend=attend, scale=a.softmax_scale)
         out = jnp.einsum("BSHC,CHD->BSHD", o_lat, w_uv)
-        return linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt), cache
+        return linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt, O_PROJ), cache

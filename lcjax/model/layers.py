@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lcjax.ops import quantized_matmul
+from lcjax.parallel import context as parallel_context
+from lcjax.parallel import tensor_parallel
 from lcjax.quant import observe
 from lcjax.quant.quantizers import QTensor
 
@@ -49,15 +51,30 @@ def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[O
                         dtype_of(param_dtype))
 
 
-def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, dtype) -> Float[Array, "..."]:
+# Logical names of a row-parallel projection: (x axes, w axes, the contracted split axis).
+RowParallel = tuple[tuple[str, ...], tuple[str, ...], str]
+O_PROJ: RowParallel = (("batch", "length", "heads", "head_dim"), ("heads", "head_dim", "embed"), "heads")
+DOWN_PROJ: RowParallel = (("batch", "length", "mlp"), ("mlp", "embed"), "mlp")
+
+
+def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, dtype,
+           row_parallel: Optional[RowParallel] = None) -> Float[Array, "..."]:
     """einsum(spec, x, w) in `dtype` for the weight param `name` of `module`.
 
     A float weight runs `jnp.einsum(spec, x, w.astype(dtype))`, as it always has; a quantized
     weight (lcjax.quant.QTensor) runs the quantized matmul. While calibrating (the
     lcjax.quant.observe collections mutable) the input's statistics are recorded under `name`.
+    `row_parallel` marks a projection whose contracted dim is tensor-split: under
+    `parallel.quantized_tp_comm` its all-reduce runs quantized (lcjax.parallel.tensor_parallel).
     """
     rhs, out = spec.split(",")[1].split("->")
     observe.record(module, name, x, kdims=sum(c not in out for c in rhs))
+    if row_parallel is not None and not isinstance(w, QTensor):
+        x_axes, w_axes, contract = row_parallel
+        par = parallel_context.current()
+        if tensor_parallel.quantized_tp_axis(par, w.shape, w_axes, contract) is not None:
+            return tensor_parallel.row_parallel_einsum(spec, x.astype(dtype), w.astype(dtype), x_axes,
+                                                       w_axes, contract, par=par)
     return quantized_matmul.einsum(spec, x, w, dtype)
 
 
@@ -96,4 +113,4 @@ class SwiGLU(nn.Module):
         h_bsf = nn.silu(linear(self, "gate", "BSM,MF->BSF", x, gate, cdt))
         h_bsf = h_bsf * linear(self, "up", "BSM,MF->BSF", x, up, cdt)
         h_bsf = nn.with_logical_constraint(h_bsf, ("batch", "length", "mlp"))
-        return linear(self, "down", "BSF,FM->BSM", h_bsf, down, cdt)
+        return linear(self, "down", "BSF,FM->BSM", h_bsf, down, cdt, DOWN_PROJ)

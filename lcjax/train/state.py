@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax.config import Config
 from lcjax.model import BIAS_COLLECTION, LongCatModel
-from lcjax.parallel import logical_shardings
+from lcjax.parallel import LOGICAL_AXIS_RULES, logical_shardings, rules_for
+from lcjax.parallel.rules import Rules, mesh_axes_of
 from lcjax.train.optimizer import make_optimizer, scale_init_for_width
 
 
@@ -54,8 +55,9 @@ def abstract_state(config: Config, tx: optax.GradientTransformation) -> tuple[Tr
 
 
 def state_shardings(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    _, specs = abstract_state(config, tx)
-    return logical_shardings(specs, mesh)
+    """NamedShardings of the TrainState under `parallel.rules` (axes that don't divide dropped)."""
+    abstract, specs = abstract_state(config, tx)
+    return logical_shardings(specs, mesh, rules_for(config), abstract=abstract)
 
 
 def create_optimizer(config: Config) -> optax.GradientTransformation:
@@ -80,6 +82,7 @@ def init_state(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> 
         return jax.jit(init, out_shardings=shardings)(config.runtime.seed)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [B, S] batch split over every data-parallel axis."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert"), None))
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Rows of a [B, S] batch split over every data-parallel axis (the rules' `batch` axes)."""
+    axes = tuple(a for a in mesh_axes_of("batch", rules) if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(axes or None, None))
