@@ -1,9 +1,11 @@
 """Device meshes and the logical-axis rules that map parameter / activation names onto them."""
 
+from lcjax.parallel.distributed import initialize, is_primary
 from lcjax.parallel.mesh import MESH_AXES, make_mesh
 from lcjax.parallel.rules import LOGICAL_AXIS_RULES, logical_shardings
 
-__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "logical_shardings", "make_mesh"]
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "initialize", "is_primary", "logical_shardings",
+           "make_mesh"]
 
 # Flash Communication quantized all-reduce and the HLO byte counter its benchmarks use.
 from lcjax.parallel.collectives import dequantize_groups, quantize_groups, quantized_all_reduce
