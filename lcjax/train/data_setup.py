@@ -3,23 +3,40 @@
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from lcjax.config import Config
 from lcjax.data import (Tokenizer, iterator_state_to_json, make_eval_batches, make_iterator,
                         restore_iterator_from_json, tokenizer_for)
-from lcjax.parallel import LOGICAL_AXIS_RULES
+from lcjax.data.tokenizer import FILENAME as TOKENIZER_FILE
+from lcjax.parallel import LOGICAL_AXIS_RULES, is_primary
+from lcjax.train.state import batch_sharding
 
 _DATA_PARALLEL = ("data", "fsdp", "expert")
 
 
 def run_tokenizer(config: Config) -> Tokenizer:
-    """The run's tokenizer: loaded from run_dir, or trained on the train split and saved there."""
-    tokenizer = tokenizer_for(config.data, config.train.run_dir, config.model.vocab_size)
+    """The run's tokenizer: loaded from run_dir, or trained on the train split and saved there.
+
+    With several processes, process 0 loads or trains it and the others then read its file, so
+    train.run_dir must be on a filesystem every host sees (as orbax needs for the checkpoints).
+    """
+    run_dir = config.train.run_dir
+    tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size) if is_primary() else None
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lcjax.train: tokenizer.json saved")
+        if tokenizer is None:
+            if not os.path.isfile(os.path.join(run_dir, TOKENIZER_FILE)):
+                raise ValueError(f"train.run_dir={run_dir!r}: process {jax.process_index()} does not "
+                                 f"see the {TOKENIZER_FILE} process 0 saved there: put the run "
+                                 "directory on a filesystem every host shares")
+            tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer in {config.train.run_dir} has {tokenizer.vocab_size} tokens but "
                          f"model.vocab_size={config.model.vocab_size}: raise model.vocab_size or "
@@ -33,19 +50,49 @@ def check_batch(config: Config, mesh: Mesh) -> None:
     if config.data.global_batch % shards:
         raise ValueError(f"data.global_batch={config.data.global_batch} is not divisible by the "
                          f"{shards} data-parallel devices (mesh data x fsdp x expert): change one")
-    config.data.per_host_batch(jax.process_count())
+    host_rows(batch_sharding(mesh), config.data.global_batch)
 
 
-def train_iterator(config: Config, tokenizer: Tokenizer):
-    return make_iterator(config.data, tokenizer, "train")
+def host_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """(index, count) of this process's block of global-batch rows under `sharding`.
+
+    The data pipeline hands block `index` of `count` equal blocks to this process; processes
+    whose devices hold the same rows (batch replicated across hosts) get the same block.
+    """
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_batch, 1)).values():
+        rows.update(range(*index[0].indices(global_batch)[:2]))
+    first, size = min(rows), len(rows)
+    if rows != set(range(first, first + size)) or first % size or global_batch % size:
+        raise ValueError(f"mesh: process {jax.process_index()}'s devices hold batch rows "
+                         f"{sorted(rows)} of {global_batch}, not one aligned block: order the "
+                         "mesh's devices by process (hosts on the outer, dcn_* axes)")
+    return first // size, global_batch // size
 
 
-def eval_batches(config: Config, tokenizer: Tokenizer) -> list[dict]:
-    return make_eval_batches(config.data, tokenizer, config.train.eval_batches)
+def train_iterator(config: Config, tokenizer: Tokenizer, sharding: NamedSharding | None = None):
+    """This process's rows of each batch: its block under `sharding` (default: by process index)."""
+    index, count = _block(config, sharding)
+    return make_iterator(config.data, tokenizer, "train", host_index=index, host_count=count)
+
+
+def eval_batches(config: Config, tokenizer: Tokenizer,
+                 sharding: NamedSharding | None = None) -> list[dict]:
+    index, count = _block(config, sharding)
+    return make_eval_batches(config.data, tokenizer, config.train.eval_batches, host_index=index,
+                             host_count=count)
+
+
+def _block(config: Config, sharding: NamedSharding | None) -> tuple[int | None, int | None]:
+    return (None, None) if sharding is None else host_rows(sharding, config.data.global_batch)
 
 
 def iterator_state(iterator) -> dict:
-    """JSON-able state for the checkpoint (orbax JsonSave)."""
+    """JSON-able state for the checkpoint (orbax JsonSave, written by process 0 only).
+
+    The same on every process: each runs the whole pipeline and only slices its rows from the
+    global batch afterwards, so process 0's copy restores every process's iterator.
+    """
     return {"iterator": iterator_state_to_json(iterator)}
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lcjax.config import Config
 from lcjax.config_io import dump_config
-from lcjax.parallel import make_mesh
+from lcjax.parallel import is_primary, make_mesh
 from lcjax.train import data_setup
 from lcjax.train.checkpoint import RunCheckpoints, restore_params
 from lcjax.train.flops import device_peak_flops, train_flops_per_token
@@ -84,7 +84,8 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
     """Run (or resume) training as configured; `stop_after` ends early after that many steps."""
     cfg = config.train
     os.makedirs(cfg.run_dir, exist_ok=True)
-    dump_config(config, os.path.join(cfg.run_dir, "config.yaml"))
+    if is_primary():  # run files and console output come from process 0 only
+        dump_config(config, os.path.join(cfg.run_dir, "config.yaml"))
     tokenizer = data_setup.run_tokenizer(config)
     mesh = make_mesh(config.mesh)
     data_setup.check_batch(config, mesh)
@@ -93,7 +94,7 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
     shardings = state_shardings(config, tx, mesh)
     rows = batch_sharding(mesh)
     ckpt = RunCheckpoints(cfg.run_dir, cfg.keep_checkpoints, cfg.async_checkpoint)
-    iterator = data_setup.train_iterator(config, tokenizer)
+    iterator = data_setup.train_iterator(config, tokenizer, rows)
     latest = ckpt.latest_step() if cfg.resume else None
     if latest is not None:
         state, data_state = ckpt.restore(latest, abstract, shardings)
@@ -101,7 +102,7 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
     else:
         state = _initial_state(config, tx, mesh, shardings)
     start = int(jax.device_get(state.step))
-    eval_batches = data_setup.eval_batches(config, tokenizer)
+    eval_batches = data_setup.eval_batches(config, tokenizer, rows)
     with mesh, data_setup.axis_rules():
         step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx),
                           in_shardings=(shardings, rows), out_shardings=(shardings, None),
@@ -113,7 +114,8 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
 
 def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, ckpt, stop_after):
     cfg = config.train
-    writer = MetricsWriter(cfg.run_dir)
+    primary = is_primary()
+    writer = MetricsWriter(cfg.run_dir, enabled=primary)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     tokens_per_step = config.data.global_batch * config.data.seq_len
     peak = device_peak_flops()
@@ -121,7 +123,9 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
     writer.write(start, {"loss": initial_eval}, prefix="eval")
     losses, pending, saved = [], None, None
     # The bar shows on terminals; logs and CI get the periodic `step ...` lines instead.
-    bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if primary else True)
+    log = bar.write if primary else (lambda _: None)
     t0, zero_share, timed_from = time.perf_counter(), 0.0, start
 
     def read(step, metrics):
@@ -143,8 +147,8 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
         writer.write(step, values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
         if step % cfg.log_every == 0:
-            bar.write(f"step {step:>6}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  "
-                      f"zero-share {zero_share:.2f}  {tok_s:,.0f} tok/s")
+            log(f"step {step:>6}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  "
+                f"zero-share {zero_share:.2f}  {tok_s:,.0f} tok/s")
 
     interrupted, step = False, start
     try:
@@ -166,7 +170,7 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
             read(*pending)
     except KeyboardInterrupt:
         interrupted = True
-        bar.write(f"interrupted: saving a checkpoint at step {step}")
+        log(f"interrupted: saving a checkpoint at step {step}")
         ckpt.save(step, state, data_setup.iterator_state(iterator))
         saved = ckpt.path(step)
     finally:
