@@ -11,6 +11,10 @@ smoothing or clip search calibrate on `--quant-calib-batches` batches: the run's
 when serving a training run directory (the held-out split stays unseen, as in
 scripts/eval_quant.py), else uniform random token ids (FPTQ reports random-token calibration
 works; pass a run directory for real data). Weight-only and per-token dynamic recipes need none.
+
+Multi-host serving of one model is not supported yet: the multi-host flags (and LCJAX_*/JAX_*
+env vars) are read as in `python -m lcjax.train`, and a launch that joins more than one process
+exits with an error; `--distributed off` serves a full replica on each host's own devices.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 from typing import Any, NamedTuple, Optional, Sequence
 
 from lcjax.config import Config
+from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
 
 PREFIX = "lcjax.serve:"
 
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds running requests get to finish on Ctrl-C (default 30)")
     http.add_argument("--log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug"))
+    add_distributed_flags(p)
     return p
 
 
@@ -182,6 +188,18 @@ def warmup(engine) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:  # first: jax.distributed must start before anything touches a device
+        joined = initialize_from_flags(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if joined:
+        import jax
+
+        if jax.process_count() > 1:
+            print(f"{PREFIX} error: multi-host serving is not supported yet ({jax.process_count()} "
+                  "processes joined); serve from one host, or pass --distributed off to serve a "
+                  "replica on each host's own devices", file=sys.stderr)
+            return 2
     if args.quant is not None:
         from lcjax.quant.recipes import get_recipe
 
