@@ -156,3 +156,15 @@ def shard_bytes(abstract: Any, mesh_specs: Any, axis_sizes: Mapping[str, int]) -
 def axis_rules(rules: Union[Rules, None] = None):
     """Context in which the model's logical activation constraints resolve onto the mesh."""
     return nn.logical_axis_rules(LOGICAL_AXIS_RULES if rules is None else rules)
+
+
+def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for a decode cache (lcjax.model.ModelCache, or any tree of [B, ...] leaves).
+
+    Rows follow the batch rule; the MLA latent is shared by every head, so its feature dims stay
+    whole on each tensor-parallel device (as vLLM / SGLang keep the MLA cache under TP).
+    """
+    def one(leaf):
+        spec = resolve_spec(leaf.shape, ("batch",) + (None,) * (leaf.ndim - 1), dict(mesh.shape), rules)
+        return NamedSharding(mesh, spec)
+    return jax.tree.map(one, cache)
