@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax.config_io import load_config, resolve_config_path
-from lcjax.parallel import make_mesh
-from lcjax.train.data_setup import axis_rules
+from lcjax.parallel import make_mesh, rules_for, use_parallelism
 from lcjax.train.flops import device_peak_flops, train_flops_per_token
 from lcjax.train.state import batch_sharding, create_optimizer, init_state, state_shardings
 from lcjax.train.step import train_step
@@ -58,12 +57,12 @@ def main() -> None:
     mesh = make_mesh(config.mesh)
     tx = create_optimizer(config)
     shardings = state_shardings(config, tx, mesh)
-    rows = batch_sharding(mesh)
+    rows = batch_sharding(mesh, rules_for(config))
     state = init_state(config, tx, mesh)
     rng = np.random.default_rng(0)
     batch = {k: jax.device_put(v, rows) for k, v in
              synthetic_batch(rng, args.batch, args.seq, config.model.vocab_size).items()}
-    with mesh, axis_rules():
+    with use_parallelism(mesh, config.parallel):
         step = jax.jit(functools.partial(train_step, config=config, tx=tx),
                        in_shardings=(shardings, rows), out_shardings=(shardings, None), donate_argnums=0)
         t = time.perf_counter()

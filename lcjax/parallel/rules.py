@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -151,11 +151,6 @@ def shard_bytes(abstract: Any, mesh_specs: Any, axis_sizes: Mapping[str, int]) -
                  for d, s in zip(leaf.shape, tuple(spec) + (None,) * (leaf.ndim - len(spec)))]
         total += math.prod(shard) * leaf.dtype.itemsize
     return total
-
-
-def axis_rules(rules: Union[Rules, None] = None):
-    """Context in which the model's logical activation constraints resolve onto the mesh."""
-    return nn.logical_axis_rules(LOGICAL_AXIS_RULES if rules is None else rules)
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:

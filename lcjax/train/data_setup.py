@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -15,10 +14,8 @@ from lcjax.config import Config
 from lcjax.data import (Tokenizer, iterator_state_to_json, make_eval_batches, make_iterator,
                         restore_iterator_from_json, tokenizer_for)
 from lcjax.data.tokenizer import FILENAME as TOKENIZER_FILE
-from lcjax.parallel import LOGICAL_AXIS_RULES, is_primary
+from lcjax.parallel import is_primary, rules_for
 from lcjax.train.state import batch_sharding
-
-_DATA_PARALLEL = ("data", "fsdp", "expert")
 
 
 def run_tokenizer(config: Config) -> Tokenizer:
@@ -46,11 +43,14 @@ def run_tokenizer(config: Config) -> Tokenizer:
 
 def check_batch(config: Config, mesh: Mesh) -> None:
     """global_batch must split over the data-parallel devices (and the hosts)."""
-    shards = math.prod(mesh.shape[a] for a in _DATA_PARALLEL)
+    rows = batch_sharding(mesh, rules_for(config))
+    axes = rows.spec[0] or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(mesh.shape[a] for a in axes)
     if config.data.global_batch % shards:
         raise ValueError(f"data.global_batch={config.data.global_batch} is not divisible by the "
-                         f"{shards} data-parallel devices (mesh data x fsdp x expert): change one")
-    host_rows(batch_sharding(mesh), config.data.global_batch)
+                         f"{shards} data-parallel devices (mesh {' x '.join(axes)}): change one")
+    host_rows(rows, config.data.global_batch)
 
 
 def host_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
@@ -103,8 +103,3 @@ def restore_iterator(iterator, state: dict) -> None:
 def to_global(batch: dict, sharding: NamedSharding) -> dict:
     """This host's rows of each [B, S] array -> one global array sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def axis_rules():
-    """Context in which the model's logical activation constraints resolve onto the mesh."""
-    return nn.logical_axis_rules(LOGICAL_AXIS_RULES)

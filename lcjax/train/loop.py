@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lcjax.config import Config
 from lcjax.config_io import dump_config
-from lcjax.parallel import is_primary, make_mesh
+from lcjax.parallel import is_primary, make_mesh, rules_for, use_parallelism
 from lcjax.train import data_setup
 from lcjax.train.checkpoint import RunCheckpoints, restore_params
 from lcjax.train.flops import device_peak_flops, train_flops_per_token
@@ -92,7 +92,7 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
     tx = create_optimizer(config)
     abstract, _ = abstract_state(config, tx)
     shardings = state_shardings(config, tx, mesh)
-    rows = batch_sharding(mesh)
+    rows = batch_sharding(mesh, rules_for(config))
     ckpt = RunCheckpoints(cfg.run_dir, cfg.keep_checkpoints, cfg.async_checkpoint)
     iterator = data_setup.train_iterator(config, tokenizer, rows)
     latest = ckpt.latest_step() if cfg.resume else None
@@ -103,7 +103,7 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
         state = _initial_state(config, tx, mesh, shardings)
     start = int(jax.device_get(state.step))
     eval_batches = data_setup.eval_batches(config, tokenizer, rows)
-    with mesh, data_setup.axis_rules():
+    with use_parallelism(mesh, config.parallel):  # mesh, rules, EP / quantized TP comm
         step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx),
                           in_shardings=(shardings, rows), out_shardings=(shardings, None),
                           donate_argnums=0)
