@@ -8,14 +8,17 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu 
          "sigma tau upsilon phi chi psi omega def return class import yield lambda").split()
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """60 small documents of pseudo-code-like text, one per file."""
-    root = tmp_path_factory.mktemp("corpus")
+def write_corpus(root) -> str:
+    """60 small documents of pseudo-code-like text, one per file under `root`; returns the glob."""
     for i in range(60):
         words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(40 + i % 17)]
         (root / f"doc{i:03d}.txt").write_text(" ".join(words) + "\n")
     return str(root / "*.txt")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def train_config(corpus: str, run_dir, *overrides: str):

@@ -19,7 +19,7 @@ from lcjax.parallel import logical_shardings, use_parallelism
 from lcjax.train import loop
 
 from .conftest import mesh_of
-from tests.train.conftest import WORDS, train_config
+from tests.train.conftest import train_config, write_corpus
 
 MODES = ("none", "int8", "int6", "int4")
 
@@ -28,10 +28,7 @@ MODES = ("none", "int8", "int6", "int4")
 def trained(tmp_path_factory):
     """The tiny model trained 25 steps; returns (corpus glob, run dir)."""
     root = tmp_path_factory.mktemp("tp")
-    for i in range(60):
-        words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(40 + i % 17)]
-        (root / f"doc{i:03d}.txt").write_text(" ".join(words) + "\n")
-    corpus, run = str(root / "*.txt"), root / "run"
+    corpus, run = write_corpus(root), root / "run"
     loop.train(_config(corpus, run, "none"))  # exact TP comm on the data=2 x tensor=4 mesh
     return corpus, run
 
