@@ -83,10 +83,11 @@ def _free_port() -> int:
 
 def _start(args, devices: int, log_dir, name: str, cache_dir=None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    env.update(XLA_FLAGS=env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", LCJAX_TYPECHECK="0")
+    flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", LCJAX_TYPECHECK="0")
     if cache_dir:  # the resumed pair reuses the first pair's executables (same mesh, same shapes)
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
         return subprocess.Popen([sys.executable, "-m", "lcjax.train", *args], env=env, cwd=ROOT,
                                 stdout=out, stderr=err)
@@ -112,10 +113,13 @@ def _wait(procs: dict, log_dir, timeout: float) -> None:
 
 
 def _pair(yaml, run_dir, log_dir, tag: str, cache_dir) -> dict:
+    """Two processes of 2 devices, the hosts on the DCN part of `data` (hybrid mesh, as on a
+    cluster)."""
     address = f"127.0.0.1:{_free_port()}"
     return {f"{tag}{i}": _start(["--config", str(yaml), "--coordinator-address", address,
                                  "--num-processes", "2", "--process-id", str(i),
-                                 f"train.run_dir={run_dir}"], 2, log_dir, f"{tag}{i}", cache_dir)
+                                 f"train.run_dir={run_dir}", "mesh.data=1", "mesh.dcn_data=2"],
+                                2, log_dir, f"{tag}{i}", cache_dir)
             for i in (0, 1)}
 
 
