@@ -2,6 +2,9 @@
 
 CheckpointManager writes each step to a temporary directory and renames it when complete, so a
 run killed mid-save leaves the previous checkpoint intact; `latest_step` only sees finished ones.
+In a multi-process run every process calls save / restore and orbax coordinates them through
+jax.distributed: each process writes and reads its own array shards, process 0 the data-iterator
+JSON (identical on every process) and the commit; the directory must be shared by all hosts.
 """
 
 from __future__ import annotations
