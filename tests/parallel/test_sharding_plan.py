@@ -37,10 +37,10 @@ def test_resolution_follows_rule_order_and_drops_axes_that_do_not_divide():
     assert resolve_spec((512, 6144, 2048), ("experts", "embed", "expert_mlp"), sizes, rules) == \
         P("expert", "fsdp", "tensor")
     assert resolve_spec((6144, 12288), ("embed", "mlp"), sizes, rules) == P(("fsdp", "expert"), "tensor")
-    # 769 n-gram rows, a batch of 4 rows on 64 data-parallel devices: keep what divides
-    assert resolve_spec((769, 12), ("ngram_rows", "ngram_dim"), sizes, rules) == P(None, None)
-    assert resolve_spec((4, 16, 6144), ("batch", "length", "embed"), sizes, rules) == P(("data",), None, None) or \
-        resolve_spec((4, 16, 6144), ("batch", "length", "embed"), sizes, rules) == P("data", None, None)
+    # 769 n-gram rows and 12 columns (fsdp x expert = 32 does not divide 12, fsdp = 4 does),
+    # a batch of 4 rows on 64 data-parallel devices: keep what divides
+    assert resolve_spec((769, 12), ("ngram_rows", "ngram_dim"), sizes, rules) == P(None, "fsdp")
+    assert resolve_spec((4, 16, 6144), ("batch", "length", "embed"), sizes, rules) == P("data", None, None)
     assert resolve_spec((6, 8), ("embed", "vocab"), {"fsdp": 4, "tensor": 1}, rules) == P(None, None)
 
 
@@ -98,3 +98,20 @@ def test_560b_fits_80gb_per_device_on_256_chips(preset, capsys):
     gate = specs.params["layers"]["moe"]["gate"]
     split = math.prod(sizes[a] for s in gate for a in ((s,) if isinstance(s, str) else s or ()))
     assert split == 256, gate
+
+
+def test_flash_lite_ngram_tables_split_by_column():
+    """Flash-Lite's 31B n-gram table params (odd row counts) shard by column, not replicate."""
+    config = load_config(resolve_config_path("longcat_flash_lite"), ["parallel.rules=fsdp"])
+    sizes = dict(abstract_mesh(MeshConfig(data=1, fsdp=-1), 64).shape)
+    state, logical = abstract_state(config, create_optimizer(config))
+    specs = resolve_specs(state, logical, sizes, load_rules("fsdp"))
+    ngram = state.params["embed"]["ngram"]
+    tables = [k for k in ngram if k.startswith("table_")]
+    assert len(tables) == config.model.ngram.num_tables
+    for name in tables:
+        assert ngram[name].shape[0] % 2 == 1  # odd rows: only the columns can split
+        assert specs.params["embed"]["ngram"][name] == P(None, "fsdp")
+    state_bytes = shard_bytes(state, specs, sizes)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    assert state_bytes < 1.05 * 12 * total / 64  # within 5% of a perfect 64-way split
