@@ -29,9 +29,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 
@@ -69,25 +67,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcjax.parallel.collectives import (dequantize_groups, quantize_groups,  # noqa: E402
                                         quantized_all_reduce)
 from lcjax.parallel.hlo_bytes import collective_bytes  # noqa: E402
+from pallas_kernels.timing import time_pipelined  # noqa: E402
 
 # name -> per-device partial sum [rows, cols] (tokens x model width of a TP all-reduce)
 SIZES = {"1k x 4k": (1024, 4096), "4k x 6k": (4096, 6144), "8k x 8k": (8192, 8192)}
 SMOKE_SIZES = {"8 x 4k": (8, 4096), "64 x 4k": (64, 4096), "24 x 1000": (24, 1000)}
 MODES = ("int8", "int6", "int4")
-
-
-def time_pipelined(fn, args, calls: int, repeats: int) -> float:
-    """Seconds per call: `calls` calls issued back to back, one sync; median of `repeats`."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    per_call = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
 
 
 def reduce_fn(mesh, op):

@@ -19,9 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -30,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels.grouped_matmul import api  # noqa: E402
+from pallas_kernels.timing import time_pipelined  # noqa: E402
 
 # name -> (T rows = tokens * top_k, E experts, K in, N out)
 SHAPES = {"16k": (16384, 64, 2048, 1024), "64k": (65536, 64, 4096, 2048)}
@@ -49,20 +48,6 @@ def group_sizes(rows: int, groups: int, kind: str, zipf_exponent: float, seed: i
         sizes = rng.permutation(sizes)
     sizes[np.argmax(sizes)] += rows - sizes.sum()  # exactly `rows` rows
     return jnp.asarray(sizes, jnp.int32)
-
-
-def time_pipelined(fn, args, calls: int, repeats: int) -> float:
-    """Seconds per call: `calls` calls issued back to back, one sync; median of `repeats`."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    per_call = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
 
 
 def _forward(fn):

@@ -25,9 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -36,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels.quant_matmul import api, reference  # noqa: E402
+from pallas_kernels.timing import time_pipelined  # noqa: E402
 
 # name -> (M, K, N)
 SHAPES = {"8192^3": (8192, 8192, 8192), "decode_m1": (1, 8192, 28672),
@@ -56,20 +55,6 @@ MODES = {
 SHAPE_MODES = {"8192^3": ("w8a8", "w4a8_int_g128", "w4a8_float_g128"),
                "decode": tuple(MODES)}
 KERNEL_BACKENDS = ("pallas_gpu", "triton", "pallas_tpu")
-
-
-def time_pipelined(fn, args, calls: int, repeats: int) -> float:
-    """Seconds per call: `calls` calls issued back to back, one sync; median of `repeats`."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    per_call = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
 
 
 def make_inputs(mode: str, m: int, k: int, n: int, seed: int = 0) -> dict:
