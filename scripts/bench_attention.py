@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -37,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.block_sparse_attention import api, masks  # noqa: E402
+from pallas_kernels.timing import time_pipelined  # noqa: E402
 
 FWD_BWD_FLOP_FACTOR = 3.5
 
@@ -52,20 +50,6 @@ def allowed_pairs(layout: masks.Layout, s_len: int) -> int:
         k = np.arange(j * block, min((j + 1) * block, s_len))[None, :]
         partial += int(layout._allowed(q, k, np).sum())
     return full + partial
-
-
-def time_fn(fn, args, calls: int, repeats: int) -> float:
-    """Median seconds per call: `calls` calls back to back, one sync, `repeats` times."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
 
 
 def make_fn(impl: str, layout: masks.Layout, mode: str, causal: bool):
@@ -118,7 +102,7 @@ def run(args) -> list[dict]:
                                batch=args.batch, heads=args.heads, dim=args.dim,
                                dtype=dtype.name, allowed_pairs=pairs)
                     try:
-                        seconds = time_fn(fn, (q, k, v), args.calls, args.repeats)
+                        seconds = time_pipelined(fn, (q, k, v), args.calls, args.repeats)
                         row.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
                     except Exception as e:  # report and keep going: one table per process
                         row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
@@ -144,7 +128,7 @@ def search(args) -> list[dict]:
         row = dict(impl="pallas_gpu", layout="causal", s_len=s_len, mode="fwd",
                    config=str(config))
         try:
-            seconds = time_fn(fn, (q, k, v), args.calls, args.repeats)
+            seconds = time_pipelined(fn, (q, k, v), args.calls, args.repeats)
             row.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
         except Exception as e:
             row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
