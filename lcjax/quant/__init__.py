@@ -11,6 +11,7 @@ The model imports `lcjax.quant.quantizers` (through lcjax.ops), and `apply` / `c
 the model, so those names load lazily here (PEP 562) to keep the import graph acyclic.
 """
 
+from lcjax.lazy import lazy_getattr
 from lcjax.quant.quantizers import (QTensor, dequantize, pack_int4, quantize_per_token,
                                     quantize_static, quantize_weight, unpack_int4)
 
@@ -24,14 +25,7 @@ _LAZY = {
     "save_quantized": "lcjax.quant.checkpoint",
     "load_quantized": "lcjax.quant.checkpoint",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lcjax.quant' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["QTensor", "dequantize", "pack_int4", "quantize_per_token", "quantize_static",

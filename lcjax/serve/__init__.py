@@ -11,6 +11,8 @@
 The names load lazily (PEP 562): importing one submodule (cli) does not import them all.
 """
 
+from lcjax.lazy import lazy_getattr
+
 _LAZY = {
     "Engine": "lcjax.serve.engine",
     "EngineConfig": "lcjax.serve.engine",
@@ -19,14 +21,7 @@ _LAZY = {
     "AsyncEngine": "lcjax.serve.async_engine",
     "build_app": "lcjax.serve.api",
 }
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lcjax.serve' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)
