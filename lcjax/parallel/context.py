@@ -17,7 +17,7 @@ import flax.linen as nn
 from jax.sharding import Mesh, PartitionSpec
 
 from lcjax.config import ParallelConfig
-from lcjax.parallel.rules import Rules, load_rules, resolve_spec
+from lcjax.parallel.rules import Rules, axis_tuple, load_rules, resolve_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Parallelism:
         """Per dim of an array, the mesh axes it is split over (empty tuple: not split)."""
         spec = tuple(self.spec(shape, logical))
         spec += (None,) * (len(shape) - len(spec))
-        return [() if p is None else (p,) if isinstance(p, str) else tuple(p) for p in spec]
+        return [axis_tuple(p) for p in spec]
 
 
 _CURRENT: contextvars.ContextVar[Optional[Parallelism]] = contextvars.ContextVar(

@@ -24,15 +24,12 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from lcjax.parallel.context import Parallelism
+from lcjax.parallel.rules import spec_entry
 
 EXPERT_AXIS = "expert"
 
 # experts_fn(rows [N, M], local expert id [N] (= E_local: empty row), gate, up, down) -> [N, M]
 ExpertsFn = Callable[..., jax.Array]
-
-
-def _flat(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def _to_varying(x, axes: tuple[str, ...]):
@@ -88,8 +85,8 @@ def expert_parallel_moe(x: Float[Array, "B S M"], ids: Int[Array, "B S K"], weig
     the router's combine weights. Costs two all-to-alls of [P, C, M] rows per device.
     """
     factor = par.config.expert_capacity_factor
-    row_spec = P(_flat(batch_axes), None, None)
-    w_in, w_out = P(EXPERT_AXIS, None, _flat(mlp_axes)), P(EXPERT_AXIS, _flat(mlp_axes), None)
+    row_spec = P(spec_entry(batch_axes), None, None)
+    w_in, w_out = P(EXPERT_AXIS, None, spec_entry(mlp_axes)), P(EXPERT_AXIS, spec_entry(mlp_axes), None)
 
     # Weights are replicated over the other batch axes; marking them varying there makes their
     # gradient a psum over those axes (pcast's transpose), as the grouped matmul's VJP expects.

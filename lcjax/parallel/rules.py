@@ -15,7 +15,6 @@ import math
 import pathlib
 from typing import Any, Mapping, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -74,15 +73,21 @@ def rules_for(config) -> Rules:
 LOGICAL_AXIS_RULES: Rules = load_rules(DEFAULT_RULES)
 
 
-def _axis_tuple(axes) -> tuple[str, ...]:
+def axis_tuple(axes) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, one mesh axis, or several) as a tuple of mesh axes."""
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def spec_entry(axes: Sequence[str]):
+    """The inverse of axis_tuple: () -> None, (a,) -> a, (a, b) -> (a, b)."""
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def mesh_axes_of(logical: str, rules: Rules = LOGICAL_AXIS_RULES) -> tuple[str, ...]:
     """Mesh axes of a logical name on its own (its first rule), e.g. batch -> (data, fsdp, expert)."""
     for name, axes in rules:
         if name == logical:
-            return _axis_tuple(axes)
+            return axis_tuple(axes)
     return ()
 
 
@@ -98,7 +103,7 @@ def resolve_spec(shape: Sequence[int], logical: Sequence[Optional[str]], axis_si
     used: set[str] = set()
     names = list(logical)
     for rule_name, axes in rules:
-        axes = _axis_tuple(axes)
+        axes = axis_tuple(axes)
         if rule_name not in names:
             continue
         pos = names.index(rule_name)
@@ -113,7 +118,7 @@ def resolve_spec(shape: Sequence[int], logical: Sequence[Optional[str]], axis_si
             if size > 1 and dim % (split * size) == 0:
                 kept.append(axis)
                 split *= size
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        out.append(spec_entry(kept))
     return PartitionSpec(*out)
 
 
@@ -130,15 +135,10 @@ def resolve_specs(abstract: Any, logical_specs: Any, axis_sizes: Mapping[str, in
     return jax.tree.map(one, abstract, logical_specs, is_leaf=lambda x: _is_spec(x) or x is None)
 
 
-def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES,
-                      abstract: Any = None) -> Any:
-    """NamedShardings for a tree of logical PartitionSpecs (from `nn.get_partition_spec`).
-
-    With `abstract` (the matching tree of shapes) mesh axes that do not divide a dim are dropped;
-    without it the specs resolve as flax does (every dim must then divide).
-    """
-    if abstract is None:
-        return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES, *,
+                      abstract: Any) -> Any:
+    """NamedShardings for a tree of logical PartitionSpecs (from `nn.get_partition_spec`) and
+    the matching tree of shapes `abstract` (mesh axes that do not divide a dim are dropped)."""
     specs = resolve_specs(abstract, logical_specs, dict(mesh.shape), rules)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
@@ -147,7 +147,7 @@ def shard_bytes(abstract: Any, mesh_specs: Any, axis_sizes: Mapping[str, int]) -
     """Bytes one device holds of a tree of arrays sharded by `mesh_specs` (ceil per dim)."""
     total = 0
     for leaf, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(mesh_specs, is_leaf=_is_spec)):
-        shard = [math.ceil(d / math.prod(axis_sizes[a] for a in _axis_tuple(s)))
+        shard = [math.ceil(d / math.prod(axis_sizes[a] for a in axis_tuple(s)))
                  for d, s in zip(leaf.shape, tuple(spec) + (None,) * (leaf.ndim - len(spec)))]
         total += math.prod(shard) * leaf.dtype.itemsize
     return total

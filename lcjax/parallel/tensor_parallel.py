@@ -17,10 +17,7 @@ from jaxtyping import Array, Float
 
 from lcjax.parallel.collectives import quantized_all_reduce
 from lcjax.parallel.context import Parallelism, current
-
-
-def _flat(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
+from lcjax.parallel.rules import spec_entry
 
 
 def quantized_tp_axis(par: Optional[Parallelism], w_shape: Sequence[int],
@@ -47,7 +44,7 @@ def row_parallel_einsum(spec: str, x: Float[Array, "..."], w: Float[Array, "..."
     if axis is None:
         return jnp.einsum(spec, x, w)
     cfg = par.config
-    batch = _flat(par.dim_axes(x.shape[:1], ("batch",))[0])
+    batch = spec_entry(par.dim_axes(x.shape[:1], ("batch",))[0])
     x_spec = P(*[batch if i == 0 else axis if name == contract else None
                  for i, name in enumerate(x_logical)])
     w_spec = P(*[axis if name == contract else None for name in w_logical])

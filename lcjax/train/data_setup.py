@@ -15,7 +15,7 @@ from lcjax.data import (Tokenizer, iterator_state_to_json, make_eval_batches, ma
                         restore_iterator_from_json, tokenizer_for)
 from lcjax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from lcjax.parallel import is_primary, rules_for
-from lcjax.train.state import batch_sharding
+from lcjax.train.state import batch_axes, batch_sharding
 
 
 def run_tokenizer(config: Config) -> Tokenizer:
@@ -43,14 +43,12 @@ def run_tokenizer(config: Config) -> Tokenizer:
 
 def check_batch(config: Config, mesh: Mesh) -> None:
     """global_batch must split over the data-parallel devices (and the hosts)."""
-    rows = batch_sharding(mesh, rules_for(config))
-    axes = rows.spec[0] or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = batch_axes(mesh, rules_for(config))
     shards = math.prod(mesh.shape[a] for a in axes)
     if config.data.global_batch % shards:
         raise ValueError(f"data.global_batch={config.data.global_batch} is not divisible by the "
                          f"{shards} data-parallel devices (mesh {' x '.join(axes)}): change one")
-    host_rows(rows, config.data.global_batch)
+    host_rows(batch_sharding(mesh, rules_for(config)), config.data.global_batch)
 
 
 def host_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:

@@ -82,7 +82,11 @@ def init_state(config: Config, tx: optax.GradientTransformation, mesh: Mesh) -> 
         return jax.jit(init, out_shardings=shardings)(config.runtime.seed)
 
 
+def batch_axes(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """The data-parallel mesh axes: the rules' `batch` axes present in `mesh`."""
+    return tuple(a for a in mesh_axes_of("batch", rules) if a in mesh.shape)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
     """Rows of a [B, S] batch split over every data-parallel axis (the rules' `batch` axes)."""
-    axes = tuple(a for a in mesh_axes_of("batch", rules) if a in mesh.shape)
-    return NamedSharding(mesh, PartitionSpec(axes or None, None))
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules) or None, None))
