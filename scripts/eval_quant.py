@@ -1,4 +1,4 @@
-"""Held-out perplexity of a trained run under each quantization recipe (issue 7, part 4).
+"""Held-out perplexity of a trained run under each quantization recipe.
 
     python -m lcjax.train                      # the default run -> runs/stdlib_tiny
     python scripts/eval_quant.py --run runs/stdlib_tiny --group-size 8 --json quant_quality.json

@@ -1,4 +1,4 @@
-"""Post-training quantization of LongCat models (issue 7): quantizers, recipes, calibration.
+"""Post-training quantization of LongCat models: quantizers, recipes, calibration.
 
 - quantizers: `QTensor` (the quantized weight leaf the model runs), int8/int4 (packed) weights
   per tensor / channel / group, symmetric or asymmetric; per-token and static int8 activations.

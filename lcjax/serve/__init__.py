@@ -1,4 +1,4 @@
-"""Serving LongCat models (issue 6): `python -m lcjax.serve`, an OpenAI-compatible server.
+"""Serving LongCat models: `python -m lcjax.serve`, an OpenAI-compatible server.
 
 - engine: `Engine` / `EngineConfig`, continuous batching over the paged MLA cache (kv_cache),
   with the jitted prefill / decode / MTP speculative steps in runner and sampling in sampling.
