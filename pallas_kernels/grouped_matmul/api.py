@@ -12,12 +12,13 @@ Every backend is differentiated by the same custom VJP, built from its own two k
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from pallas_kernels.registry import Registry
 
 # Every name a backend may register under; modules are <name>.py in this package.
 KNOWN_IMPLEMENTATIONS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
@@ -28,38 +29,23 @@ _DEFAULT_ORDER = {
 }
 SUPPORTED_KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
 
-_IMPLEMENTATIONS: dict[str, ModuleType] = {}
-_UNAVAILABLE: dict[str, str] = {}  # name -> why its import failed
-
-for _name in KNOWN_IMPLEMENTATIONS:
-    try:
-        _IMPLEMENTATIONS[_name] = importlib.import_module(f"{__package__}.{_name}")
-    except ImportError as e:  # its optional dependency (jax-triton, a GPU jaxlib) is missing
-        _UNAVAILABLE[_name] = f"{type(e).__name__}: {e}"
+# Backends are modules <name>.py here (the module itself is registered).
+REGISTRY = Registry(__package__, KNOWN_IMPLEMENTATIONS, _DEFAULT_ORDER)
 
 
 def available_implementations() -> tuple[str, ...]:
     """Registered backends, in KNOWN_IMPLEMENTATIONS order."""
-    return tuple(n for n in KNOWN_IMPLEMENTATIONS if n in _IMPLEMENTATIONS)
+    return REGISTRY.available()
 
 
 def default_order(platform: str | None = None) -> tuple[str, ...]:
     """Registered backends tried by `implementation=None` on `platform` (default: jax's)."""
-    platform = jax.default_backend() if platform is None else platform
-    return tuple(n for n in _DEFAULT_ORDER.get(platform, ("xla",)) if n in _IMPLEMENTATIONS)
+    return REGISTRY.default_order(platform)
 
 
 def backend_module(implementation: str) -> ModuleType:
     """The module of a registered backend (its Config, default_config, search_space, kernels)."""
-    if implementation not in KNOWN_IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is not one of "
-                         f"{KNOWN_IMPLEMENTATIONS} (or None for the default)")
-    if implementation not in _IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not available here "
-            f"({_UNAVAILABLE.get(implementation, 'not registered')}); available: "
-            f"{available_implementations()}")
-    return _IMPLEMENTATIONS[implementation]
+    return REGISTRY.get(implementation)
 
 
 def gmm(
@@ -124,18 +110,12 @@ def tgmm(
 def _choose(implementation, lhs, rhs, out_dtype, config) -> ModuleType:
     """The backend to run: the named one (or its NotImplementedError), else the first in the
     default order whose check passes."""
-    if implementation is not None:
-        backend = backend_module(implementation)
+
+    def attempt(name, backend):
         backend.check(lhs, rhs, out_dtype=out_dtype, config=config)
         return backend
-    order = default_order()
-    for name in order[:-1]:
-        try:
-            _IMPLEMENTATIONS[name].check(lhs, rhs, out_dtype=out_dtype, config=None)
-        except NotImplementedError:
-            continue  # this backend cannot run the case; the next one in the order may
-        return _IMPLEMENTATIONS[name]
-    return _IMPLEMENTATIONS[order[-1]]
+
+    return REGISTRY.select(implementation, attempt)
 
 
 def _differentiable_gmm(backend: ModuleType, out_dtype, config):

@@ -153,7 +153,7 @@ def _run(path: str, names: list[str]) -> None:
     from pallas_kernels.grouped_matmul import api
     # Register the backend as api.py does when jax-triton imports (it did not, at import time).
     triton_backend = importlib.import_module("pallas_kernels.grouped_matmul.triton")
-    api._IMPLEMENTATIONS["triton"] = triton_backend
+    api.REGISTRY.implementations["triton"] = triton_backend
 
     config = triton_backend.Config(**BLOCKS)
 
