@@ -10,52 +10,49 @@ back to another.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
+from types import ModuleType
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.block_sparse_attention.masks import Layout
 from pallas_kernels.block_sparse_attention.reference import attention_reference
+from pallas_kernels.registry import Registry
 
-# Backends with kernels; modules are <name>.py in this package. Each also registers
-# "<name>_interpret": the same kernels run by an interpreter (CPU CI runs this).
-_KERNEL_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
-# Every name a backend may register under.
-KNOWN_IMPLEMENTATIONS = _KERNEL_BACKENDS + ("xla",) + tuple(
-    f"{name}_interpret" for name in _KERNEL_BACKENDS)
+# Every backend: "xla" is the reference; the others are modules <name>.py in this package, each
+# with `block_sparse_attention(q, k, v, ..., interpret=False)`.
+BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
+# Backends that also register "<name>_interpret": the same kernels run by an interpreter (CPU CI).
+INTERPRET_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
 _DEFAULT_ORDER = {
     "tpu": ("pallas_tpu", "xla"),
     "gpu": ("pallas_gpu", "triton", "xla"),
 }
 
-_IMPLEMENTATIONS: dict[str, Callable] = {"xla": attention_reference}
-_UNAVAILABLE: dict[str, str] = {}  # name -> why its import failed
 
-for _name in _KERNEL_BACKENDS:
-    try:
-        _module = importlib.import_module(f"{__package__}.{_name}")
-    except ImportError as e:  # its optional dependency is missing
-        _UNAVAILABLE[_name] = _UNAVAILABLE[f"{_name}_interpret"] = f"{type(e).__name__}: {e}"
-    else:
-        _IMPLEMENTATIONS[_name] = _module.block_sparse_attention
-        _IMPLEMENTATIONS[f"{_name}_interpret"] = functools.partial(
-            _module.block_sparse_attention, interpret=True)
+def _load(module: ModuleType, interpret: bool) -> Callable:
+    if interpret:
+        return functools.partial(module.block_sparse_attention, interpret=True)
+    return module.block_sparse_attention
+
+
+REGISTRY = Registry(__package__, BACKENDS, _DEFAULT_ORDER, interpret=INTERPRET_BACKENDS,
+                    load=_load, builtin={"xla": attention_reference})
+# Every name a backend may register under.
+KNOWN_IMPLEMENTATIONS = REGISTRY.names
 
 
 def available_implementations() -> tuple[str, ...]:
     """Registered backends, in KNOWN_IMPLEMENTATIONS order."""
-    return tuple(n for n in KNOWN_IMPLEMENTATIONS if n in _IMPLEMENTATIONS)
+    return REGISTRY.available()
 
 
 def default_order(platform: str | None = None) -> tuple[str, ...]:
     """Registered backends tried by `implementation=None` on `platform` (default: jax's)."""
-    platform = jax.default_backend() if platform is None else platform
-    return tuple(n for n in _DEFAULT_ORDER.get(platform, ("xla",)) if n in _IMPLEMENTATIONS)
+    return REGISTRY.default_order(platform)
 
 
 def block_sparse_attention(
@@ -94,27 +91,7 @@ def block_sparse_attention(
     kwargs = dict(layout=layout, q_positions=q_positions, kv_positions=kv_positions,
                   q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
                   return_lse=return_lse)
-    if implementation is not None:
-        return _lookup(implementation)(q, k, v, **kwargs)
-    order = default_order()
-    for name in order[:-1]:
-        try:
-            return _IMPLEMENTATIONS[name](q, k, v, **kwargs)
-        except NotImplementedError:
-            continue  # this backend cannot run the case; the next one in the order may
-    return _IMPLEMENTATIONS[order[-1]](q, k, v, **kwargs)
-
-
-def _lookup(implementation) -> Callable:
-    if implementation not in KNOWN_IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is not one of "
-                         f"{KNOWN_IMPLEMENTATIONS} (or None for the default)")
-    if implementation not in _IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not available here "
-            f"({_UNAVAILABLE.get(implementation, 'not registered')}); available: "
-            f"{available_implementations()}")
-    return _IMPLEMENTATIONS[implementation]
+    return REGISTRY.select(implementation, lambda name, backend: backend(q, k, v, **kwargs))
 
 
 def _validate(q, k, v, layout, q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale,

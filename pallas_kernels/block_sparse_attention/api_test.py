@@ -22,7 +22,7 @@ def _shapes(q=_Q, k=_K, v=_V, **kwargs):
 
 def _spy(monkeypatch, name, fail=False):
     calls = []
-    real = api._IMPLEMENTATIONS.get(name, api.attention_reference)
+    real = api.REGISTRY.implementations.get(name, api.attention_reference)
 
     def backend(*args, **kwargs):
         calls.append(name)
@@ -30,7 +30,7 @@ def _spy(monkeypatch, name, fail=False):
             raise NotImplementedError(f"{name} cannot run this case")
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(api._IMPLEMENTATIONS, name, backend)
+    monkeypatch.setitem(api.REGISTRY.implementations, name, backend)
     return calls
 
 
@@ -51,7 +51,7 @@ def test_default_runs_xla_on_cpu(monkeypatch):
 def test_default_skips_a_backend_that_cannot_run_the_case(monkeypatch):
     fake = _spy(monkeypatch, "pallas_gpu", fail=True)
     xla = _spy(monkeypatch, "xla")
-    monkeypatch.setitem(api._DEFAULT_ORDER, jax.default_backend(), ("pallas_gpu", "xla"))
+    monkeypatch.setitem(api.REGISTRY.orders, jax.default_backend(), ("pallas_gpu", "xla"))
     _shapes()
     assert fake == ["pallas_gpu"] and xla == ["xla"]
 

@@ -279,13 +279,13 @@ class AttentionContract:
 
     def test_this_backend_ran(self, monkeypatch):
         calls = []
-        real = api._IMPLEMENTATIONS[self.implementation]
+        real = api.REGISTRY.implementations[self.implementation]
 
         def spy(*args, **kwargs):
             calls.append(self.implementation)
             return real(*args, **kwargs)
 
-        monkeypatch.setitem(api._IMPLEMENTATIONS, self.implementation, spy)
+        monkeypatch.setitem(api.REGISTRY.implementations, self.implementation, spy)
         q = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float32)
         jax.eval_shape(lambda q: self.attend(q, q, q, layout=masks.CausalLayout()), q)
         assert calls == [self.implementation]

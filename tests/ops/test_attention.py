@@ -31,13 +31,13 @@ def test_reexported_layouts_are_the_kernel_library_classes():
 
 def test_forwards_arguments_and_selects_the_named_backend(monkeypatch):
     seen = []
-    real = api._IMPLEMENTATIONS["xla"]
+    real = api.REGISTRY.implementations["xla"]
 
     def spy(q, k, v, **kwargs):
         seen.append(kwargs)
         return real(q, k, v, **kwargs)
 
-    monkeypatch.setitem(api._IMPLEMENTATIONS, "xla", spy)
+    monkeypatch.setitem(api.REGISTRY.implementations, "xla", spy)
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((1, 2, 4, 12)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((1, 9, 1, 12)), jnp.float32)
