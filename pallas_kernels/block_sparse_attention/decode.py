@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import functools
 import math
+from types import ModuleType
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.reference import attention_reference
+from pallas_kernels.registry import Registry
 
-KNOWN_IMPLEMENTATIONS = ("pallas_gpu", "xla", "pallas_gpu_interpret")
+# Every backend: "xla" is the reference; the others are modules of this package (named in
+# _BACKEND_MODULES where the file is not <name>.py) with `paged_decode_attention(..., interpret=)`.
+BACKENDS = ("pallas_gpu", "xla")
+# Backends that also register "<name>_interpret": the same kernels run by an interpreter (CPU CI).
+INTERPRET_BACKENDS = ("pallas_gpu",)
+_BACKEND_MODULES = {"pallas_gpu": "decode_kernel"}
 _DEFAULT_ORDER = {"gpu": ("pallas_gpu", "xla")}
 
 
@@ -77,19 +83,16 @@ def visit_plan(layout: masks.Layout, lengths, s_len: int, page: int, max_pages: 
     return pages, jnp.minimum(count, width).astype(jnp.int32)
 
 
-def _implementations() -> dict[str, Callable]:
-    impls: dict[str, Callable] = {"xla": paged_decode_reference}
-    try:
-        from pallas_kernels.block_sparse_attention import decode_kernel
-    except ImportError:
-        return impls
-    impls["pallas_gpu"] = decode_kernel.paged_decode_attention
-    impls["pallas_gpu_interpret"] = functools.partial(decode_kernel.paged_decode_attention,
-                                                      interpret=True)
-    return impls
+def _load(module: ModuleType, interpret: bool) -> Callable:
+    if interpret:
+        return functools.partial(module.paged_decode_attention, interpret=True)
+    return module.paged_decode_attention
 
 
-_IMPLEMENTATIONS = _implementations()
+# Built after the reference and visit_plan exist: the kernel modules import this one.
+REGISTRY = Registry(__package__, BACKENDS, _DEFAULT_ORDER, interpret=INTERPRET_BACKENDS,
+                    load=_load, builtin={"xla": paged_decode_reference}, modules=_BACKEND_MODULES)
+KNOWN_IMPLEMENTATIONS = REGISTRY.names
 
 
 def paged_decode_attention(
@@ -138,19 +141,5 @@ def paged_decode_attention(
         raise ValueError(f"layout={layout!r} must be a Layout")
     scale = d_k**-0.5 if scale is None else float(scale)
     kwargs = dict(layout=layout, scale=scale, v_head_dim=v_head_dim)
-    if implementation is None:
-        order = [n for n in _DEFAULT_ORDER.get(jax.default_backend(), ("xla",))
-                 if n in _IMPLEMENTATIONS]
-        for name in order[:-1]:
-            try:
-                return _IMPLEMENTATIONS[name](q, k_pages, v_pages, block_tables, lengths, **kwargs)
-            except NotImplementedError:
-                continue
-        implementation = order[-1]
-    if implementation not in KNOWN_IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is not one of "
-                         f"{KNOWN_IMPLEMENTATIONS} (or None)")
-    if implementation not in _IMPLEMENTATIONS:
-        raise NotImplementedError(f"implementation={implementation!r} is not available here; "
-                                  f"available: {tuple(_IMPLEMENTATIONS)}")
-    return _IMPLEMENTATIONS[implementation](q, k_pages, v_pages, block_tables, lengths, **kwargs)
+    return REGISTRY.select(implementation, lambda name, backend: backend(
+        q, k_pages, v_pages, block_tables, lengths, **kwargs))
