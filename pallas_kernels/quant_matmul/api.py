@@ -10,55 +10,46 @@ that cannot run a case raises NotImplementedError naming the value and what it s
 
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Shaped
 
 from pallas_kernels.quant_matmul.reference import Mode
+from pallas_kernels.registry import Registry
 
-_KERNEL_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
-# Every name a backend may register under.
-KNOWN_IMPLEMENTATIONS = _KERNEL_BACKENDS + ("xla",) + tuple(
-    f"{name}_interpret" for name in _KERNEL_BACKENDS)
+# Every backend; modules are <name>.py in this package ("xla" is the reference).
+BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
+# Backends that also register "<name>_interpret": the same kernels run by an interpreter (CPU CI).
+INTERPRET_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
 # Which GPU kernel is faster is a measurement (scripts/bench_quant_matmul.py), not a belief.
 _DEFAULT_ORDER = {
     "tpu": ("pallas_tpu", "xla"),
     "gpu": ("pallas_gpu", "triton", "xla"),
 }
 
-_IMPLEMENTATIONS: dict[str, tuple[ModuleType, bool]] = {}  # name -> (module, interpret)
-_UNAVAILABLE: dict[str, str] = {}  # name -> why its import failed
-
-for _name in _KERNEL_BACKENDS + ("xla",):
-    try:
-        _module = importlib.import_module(f"{__package__}.{_name}")
-    except ImportError as e:  # its optional dependency (triton, a GPU jaxlib) is missing
-        _UNAVAILABLE[_name] = _UNAVAILABLE[f"{_name}_interpret"] = f"{type(e).__name__}: {e}"
-    else:
-        _IMPLEMENTATIONS[_name] = (_module, False)
-        if _name != "xla":
-            _IMPLEMENTATIONS[f"{_name}_interpret"] = (_module, True)
+# Registered value: (module, interpret).
+REGISTRY = Registry(__package__, BACKENDS, _DEFAULT_ORDER, interpret=INTERPRET_BACKENDS,
+                    load=lambda module, interpret: (module, interpret))
+# Every name a backend may register under.
+KNOWN_IMPLEMENTATIONS = REGISTRY.names
 
 
 def available_implementations() -> tuple[str, ...]:
     """Registered backends, in KNOWN_IMPLEMENTATIONS order."""
-    return tuple(n for n in KNOWN_IMPLEMENTATIONS if n in _IMPLEMENTATIONS)
+    return REGISTRY.available()
 
 
 def default_order(platform: str | None = None) -> tuple[str, ...]:
     """Registered backends tried by `implementation=None` on `platform` (default: jax's)."""
-    platform = jax.default_backend() if platform is None else platform
-    return tuple(n for n in _DEFAULT_ORDER.get(platform, ("xla",)) if n in _IMPLEMENTATIONS)
+    return REGISTRY.default_order(platform)
 
 
 def backend_module(implementation: str) -> ModuleType:
     """The module of a registered backend (its Config, default_config, search_space)."""
-    return _lookup(implementation)[0]
+    return REGISTRY.get(implementation)[0]
 
 
 def quant_matmul(
@@ -146,35 +137,17 @@ def quant_gmm(
                             config=config, interpret=interpret)
 
 
-def _lookup(implementation) -> tuple[ModuleType, bool]:
-    if implementation not in KNOWN_IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is not one of "
-                         f"{KNOWN_IMPLEMENTATIONS} (or None for the default)")
-    if implementation not in _IMPLEMENTATIONS:
-        raise NotImplementedError(
-            f"implementation={implementation!r} is not available here "
-            f"({_UNAVAILABLE.get(implementation, 'not registered')}); available: "
-            f"{available_implementations()}")
-    return _IMPLEMENTATIONS[implementation]
-
-
 def _choose(implementation, x, w, mode, out_dtype, config, *, grouped):
     """(module, interpret): the named backend (or its NotImplementedError), else the first in the
     default order whose check passes."""
-    kwargs = dict(mode=mode, out_dtype=jnp.dtype(out_dtype), grouped=grouped)
-    if implementation is not None:
-        module, interpret = _lookup(implementation)
-        module.check(x, w, config=config, interpret=interpret, **kwargs)
-        return module, interpret
-    order = default_order()
-    for name in order[:-1]:
-        module, interpret = _IMPLEMENTATIONS[name]
-        try:
-            module.check(x, w, config=None, interpret=interpret, **kwargs)
-        except NotImplementedError:
-            continue  # this backend cannot run the case; the next one in the order may
-        return module, interpret
-    return _IMPLEMENTATIONS[order[-1]]
+
+    def attempt(name, backend):
+        module, interpret = backend
+        module.check(x, w, mode=mode, out_dtype=jnp.dtype(out_dtype), grouped=grouped,
+                     config=config, interpret=interpret)
+        return backend
+
+    return REGISTRY.select(implementation, attempt)
 
 
 def _per_token(x_scale, num_rows: int):
