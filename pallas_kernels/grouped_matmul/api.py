@@ -21,11 +21,15 @@ from jaxtyping import Array, Float, Int
 from pallas_kernels.registry import Registry
 
 # Every name a backend may register under; modules are <name>.py in this package.
-KNOWN_IMPLEMENTATIONS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
+KNOWN_IMPLEMENTATIONS = (
+    "pallas_tpu", "megablox", "pallas_gpu", "triton", "segments", "xla")
 # Which GPU kernel is faster is a measurement (scripts/bench_gmm.py), not a belief.
+# "segments" (sorted row tiles in plain XLA) is the CPU default and the fallback before
+# ragged_dot everywhere. On TPU ours precedes megablox until device_check / bench_gmm measure.
 _DEFAULT_ORDER = {
-    "tpu": ("pallas_tpu", "xla"),
-    "gpu": ("pallas_gpu", "triton", "xla"),
+    "cpu": ("segments", "xla"),
+    "tpu": ("pallas_tpu", "megablox", "segments", "xla"),
+    "gpu": ("pallas_gpu", "triton", "segments", "xla"),
 }
 SUPPORTED_KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
 

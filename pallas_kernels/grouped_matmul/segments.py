@@ -1,0 +1,159 @@
+"""The "segments" backend: dropless sorted-segment grouped matmul in row tiles, plain XLA.
+
+Rows (already sorted by group) are laid into a padded buffer where every group starts at a tile
+boundary; each tile gathers its group's weight and one batched einsum multiplies all tiles;
+results are gathered back. Compute is the used rows plus at most `tile_rows - 1` padding rows
+per non-empty group, with no masked contraction against every group (what `ragged_dot` lowers
+to on CPU). With `tile_rows=1` (decode-like calls with few rows) each row gathers only its own
+group's weight, so a step reads the weights of the groups it routed to and no others.
+
+tgmm (the weight gradient) multiplies lhs^T @ rhs per tile and segment-sums tiles into groups.
+The tile count is a static bound, so padding tiles past the used ones are computed on zeros.
+Same four names as every backend (see xla.py), plus default_config / search_space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# float32 at full precision: on GPU/TPU the default would round through tf32/bf16.
+_HIGHEST = jax.lax.Precision.HIGHEST
+_TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Cost of gathering one weight element into a tile, in multiply-adds of one row of the tile's
+# matmul (a copy is memory-bound, a matmul row is not). Measured on CPU: scripts/bench_gmm.py.
+_GATHER_COST = 16.0
+# Up to this many tiles, each tile's weight is a dynamic slice (see _tile_weights).
+_MAX_SLICED_TILES = 32
+# Tiles never pad the compute past this factor of the rows (the bound, all groups non-empty).
+_MAX_PADDING = 1.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """tile_rows: rows per tile; each group is padded up to a multiple of it."""
+
+    tile_rows: int = 32
+
+    def __post_init__(self):
+        if not isinstance(self.tile_rows, int) or self.tile_rows <= 0:
+            raise ValueError(f"Config.tile_rows={self.tile_rows!r} must be a positive int")
+
+
+def num_tiles(num_rows: int, num_groups: int, tile_rows: int) -> int:
+    """Static tile count that holds any split of num_rows rows into num_groups sorted groups:
+    ceil(s_g / t) summed over the (at most min(G, rows)) non-empty groups."""
+    return (num_rows + min(num_groups, num_rows) * (tile_rows - 1)) // tile_rows
+
+
+def padding_factor(num_rows: int, num_groups: int, tile_rows: int) -> float:
+    """Computed rows / num_rows at the static tile bound."""
+    return num_tiles(num_rows, num_groups, tile_rows) * tile_rows / max(num_rows, 1)
+
+
+def default_config(num_rows: int, k_dim: int, n_dim: int, num_groups: int, dtype,
+                   kind: str = "gmm") -> Config:
+    """The tile size of least modelled cost, tiles * (gather + rows), among those that pad the
+    compute by at most _MAX_PADDING. Few rows (decode) give 1: no weight is gathered twice."""
+    del k_dim, n_dim, dtype, kind
+    best = min((num_tiles(num_rows, num_groups, t) * (_GATHER_COST + t), t)
+               for t in _TILE_CANDIDATES
+               if t == 1 or padding_factor(num_rows, num_groups, t) <= _MAX_PADDING)
+    return Config(tile_rows=best[1])
+
+
+def search_space(num_rows: int, k_dim: int, n_dim: int, num_groups: int, dtype
+                 ) -> tuple[Config, ...]:
+    """Configs for the benchmark's search."""
+    del num_rows, k_dim, n_dim, num_groups, dtype
+    return tuple(Config(tile_rows=t) for t in _TILE_CANDIDATES)
+
+
+def check(lhs, rhs, *, out_dtype, config=None) -> None:
+    del lhs, rhs, out_dtype
+    if config is not None and not isinstance(config, Config):
+        raise ValueError(f"config={config!r} must be a segments.Config")
+
+
+def _layout(group_sizes, num_rows: int, tile_rows: int):
+    """Index maps between the sorted rows and the tile-aligned padded buffer.
+
+    Returns (row_of_slot [P], group_of_tile [NT], slot_of_row [T]), P = NT * tile_rows; an
+    index equal to num_rows / num_groups / P marks a slot, tile or row that holds no row."""
+    g = group_sizes.shape[0]
+    ends = jnp.minimum(jnp.cumsum(group_sizes), num_rows)  # a sum past T is clipped to T
+    starts = jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
+    tiles = (ends - starts + tile_rows - 1) // tile_rows
+    tile_ends = jnp.cumsum(tiles)
+    tile_starts = tile_ends - tiles
+    nt = num_tiles(num_rows, g, tile_rows)
+    # searchsorted(..., side="right") by comparing with every end: G is small.
+    group_of_tile = jnp.sum(jnp.arange(nt)[:, None] >= tile_ends[None, :], axis=1)  # [NT]
+    gt = jnp.minimum(group_of_tile, g - 1)
+    slot = jnp.arange(nt * tile_rows)
+    gs = jnp.repeat(gt, tile_rows, total_repeat_length=nt * tile_rows)  # group of each slot
+    row = starts[gs] + slot - tile_starts[gs] * tile_rows
+    used = (jnp.repeat(group_of_tile, tile_rows, total_repeat_length=nt * tile_rows) < g) & (
+        row < ends[gs])
+    row_of_slot = jnp.where(used, row, num_rows)
+    rows = jnp.arange(num_rows)
+    group_of_row = jnp.sum(rows[:, None] >= ends[None, :], axis=1)  # [T], G past the groups
+    gr = jnp.minimum(group_of_row, g - 1)
+    slot_of_row = jnp.where(group_of_row < g, tile_starts[gr] * tile_rows + rows - starts[gr],
+                            nt * tile_rows)
+    return row_of_slot, group_of_tile, slot_of_row
+
+
+def _tiles(x, row_of_slot, tile_rows: int):
+    """x [T, C] -> [NT, tile_rows, C], zero in slots that hold no row."""
+    picked = jnp.take(x, row_of_slot, axis=0, mode="fill", fill_value=0)
+    return picked.reshape(-1, tile_rows, x.shape[1])
+
+
+def _tile_weights(rhs, group_of_tile):
+    """rhs[group_of_tile]: [NT, ...] weights, one per tile. Few tiles (decode) take one dynamic
+    slice each: the same reads as a gather, but XLA's cost model charges a gather fused into a
+    copy the whole [G, ...] operand, and a dynamic slice only what it reads."""
+    if group_of_tile.shape[0] > _MAX_SLICED_TILES:
+        return rhs.at[group_of_tile].get(mode="promise_in_bounds")
+    return jnp.stack([jax.lax.dynamic_index_in_dim(rhs, group_of_tile[i], keepdims=False)
+                      for i in range(group_of_tile.shape[0])])
+
+
+def _tile_rows(config, lhs, n_dim: int, num_groups: int, kind: str) -> int:
+    config = config or default_config(lhs.shape[0], lhs.shape[1], n_dim, num_groups, lhs.dtype,
+                                      kind)
+    return config.tile_rows
+
+
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, out_dtype=None, config=None):
+    """lhs [T, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [T, N] in out_dtype."""
+    out_dtype = lhs.dtype if out_dtype is None else out_dtype
+    check(lhs, rhs, out_dtype=out_dtype, config=config)
+    t = _tile_rows(config, lhs, rhs.shape[1 if transpose_rhs else 2], rhs.shape[0], "gmm")
+    row_of_slot, group_of_tile, slot_of_row = _layout(group_sizes, lhs.shape[0], t)
+    x_ptk = _tiles(lhs, row_of_slot, t)
+    w_pkn = _tile_weights(rhs, jnp.minimum(group_of_tile, rhs.shape[0] - 1))
+    spec = "PtK,PNK->PtN" if transpose_rhs else "PtK,PKN->PtN"
+    y_ptn = jnp.einsum(spec, x_ptk, w_pkn, precision=_HIGHEST,
+                       preferred_element_type=jnp.float32)
+    y = y_ptn.reshape(-1, y_ptn.shape[-1])
+    return jnp.take(y, slot_of_row, axis=0, mode="fill", fill_value=0).astype(out_dtype)
+
+
+def tgmm(lhs, rhs, group_sizes, *, out_dtype=None, config=None):
+    """lhs [T, K], rhs [T, N] -> [G, K, N] in out_dtype: per-group lhs^T @ rhs."""
+    out_dtype = lhs.dtype if out_dtype is None else out_dtype
+    check(lhs, rhs, out_dtype=out_dtype, config=config)
+    g = group_sizes.shape[0]
+    t = _tile_rows(config, lhs, rhs.shape[1], g, "tgmm")
+    row_of_slot, group_of_tile, _ = _layout(group_sizes, lhs.shape[0], t)
+    partial_pkn = jnp.einsum("PtK,PtN->PKN", _tiles(lhs, row_of_slot, t),
+                             _tiles(rhs, row_of_slot, t), precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)
+    # Tiles past the used ones (group index G) are dropped; an empty group sums to 0.
+    out = jax.ops.segment_sum(partial_pkn, group_of_tile, num_segments=g,
+                              indices_are_sorted=True)
+    return out.astype(out_dtype)
