@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import api, pallas_gpu, pallas_tpu, xla
+from pallas_kernels.grouped_matmul import api, megablox, pallas_gpu, pallas_tpu, xla
 
 F32 = jnp.float32
 LHS = jax.ShapeDtypeStruct((64, 32), F32)
@@ -18,26 +18,29 @@ def _primitives(fn, *args):
 
 
 def test_default_order_ends_with_xla_on_every_platform():
-    assert api.default_order("cpu") == ("xla",)
-    assert api.default_order("tpu") == ("pallas_tpu", "xla")
+    assert api.default_order("cpu") == ("segments", "xla")
+    assert api.default_order("tpu") == ("pallas_tpu", "megablox", "segments", "xla")
     gpu = api.default_order("gpu")
-    assert gpu[0] == "pallas_gpu" and gpu[-1] == "xla"
+    assert gpu[0] == "pallas_gpu" and gpu[-2:] == ("segments", "xla")
     assert api.default_order("some_new_platform") == ("xla",)
-    assert set(api.available_implementations()) >= {"pallas_tpu", "pallas_gpu", "xla"}
+    assert set(api.available_implementations()) >= {"pallas_tpu", "megablox", "pallas_gpu",
+                                                    "segments", "xla"}
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
-def test_default_on_cpu_runs_ragged_dot_forward_and_backward():
+def test_default_on_cpu_runs_segments_forward_and_backward():
+    """Row tiles as plain dots: no ragged_dot (a masked contraction against every group on CPU)."""
     def loss(lhs, rhs, sizes):
         return api.gmm(lhs, rhs, sizes).sum()
 
     prims = _primitives(jax.grad(loss, argnums=(0, 1)), LHS, RHS, SIZES)
-    assert "ragged_dot_general" in prims and "pallas_call" not in prims
+    assert "dot_general" in prims
+    assert "ragged_dot_general" not in prims and "pallas_call" not in prims
 
 
 def test_default_order_skips_a_backend_that_cannot_run_the_case(monkeypatch):
-    """On a GPU, float16 is outside the kernels' dtypes: the default order falls through to xla;
-    bfloat16 goes to pallas_gpu."""
+    """On a GPU, float16 is outside the kernels' dtypes: the default order falls through to
+    segments; bfloat16 goes to pallas_gpu."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     ran = []
     for name in api.default_order("gpu"):
@@ -49,16 +52,17 @@ def test_default_order_skips_a_backend_that_cannot_run_the_case(monkeypatch):
         lhs, rhs = (jax.ShapeDtypeStruct(x.shape, dtype) for x in (LHS, RHS))
         out = jax.eval_shape(lambda a, b, s: api.gmm(a, b, s), lhs, rhs, SIZES)
         assert out.shape == (64, 48) and out.dtype == dtype
-    assert ran == ["xla", "pallas_gpu"]
+    assert ran == ["segments", "pallas_gpu"]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="kernels really run on accelerators")
-@pytest.mark.parametrize("name", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("name", ["pallas_gpu", "pallas_tpu", "megablox"])
 def test_a_named_backend_never_falls_back(name):
     with pytest.raises(NotImplementedError, match=r"platform='cpu'.*supported"):
         jax.eval_shape(lambda a, b, s: api.gmm(a, b, s, implementation=name), LHS, RHS, SIZES)
     config = dict(pallas_gpu=pallas_gpu.Config(interpret=True),
-                  pallas_tpu=pallas_tpu.Config(interpret=True))[name]
+                  pallas_tpu=pallas_tpu.Config(interpret=True),
+                  megablox=megablox.Config(interpret=True))[name]
     f16 = [jax.ShapeDtypeStruct(x.shape, jnp.float16) for x in (LHS, RHS)]
     with pytest.raises(NotImplementedError, match=r"dtype=float16.*supported: \('bfloat16', "):
         jax.eval_shape(lambda a, b, s: api.gmm(a, b, s, implementation=name, config=config),
