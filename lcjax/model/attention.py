@@ -26,8 +26,8 @@ from lcjax.config import ModelConfig
 from lcjax.model.layers import O_PROJ, RMSNorm, declare, dtype_of, linear
 from lcjax.model.rope import apply_rope
 from lcjax.ops import attention as attention_op
+from lcjax.ops import observe
 from lcjax.ops.quantized_matmul import weight_as
-from lcjax.quant import observe
 
 SparseFlag = Union[bool, Bool[Array, ""]]
 

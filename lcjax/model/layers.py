@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lcjax.ops import quantized_matmul
+from lcjax.ops import observe, quantized_matmul
+from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import context as parallel_context
 from lcjax.parallel import tensor_parallel
-from lcjax.quant import observe
-from lcjax.quant.quantizers import QTensor
 
 # HF initialises every linear with normal(0, initializer_range=0.02); norms with ones.
 default_init = nn.initializers.normal(stddev=0.02)
@@ -34,7 +33,7 @@ def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[O
             param_dtype: str, init: Callable = default_init) -> Union[jax.Array, QTensor]:
     """Create a parameter whose logical axis names travel with it (for sharding rules).
 
-    A quantized weight (lcjax.quant.QTensor) is returned as stored: its integer payload has the
+    A quantized weight (lcjax.ops.qtensor.QTensor) is returned as stored: its integer payload has the
     matrix layout [K, N], not `shape`, which flax's parameter shape check would reject.
     """
     if len(shape) != len(axes):
@@ -62,8 +61,8 @@ def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, d
     """einsum(spec, x, w) in `dtype` for the weight param `name` of `module`.
 
     A float weight runs `jnp.einsum(spec, x, w.astype(dtype))`, as it always has; a quantized
-    weight (lcjax.quant.QTensor) runs the quantized matmul. While calibrating (the
-    lcjax.quant.observe collections mutable) the input's statistics are recorded under `name`.
+    weight (lcjax.ops.qtensor.QTensor) runs the quantized matmul. While calibrating (the
+    lcjax.ops.observe collections mutable) the input's statistics are recorded under `name`.
     `row_parallel` marks a projection whose contracted dim is tensor-split: under
     `parallel.quantized_tp_comm` its all-reduce runs quantized (lcjax.parallel.tensor_parallel).
     """

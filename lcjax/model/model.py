@@ -16,7 +16,7 @@ from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder
 from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
-from lcjax.quant import observe
+from lcjax.ops import observe
 
 _REMAT = {
     "full": None,
@@ -86,7 +86,7 @@ class LongCatModel(nn.Module):
                              prevent_cse=not cfg.scan_layers, static_argnums=(2,))
         if cfg.scan_layers:
             flags = jnp.asarray(np.array(pairs, dtype=bool))  # [L, 2]
-            # Calibration (lcjax.quant) sows per-layer input statistics: stacked like params.
+            # Calibration (lcjax.ops.observe) sows per-layer input statistics: stacked like params.
             axes = {"params": 0, BIAS_COLLECTION: 0, **{c: 0 for c in observe.COLLECTIONS}}
             scanned = nn.scan(layer, variable_axes=axes,
                               split_rngs={"params": True},

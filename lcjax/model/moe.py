@@ -5,7 +5,7 @@ top-k chosen on p + e_score_correction_bias (selection only); weights are the un
 renormalised, times routed_scaling_factor. Zero experts return weight * x and are resolved
 before dispatch, so only routed slots reach the expert GEMMs.
 
-Quantized expert weights (lcjax.quant.QTensor [E, K, N]) run through the grouped quantized
+Quantized expert weights (lcjax.ops.qtensor.QTensor [E, K, N]) run through the grouped quantized
 matmul in the ragged dispatch; the dense dispatch is the float oracle and refuses them. The
 router stays in float.
 """
@@ -22,12 +22,11 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig, MoEConfig
 from lcjax.model.layers import acc_dtype, declare, dtype_of
-from lcjax.ops import quantized_matmul
+from lcjax.ops import observe, quantized_matmul
 from lcjax.ops.grouped_matmul import grouped_matmul
+from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import context as parallel_context
 from lcjax.parallel import expert_parallel
-from lcjax.quant import observe
-from lcjax.quant.quantizers import QTensor
 
 BIAS_COLLECTION = "router_bias"
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from lcjax.ops.grouped_matmul import grouped_matmul
-from lcjax.quant.quantizers import QTensor, dequantize, quantize_per_token, quantize_static
+from lcjax.ops.qtensor import QTensor, dequantize, quantize_per_token, quantize_static
 from pallas_kernels.quant_matmul import quant_gmm, quant_matmul
 
 __all__ = ["einsum", "grouped", "qdot", "weight_as"]

@@ -7,8 +7,9 @@
 - `quantize_model(params_or_variables, config, recipe, calib_data)`; orbax save/load;
   `lcjax.quant.calibrate.calibrate` (the module shares its name, so it is not re-exported).
 
-The model imports `lcjax.quant.quantizers` (through lcjax.ops), and `apply` / `calibrate` import
-the model, so those names load lazily here (PEP 562) to keep the import graph acyclic.
+The model imports nothing from here (QTensor and the calibration hooks live in lcjax.ops);
+`apply` and `calibrate` import the model, so their names load lazily (PEP 562): importing
+lcjax.quant for QTensor does not build the model.
 """
 
 from lcjax.lazy import lazy_getattr
