@@ -2,7 +2,7 @@
 
 Forwards to `pallas_kernels.grouped_matmul.gmm` (differentiable: its custom VJP uses the same
 backend's kernels for both gradients). `implementation=None` takes the platform's best available
-backend: "xla" (`jax.lax.ragged_dot`) on CPU, the Pallas kernels on GPU/TPU.
+backend: "segments" (sorted row tiles, useful FLOPs only) on CPU, the Pallas kernels on GPU/TPU.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def grouped_matmul(x: Float[Array, "N K"], w: Float[Array, "G K F"], group_sizes
       x: [N, K] rows sorted by group (N = tokens * top_k slots in the MoE).
       w: [G, K, F] per-group weights, cast to x.dtype (the compute dtype).
       group_sizes: int [G] rows per group.
-      implementation: a pallas_kernels.grouped_matmul backend ("pallas_tpu", "pallas_gpu",
-        "triton", "xla"), or None for the platform's default order (ends with "xla").
+      implementation: a pallas_kernels.grouped_matmul backend (IMPLEMENTATIONS), or None for
+        the platform's default order (ends with "xla").
 
     Returns:
       [N, F] in x.dtype, accumulated in float32 by the kernels. Cost 2*N*K*F flops.

@@ -1,7 +1,8 @@
 """Grouped matmul for MoE experts: `gmm` (forward, differentiable) and `tgmm` (weight gradient).
 
-Backends: "pallas_tpu", "pallas_gpu" (Pallas Triton lowering), "triton" (jax-triton), "xla"
-(`jax.lax.ragged_dot`, the reference). See api.py.
+Backends: "pallas_tpu", "megablox" (jax's TPU kernel), "pallas_gpu" (Pallas Triton lowering),
+"triton" (jax-triton), "segments" (sorted row tiles in plain XLA: the CPU default and the
+fallback elsewhere), "xla" (`jax.lax.ragged_dot`, the reference). See api.py.
 """
 
 from pallas_kernels.grouped_matmul.api import (
