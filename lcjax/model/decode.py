@@ -3,27 +3,29 @@
 Pure functions of (config, variables, cache, tokens). Prefill runs the scanned training forward
 once and files each sublayer's latent into its cache; decode unrolls the layers (a few tokens per
 step, so compile time is small) and attends over the latent cache in MLA's absorbed form.
+`forward_hidden` is that cached stack, shared with the serve engine (which passes its paged and
+ring caches as the per-sublayer caches); `mtp_features` is the MTP block's cached step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import Config, ModelConfig
 from lcjax.model.cache import ModelCache, cache_capacity, init_layer_cache, write_layer_cache
-from lcjax.model.decoder import DecoderLayer
+from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder, ngram_history
-from lcjax.model.layers import RMSNorm, acc_dtype, dtype_of
-from lcjax.model.model import LongCatModel, model_config, validate_token_ids
+from lcjax.model.layers import RMSNorm, dtype_of
+from lcjax.model.model import LongCatModel, model_config, project_logits, validate_token_ids
 from lcjax.model.moe import BIAS_COLLECTION
 
 
-def _layer_variables(variables: dict, layer: int, cfg: ModelConfig) -> dict:
+def layer_variables(variables: dict, layer: int, cfg: ModelConfig) -> dict:
     """The params and router bias of one logical layer, from a scanned or unrolled tree."""
     out = {}
     for col in ("params", BIAS_COLLECTION):
@@ -33,8 +35,43 @@ def _layer_variables(variables: dict, layer: int, cfg: ModelConfig) -> dict:
     return out
 
 
-def _sparse_pair(cfg: ModelConfig, layer: int) -> tuple[bool, bool]:
+def sparse_pair(cfg: ModelConfig, layer: int) -> tuple[bool, bool]:
+    """Whether attention sublayers 2*layer and 2*layer+1 are LoZA sparse."""
     return tuple(cfg.sparse_layers[2 * layer: 2 * layer + 2])
+
+
+def forward_hidden(cfg: ModelConfig, variables: Any, tokens: Int[Array, "B S"],
+                   positions: Int[Array, "B S"], layer_caches: Sequence[Any],
+                   valid: Optional[Bool[Array, "B S"]] = None,
+                   history: Optional[Int[Array, "B N"]] = None) -> tuple[Float[Array, "B S M"], tuple]:
+    """The cached forward of S new tokens: embedding -> every layer's decode -> final norm.
+
+    `layer_caches` holds one latent cache per attention sublayer, anything with
+    `update_and_attend` (the contiguous LayerCache here, the serve engine's paged pools and ring
+    rows there), so every cached path runs this one stack. `valid` marks real tokens of a
+    right-padded chunk (None: all); `history` is the n-gram context before tokens[:, 0].
+    `variables` must be unboxed. Returns (final-normed hidden [B, S, M], updated caches).
+    """
+    params = variables["params"]
+    x = Embedder(cfg).apply({"params": params["embed"]}, tokens, None, history)
+    caches = list(layer_caches)
+    for layer in range(cfg.num_layers):
+        x, new = DecoderLayer(cfg).apply(layer_variables(variables, layer, cfg), x,
+                                         sparse_pair(cfg, layer), positions,
+                                         tuple(caches[2 * layer: 2 * layer + 2]), valid,
+                                         method=DecoderLayer.decode)
+        caches[2 * layer: 2 * layer + 2] = new
+    hidden = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
+    return hidden, tuple(caches)
+
+
+def mtp_features(cfg: ModelConfig, variables: Any, hidden: Float[Array, "B S M"],
+                 next_ids: Int[Array, "B S"], positions: Int[Array, "B S"], cache: Any,
+                 valid: Optional[Bool[Array, "B S"]] = None) -> tuple[Float[Array, "B S M"], Any]:
+    """The MTP block over a latent cache (cached drafting): (features predicting token t+2,
+    updated cache). `project_logits` turns the features into draft logits."""
+    return MTPBlock(cfg).apply({"params": variables["params"]["mtp"]}, hidden, next_ids,
+                               positions, None, cache, valid)
 
 
 def init_cache(config: Union[Config, ModelConfig], batch: int, max_len: int) -> ModelCache:
@@ -94,24 +131,14 @@ def decode_step(config: Union[Config, ModelConfig], variables: Any, cache: Model
     cfg = model_config(config)
     validate_token_ids(tokens, cfg, "tokens")
     variables = nn.unbox(variables)
-    params = variables["params"]
     b, s = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
     history = cache.ngram_history if cfg.ngram.enabled else None
-    x = Embedder(cfg).apply({"params": params["embed"]}, tokens, None, history)
-    layers = list(cache.layers)
-    for layer in range(cfg.num_layers):
-        pair = _sparse_pair(cfg, layer)
-        x, new = DecoderLayer(cfg).apply(_layer_variables(variables, layer, cfg), x, pair, positions,
-                                         tuple(layers[2 * layer: 2 * layer + 2]),
-                                         method=DecoderLayer.decode)
-        layers[2 * layer: 2 * layer + 2] = new
-    hidden = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
-    cdt = dtype_of(cfg.dtype)
-    logits = jnp.einsum("BSM,MV->BSV", hidden.astype(cdt),
-                        params["lm_head"].astype(cdt)).astype(acc_dtype(cdt))
+    hidden, layers = forward_hidden(cfg, variables, tokens, positions, cache.layers,
+                                    history=history)
+    logits = project_logits(cfg, hidden, variables["params"]["lm_head"])
     new_history = cache.ngram_history
     if cfg.ngram.enabled:
         new_history = ngram_history(tokens, jnp.full((b,), s, jnp.int32), cfg, history)
-    return logits, ModelCache(layers=tuple(layers), lengths=cache.lengths + s,
+    return logits, ModelCache(layers=layers, lengths=cache.lengths + s,
                               ngram_history=new_history)

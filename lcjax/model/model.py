@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from lcjax.config import Config, ModelConfig
 from lcjax.model.decoder import DecoderLayer, MTPBlock
@@ -50,6 +50,15 @@ def validate_token_ids(input_ids, cfg: ModelConfig, name: str = "input_ids") -> 
     if input_ids.shape[1] > cfg.max_position_embeddings:
         raise ValueError(f"{name} sequence length {input_ids.shape[1]} exceeds "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def project_logits(cfg: ModelConfig, hidden: Float[Array, "B S M"],
+                   lm_head: Float[Array, "M V"]) -> Float[Array, "B S V"]:
+    """The lm_head: logits of final-normed hidden states (or MTP features) in the compute dtype,
+    returned in float32 (or wider) for a stable softmax / loss. Every logit in the package,
+    training, cached decode, serving and MTP drafts, comes from here."""
+    cdt = dtype_of(cfg.dtype)
+    return jnp.einsum("BSM,MV->BSV", hidden.astype(cdt), lm_head.astype(cdt)).astype(acc_dtype(cdt))
 
 
 def document_positions(segment_ids: Int[Array, "B S"]) -> Int[Array, "B S"]:
@@ -121,18 +130,14 @@ class LongCatModel(nn.Module):
         hidden = RMSNorm(cfg.rms_norm_eps, "embed", cfg.param_dtype, name="final_norm")(x)
         lm_head = declare(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                           cfg.param_dtype)  # [M, V]
-        cdt = dtype_of(cfg.dtype)
-
-        def project(h):  # logits in float32 (or wider) for a stable softmax / loss
-            return jnp.einsum("BSM,MV->BSV", h.astype(cdt), lm_head.astype(cdt)).astype(acc_dtype(cdt))
-
-        logits = project(hidden)
+        logits = project_logits(cfg, hidden, lm_head)
         if not (return_aux or self.is_initializing()):
             return logits
         mtp_logits = None
         if cfg.mtp_layers:
             next_ids = jnp.concatenate([input_ids[:, 1:], jnp.full((b, 1), cfg.pad_token_id,
                                                                    input_ids.dtype)], axis=1)
-            mtp_logits = project(MTPBlock(cfg, name="mtp")(hidden, next_ids, positions, segment_ids))
+            mtp_logits = project_logits(
+                cfg, MTPBlock(cfg, name="mtp")(hidden, next_ids, positions, segment_ids), lm_head)
         aux = ModelAux(routing=routing, hidden=hidden, mtp_logits=mtp_logits, latents=latents)
         return (logits, aux) if return_aux else logits

@@ -19,11 +19,11 @@ import flax.struct
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from lcjax.model.decode import _layer_variables, _sparse_pair
-from lcjax.model.decoder import DecoderLayer, MTPBlock
-from lcjax.model.embedding import Embedder, ngram_history
-from lcjax.model.layers import RMSNorm, acc_dtype, dtype_of
 from lcjax.config import ModelConfig
+from lcjax.model.decode import forward_hidden, mtp_features
+from lcjax.model.embedding import ngram_history
+from lcjax.model.layers import dtype_of
+from lcjax.model.model import project_logits
 from lcjax.serve import sampling
 from lcjax.serve.kv_cache import (PagedLayerCache, ServeCache, gather_rings, init_serve_cache,
                                   scatter_rings)
@@ -83,37 +83,26 @@ def _put_rows(table: Array, slots: Int[Array, "B"], rows: Array) -> Array:
 
 def _forward(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInputs, *,
              all_valid: bool, implementation):
-    """Main model over the step's tokens: (final-normed hidden [B, S, M], new cache, history rows)."""
-    params = variables["params"]
-    b, s = inp.tokens.shape
+    """Main model over the step's tokens: (final-normed hidden [B, S, M], new cache, history rows).
+
+    The model's own cached stack (`forward_hidden`) runs over this step's cache views: the rows'
+    rings of sparse sublayers and the page pools of full ones, seen through the block tables.
+    """
+    s = inp.tokens.shape[1]
     positions = inp.starts[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
     valid = jnp.arange(s)[None, :] < inp.num_valid[:, None]
     history = None
     if cfg.ngram.enabled:
         history = jnp.where(inp.reset[:, None], 0, _rows(cache.ngram_history, inp.slots))
-    x = Embedder(cfg).apply({"params": params["embed"]}, inp.tokens, None, history)
-    layers = list(cache.layers)
-    for layer in range(cfg.num_layers):
-        pair = _sparse_pair(cfg, layer)
-        views = []
-        for i, sparse in enumerate(pair):
-            held = layers[2 * layer + i]
-            views.append(gather_rings(held, inp.slots, inp.reset) if sparse else PagedLayerCache(
-                pages=held, block_tables=inp.block_tables, kv_lora_rank=cfg.mla.kv_lora_rank,
-                all_valid=all_valid, implementation=implementation))
-        x, new = DecoderLayer(cfg).apply(_layer_variables(variables, layer, cfg), x, pair,
-                                         positions, tuple(views), valid, method=DecoderLayer.decode)
-        for i, sparse in enumerate(pair):
-            idx = 2 * layer + i
-            layers[idx] = scatter_rings(layers[idx], new[i], inp.slots) if sparse else new[i].pages
-    hidden = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
-    return hidden, cache.replace(layers=tuple(layers)), history
-
-
-def _project(cfg: ModelConfig, params: Any, hidden: Float[Array, "B S M"]) -> Float[Array, "B S V"]:
-    cdt = dtype_of(cfg.dtype)
-    return jnp.einsum("BSM,MV->BSV", hidden.astype(cdt),
-                      params["lm_head"].astype(cdt)).astype(acc_dtype(cdt))
+    views = tuple(
+        gather_rings(held, inp.slots, inp.reset) if sparse else PagedLayerCache(
+            pages=held, block_tables=inp.block_tables, kv_lora_rank=cfg.mla.kv_lora_rank,
+            all_valid=all_valid, implementation=implementation)
+        for held, sparse in zip(cache.layers, cfg.sparse_layers))
+    hidden, new = forward_hidden(cfg, variables, inp.tokens, positions, views, valid, history)
+    layers = tuple(scatter_rings(held, view, inp.slots) if sparse else view.pages
+                   for held, view, sparse in zip(cache.layers, new, cfg.sparse_layers))
+    return hidden, cache.replace(layers=layers), history
 
 
 def _update_history(cfg: ModelConfig, cache: ServeCache, inp: StepInputs, history,
@@ -129,8 +118,7 @@ def _mtp(cfg: ModelConfig, variables: Any, mtp_pages: Array, hidden: Float[Array
     """MTP block over a paged cache: (features [B, S, M], new pages)."""
     view = PagedLayerCache(pages=mtp_pages, block_tables=block_tables,
                            kv_lora_rank=cfg.mla.kv_lora_rank)
-    feats, view = MTPBlock(cfg).apply({"params": variables["params"]["mtp"]}, hidden, next_ids,
-                                      positions, None, view, valid)
+    feats, view = mtp_features(cfg, variables, hidden, next_ids, positions, view, valid)
     return feats, view.pages
 
 
@@ -183,7 +171,7 @@ def prefill_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: Step
 
     last = jnp.maximum(inp.num_valid - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, M]
-    logits = _project(cfg, variables["params"], last_hidden)  # [B, 1, V]
+    logits = project_logits(cfg, last_hidden, variables["params"]["lm_head"])  # [B, 1, V]
     logprobs, keys = _sample(logits, state, inp, jnp.zeros((b, 1), jnp.int32), inp.seeds)
     first = sampling.sample(logprobs, keys)[:, 0]
     final = next_tokens < 0
@@ -223,7 +211,7 @@ def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepI
     hidden, cache, history = _forward(cfg, variables, state.cache, inp, all_valid=True,
                                       implementation=implementation)
     cache = _update_history(cfg, cache, inp, history, inp.num_valid)
-    logits = _project(cfg, variables["params"], hidden)  # [B, 1, V]
+    logits = project_logits(cfg, hidden, variables["params"]["lm_head"])  # [B, 1, V]
     logprobs, keys = _sample(logits, state, inp, jnp.zeros((b, 1), jnp.int32), inp.seeds)
     tokens = sampling.sample(logprobs, keys)[:, 0]
     state = state.replace(cache=cache, counts=_count(state, inp.slots, tokens[:, None],
@@ -260,7 +248,7 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
     draft_seeds = inp.seeds ^ jnp.uint32(DRAFT_SEED_SALT)
     drafts, draft_logprobs = [], []
     for j in range(k):
-        logits = _project(cfg, params, feat)  # [B, 1, V]
+        logits = project_logits(cfg, feat, params["lm_head"])  # [B, 1, V]
         prev = jnp.zeros((b, 1), jnp.int32)
         lp, keys = _sample(logits, state, inp, prev, draft_seeds, key_offset=j)
         token = sampling.sample(lp, keys)  # [B, 1]
@@ -277,7 +265,7 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
                          num_valid=jnp.full((b,), k1, jnp.int32))
     hidden, cache, history = _forward(cfg, variables, state.cache, verify, all_valid=True,
                                       implementation=implementation)
-    logits = _project(cfg, params, hidden)  # [B, k+1, V]
+    logits = project_logits(cfg, hidden, params["lm_head"])  # [B, k+1, V]
     prev = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     target, _ = _sample(logits, state, inp, prev, inp.seeds)
     accept_keys = sampling.request_keys(inp.seeds, inp.gen_steps, 1)[:, 0]
