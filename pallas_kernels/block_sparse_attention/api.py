@@ -3,8 +3,11 @@
 Backends are filled by guarded imports. Each takes the validated arguments of
 `block_sparse_attention` (scale already resolved to a float) and either computes the result or
 raises NotImplementedError naming what it cannot do. `implementation=None` tries the platform's
-default order, which always ends with "xla" (the reference); naming an implementation never falls
-back to another.
+default order, which always ends with "xla" (block-skipping plain XLA, `xla_blocked.py`) and
+"reference" (`reference.py`, the dense definition every backend must match, taken when "xla"
+cannot run a case such as decode over cache slots); naming an implementation never falls back to
+another. Kernel backends come first in their platform's order; `scripts/device_check.py` measures
+whether a wrapped library kernel ("cudnn", "splash") should move ahead of ours.
 """
 
 from __future__ import annotations
@@ -22,14 +25,18 @@ from pallas_kernels.block_sparse_attention.masks import Layout
 from pallas_kernels.block_sparse_attention.reference import attention_reference
 from pallas_kernels.registry import Registry
 
-# Every backend: "xla" is the reference; the others are modules <name>.py in this package, each
-# with `block_sparse_attention(q, k, v, ..., interpret=False)`.
-BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
+# Every backend: "reference" is the dense jnp definition; the others are modules of this package
+# (<name>.py, or _BACKEND_MODULES[name]) with `block_sparse_attention(q, k, v, ...)`, taking
+# `interpret=` when they are in INTERPRET_BACKENDS.
+BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "splash", "cudnn", "xla", "reference")
 # Backends that also register "<name>_interpret": the same kernels run by an interpreter (CPU CI).
-INTERPRET_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
+INTERPRET_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "splash")
+_BACKEND_MODULES = {"xla": "xla_blocked"}
+_LAST = ("xla", "reference")
 _DEFAULT_ORDER = {
-    "tpu": ("pallas_tpu", "xla"),
-    "gpu": ("pallas_gpu", "triton", "xla"),
+    "cpu": _LAST,
+    "tpu": ("pallas_tpu", "splash") + _LAST,
+    "gpu": ("pallas_gpu", "cudnn", "triton") + _LAST,
 }
 
 
@@ -40,7 +47,8 @@ def _load(module: ModuleType, interpret: bool) -> Callable:
 
 
 REGISTRY = Registry(__package__, BACKENDS, _DEFAULT_ORDER, interpret=INTERPRET_BACKENDS,
-                    load=_load, builtin={"xla": attention_reference})
+                    load=_load, builtin={"reference": attention_reference},
+                    modules=_BACKEND_MODULES, fallback_order=_LAST)
 # Every name a backend may register under.
 KNOWN_IMPLEMENTATIONS = REGISTRY.names
 

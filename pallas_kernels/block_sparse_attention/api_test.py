@@ -34,10 +34,10 @@ def _spy(monkeypatch, name, fail=False):
     return calls
 
 
-def test_xla_is_registered_and_ends_every_default_order():
-    assert "xla" in api.available_implementations()
+def test_xla_then_reference_end_every_default_order():
+    assert {"xla", "reference"} <= set(api.available_implementations())
     for platform in ("cpu", "gpu", "tpu", "unknown"):
-        assert api.default_order(platform)[-1] == "xla"
+        assert api.default_order(platform)[-2:] == ("xla", "reference")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="default order differs off CPU")
@@ -65,8 +65,8 @@ def test_named_backend_never_falls_back(monkeypatch):
 
 
 def test_unknown_implementation_is_a_value_error_naming_the_choices():
-    with pytest.raises(ValueError, match=r"implementation='cudnn'.*'xla'"):
-        _shapes(implementation="cudnn")
+    with pytest.raises(ValueError, match=r"implementation='flash'.*'xla'"):
+        _shapes(implementation="flash")
 
 
 @pytest.mark.parametrize("name", [n for n in api.KNOWN_IMPLEMENTATIONS

@@ -1,4 +1,4 @@
-"""The "xla" backend (the jnp reference) against the float64 spec oracle."""
+"""The "reference" backend (the dense jnp definition) against the float64 spec oracle."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ from pallas_kernels.block_sparse_attention import attention_reference, dense_mas
 from pallas_kernels.block_sparse_attention.contract import AttentionContract, spec_allowed
 
 
-class TestXla(AttentionContract):
-    implementation = "xla"
+class TestReference(AttentionContract):
+    implementation = "reference"
 
 
 def test_dense_mask_combines_layout_slots_and_segments():
