@@ -65,6 +65,8 @@ def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, d
     lcjax.ops.observe collections mutable) the input's statistics are recorded under `name`.
     `row_parallel` marks a projection whose contracted dim is tensor-split: under
     `parallel.quantized_tp_comm` its all-reduce runs quantized (lcjax.parallel.tensor_parallel).
+    That setting is read from the ambient parallel context: lcjax/parallel/context.py lists
+    everything the context changes in the model.
     """
     rhs, out = spec.split(",")[1].split("->")
     observe.record(module, name, x, kdims=sum(c not in out for c in rhs))

@@ -128,7 +128,10 @@ class MoE(nn.Module):
         return y, routing_stats(ids, routed, token_mask, moe)
 
     def _expert_parallel_plan(self, x_shape, gate):
-        """(par, batch axes, expert-MLP axes) for all-to-all dispatch here, or None (GSPMD)."""
+        """(par, batch axes, expert-MLP axes) for all-to-all dispatch here, or None (GSPMD).
+
+        Read from the ambient parallel context: lcjax/parallel/context.py lists everything the
+        context changes in the model."""
         par = parallel_context.current()
         mode = "gspmd" if par is None else par.config.expert_dispatch
         if mode == "gspmd":

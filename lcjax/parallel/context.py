@@ -1,9 +1,26 @@
 """The active parallelism (mesh, rule table, ParallelConfig) that model code may consult.
 
 Like flax's `logical_axis_rules`, it is a context, read at trace time: `use_parallelism(mesh,
-config.parallel)` around `jax.jit` tracing makes MoE layers dispatch tokens with all-to-all
-(lcjax.parallel.expert_parallel) and row-parallel projections reduce with Flash Communication
-(lcjax.parallel.tensor_parallel). Outside it (one device, tests, serving) models run plain code.
+config.parallel)` around `jax.jit` tracing. Outside it (one device, tests, serving) `current()` is
+None and the model runs plain code. This is the one place that lists what it changes; the model
+reads it in exactly two spots, each pointing back here:
+
+- lcjax/model/moe.py `MoE._expert_parallel_plan`: with `parallel.expert_dispatch` "auto" (when
+  the mesh's `expert` axis > 1, the rules put `experts` on it and the batch rows split over it)
+  or "all_to_all" (required; else ValueError), the routed experts run through
+  lcjax.parallel.expert_parallel: tokens are dispatched to the devices holding their experts by
+  all-to-all. The result equals the GSPMD path up to summation order, except that
+  `parallel.expert_capacity_factor` > 0 drops slots over each device pair's cap. "gspmd" (or no
+  context) keeps the single-program path. Planned expert parallelism with quantized expert
+  weights is a ValueError (serve them with "gspmd").
+- lcjax/model/layers.py `linear(..., row_parallel=...)` (attention o_proj, dense MLP down
+  projections): with `parallel.quantized_tp_comm` != "none" and the contracted dim split over
+  exactly one mesh axis of size > 1, the tensor-parallel all-reduce runs quantized (Flash
+  Communication, lcjax.parallel.tensor_parallel): the output changes by the quantization error
+  of the reduction. Float weights only.
+
+Nothing else in the model depends on it; sharding itself comes from the logical axis names
+(nn.with_logical_partitioning / with_logical_constraint) and the rules this context enters.
 """
 
 from __future__ import annotations
