@@ -16,8 +16,10 @@ for one of two cases and checked per batch row at run time:
 Causal, sliding-window and full layouts depend only on position differences, so the global plan
 covers both; a LoZA layout visits its local window plus, per query block, the sink of the
 document its first query belongs to (a dynamic slice). A row matching neither case gets NaN
-output (loud, not silently wrong). Other explicit-position calls raise NotImplementedError, and
-the default order falls through to the reference.
+output (loud, not silently wrong). Explicit positions with S != T (decode or chunked prefill over
+cache slots) visit every pair with the element mask, as the kernels do: the cost of the reference
+at the default precision. Layouts other than those four with explicit S == T positions raise
+NotImplementedError, and the default order falls through to the reference.
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def pair_count(layout: masks.Layout, s_len: int, t_len: int, *, explicit_positio
     config = config or default_config(s_len, t_len, layout)
     if not explicit_positions:
         return len(_static_pairs(layout, s_len, t_len, config.block)[0])
+    if s_len != t_len:
+        return math.ceil(s_len / config.block) * math.ceil(t_len / config.block)
     (qb, _), sink_chunks, _ = _explicit_plan(layout, s_len, config.block)
     return len(qb) + sink_chunks * math.ceil(s_len / config.block)
 
@@ -126,13 +130,16 @@ def block_sparse_attention(q, k, v, *, layout, q_positions=None, kv_positions=No
         q_positions = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32), (batch, s_len))
         kv_positions = jnp.broadcast_to(jnp.arange(t_len, dtype=jnp.int32), (batch, t_len))
     else:
-        if q_positions is None or kv_positions is None or s_len != t_len:
+        if q_positions is None or kv_positions is None:
             raise NotImplementedError(
-                f"{NAME}: explicit positions need both q and kv positions and S == T, got "
-                f"q_positions={_shape(q_positions)}, kv_positions={_shape(kv_positions)}, "
-                f"S={s_len}, T={t_len}; supported: self-attention of a packed sequence "
-                "(decode over a cache goes to another backend)")
-        (q_blk, k_blk), sink_chunks, back = _explicit_plan(layout, s_len, block)
+                f"{NAME}: explicit positions need both q and kv positions, got q_positions="
+                f"{_shape(q_positions)}, kv_positions={_shape(kv_positions)}")
+        if s_len == t_len:
+            (q_blk, k_blk), sink_chunks, back = _explicit_plan(layout, s_len, block)
+        else:  # cache slots: every pair, masked
+            q_blk, k_blk = np.nonzero(np.ones((math.ceil(s_len / block),
+                                               math.ceil(t_len / block)), bool))
+            q_blk, k_blk = q_blk.astype(np.int32), k_blk.astype(np.int32)
     nq, nk = math.ceil(s_len / block), math.ceil(t_len / block)
     s_pad, t_pad = nq * block, nk * block
     has_seg = q_segment_ids is not None
@@ -202,7 +209,7 @@ def block_sparse_attention(q, k, v, *, layout, q_positions=None, kv_positions=No
     out_bshd = out_bshd[:, :s_len].astype(q.dtype)
     lse = jnp.where(nonempty, row_max + jnp.log(safe), -jnp.inf)
     lse_bhs = jnp.einsum("IBGNQ->BGNIQ", lse).reshape(batch, num_heads, s_pad)[:, :, :s_len]
-    if explicit:
+    if explicit and s_len == t_len:
         ok_b = _plan_covers(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
         out_bshd = jnp.where(ok_b[:, None, None, None], out_bshd, jnp.nan)
         lse_bhs = jnp.where(ok_b[:, None, None], lse_bhs, jnp.nan)

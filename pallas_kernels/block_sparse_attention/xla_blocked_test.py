@@ -18,8 +18,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class TestXla(AttentionContract):
     implementation = "xla"
     visits_only_active_blocks = True
-    # Decode over cache slots (S != T with explicit positions) goes to the reference.
-    unsupported_cases = {"chunk_cache_window": "S == T", "mla_absorbed_decode_loza": "S == T"}
 
 
 def _documents(rng, batch, s_len, with_padding):
@@ -122,9 +120,9 @@ def test_explicit_positions_refusals_name_the_case():
     with pytest.raises(NotImplementedError, match="BlockMaskLayout.*explicit positions"):
         xla_blocked.block_sparse_attention(q, q, q, layout=masks.BlockMaskLayout([[True]], 4),
                                            q_positions=pos, kv_positions=pos, scale=1.0)
-    with pytest.raises(NotImplementedError, match="S == T"):
-        xla_blocked.block_sparse_attention(q, q[:, :3], q[:, :3], layout=masks.CausalLayout(),
-                                           q_positions=pos, kv_positions=pos[:, :3], scale=1.0)
+    with pytest.raises(NotImplementedError, match="both q and kv positions"):
+        xla_blocked.block_sparse_attention(q, q, q, layout=masks.CausalLayout(),
+                                           q_positions=pos, scale=1.0)
 
 
 def test_config_rejects_a_bad_block():
@@ -132,7 +130,7 @@ def test_config_rejects_a_bad_block():
         xla_blocked.Config(0)
 
 
-def test_default_on_cpu_is_this_backend_and_decode_falls_through(monkeypatch):
+def test_default_on_cpu_is_this_backend_and_refusals_fall_through(monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("default order differs off CPU")
     calls = []
@@ -148,11 +146,10 @@ def test_default_on_cpu_is_this_backend_and_decode_falls_through(monkeypatch):
     jax.eval_shape(lambda q: api.block_sparse_attention(q, q, q, layout=masks.CausalLayout()), q)
     assert calls == ["xla"]
     calls.clear()
-    kv_pos = jax.ShapeDtypeStruct((1, 12), jnp.int32)
-    k = jax.ShapeDtypeStruct((1, 12, 2, 8), jnp.float32)
-    jax.eval_shape(lambda q, k, p: api.block_sparse_attention(
-        q[:, :1], k, k, layout=masks.CausalLayout(), q_positions=p[:, :1], kv_positions=p),
-        q, k, kv_pos)
+    pos = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    jax.eval_shape(lambda q, p: api.block_sparse_attention(
+        q, q, q, layout=masks.BlockMaskLayout([[True]], 8), q_positions=p, kv_positions=p),
+        q, pos)
     assert calls == ["xla", "reference"]
 
 
@@ -178,6 +175,23 @@ def test_dense_causal_costs_about_half_the_square():
     pairs = xla_blocked.pair_count(masks.CausalLayout(), 1024, 1024) / 16**2
     assert pairs == pytest.approx(136 / 256)  # 16 blocks of 64: the staircase
     assert ratio <= 0.6, ratio
+
+
+def test_decode_over_cache_slots_visits_every_pair():
+    """S != T with explicit positions (ring-buffer slots, empty ones): the dense masked visit."""
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 37, 1, 8)), jnp.float32) for _ in range(2))
+    kv_pos = jnp.asarray(np.where(rng.random((2, 37)) < 0.2, -1,
+                                  np.stack([rng.permutation(37) for _ in range(2)])), jnp.int32)
+    q_pos = jnp.asarray([[34, 35, 36]] * 2, jnp.int32)
+    kwargs = dict(layout=masks.LozaLayout(4, 1, 2), q_positions=q_pos, kv_positions=kv_pos,
+                  scale=0.4)
+    got = xla_blocked.block_sparse_attention(q, k, v, config=xla_blocked.Config(8), **kwargs)
+    want = attention_reference(q, k, v, **kwargs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert xla_blocked.pair_count(kwargs["layout"], 3, 37, explicit_positions=True,
+                                  config=xla_blocked.Config(8)) == 5
 
 
 def test_loza_pairs_are_its_sink_and_local_blocks():
