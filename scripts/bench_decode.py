@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
@@ -143,22 +142,16 @@ def lcjax_decode(config: Config, variables: dict, prompts: np.ndarray, new_token
 def hf_decode(config: Config, variables: dict, prompts: np.ndarray, new_tokens: int, dtype: str,
               attn: str, repeats: int, threads: int) -> dict:
     import torch
-    import transformers
-    from transformers import LongcatFlashForCausalLM
 
-    from lcjax.convert import save_hf_checkpoint
+    from hf_peer import load_transformers_model
 
-    transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and threads:
         # Two thread pools (XLA's and torch's OpenMP one) on a small CPU: steps of torch's MoE
         # were seen to take 1 s instead of 3 ms; tests/convert pins torch to one thread too.
         torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "hf")
-        save_hf_checkpoint(variables, config, path)
-        model = LongcatFlashForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                        attn_implementation=attn).to(device).eval()
+    model = load_transformers_model(variables, config, dtype=dtype, attn_implementation=attn,
+                                    device=device).eval()
     model.generation_config.eos_token_id = None  # exactly new_tokens, as ignore_eos
     model.generation_config.pad_token_id = config.model.pad_token_id
     ids = torch.as_tensor(prompts, device=device)

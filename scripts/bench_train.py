@@ -34,7 +34,50 @@ def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) 
             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
 
 
-def main() -> None:
+def measure(preset: str, batch_size: int, seq: int, steps: int, windows: int, dtype: str,
+            remat: str, extra_overrides=()) -> dict:
+    """Compile the sharded train step for `preset`, then time `windows` windows of `steps` steps
+    (one sync per window); the median step time gives tokens/s and MFU."""
+    overrides = [f"model.dtype={dtype}", f"model.remat_policy={remat}",
+                 f"data.seq_len={seq}", f"data.global_batch={batch_size}",
+                 "train.steps=1000", *extra_overrides]
+    config = load_config(resolve_config_path(preset), overrides)
+    mesh = make_mesh(config.mesh)
+    tx = create_optimizer(config)
+    shardings = state_shardings(config, tx, mesh)
+    rows = batch_sharding(mesh, rules_for(config))
+    state = init_state(config, tx, mesh)
+    rng = np.random.default_rng(0)
+    batch = {k: jax.device_put(v, rows) for k, v in
+             synthetic_batch(rng, batch_size, seq, config.model.vocab_size).items()}
+    with use_parallelism(mesh, config.parallel):
+        step = jax.jit(functools.partial(train_step, config=config, tx=tx),
+                       in_shardings=(shardings, rows), out_shardings=(shardings, None), donate_argnums=0)
+        t = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t
+        times, zero = [], 0.0
+        for _ in range(windows):
+            t = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = step(state, batch)
+            zero = float(jax.device_get(metrics["zero_share"]))
+            times.append((time.perf_counter() - t) / steps)
+    step_s = float(np.median(times))
+    tokens = batch_size * seq
+    flops_tok = train_flops_per_token(config.model, seq, zero)
+    peak = device_peak_flops()
+    tok_s = tokens / step_s
+    mfu = None if peak is None else flops_tok * tok_s / (peak * jax.device_count())
+    return {"preset": preset, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+            "jax": jax.__version__, "python": platform.python_version(), "batch": batch_size,
+            "seq": seq, "dtype": dtype, "remat": remat, "compile_s": compile_s,
+            "step_s": step_s, "tokens_per_s": tok_s, "model_flops_per_token": flops_tok,
+            "zero_share": zero, "mfu": mfu, "loss": float(jax.device_get(metrics["loss"]))}
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=8)
@@ -46,47 +89,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", default="bench_train.json")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.batch, args.seq, args.steps, args.windows = "tiny", 2, 64, 3, 1
         args.dtype = "float32"
-    overrides = [f"model.dtype={args.dtype}", f"model.remat_policy={args.remat}",
-                 f"data.seq_len={args.seq}", f"data.global_batch={args.batch}",
-                 "train.steps=1000", *args.overrides]
-    config = load_config(resolve_config_path(args.preset), overrides)
-    mesh = make_mesh(config.mesh)
-    tx = create_optimizer(config)
-    shardings = state_shardings(config, tx, mesh)
-    rows = batch_sharding(mesh, rules_for(config))
-    state = init_state(config, tx, mesh)
-    rng = np.random.default_rng(0)
-    batch = {k: jax.device_put(v, rows) for k, v in
-             synthetic_batch(rng, args.batch, args.seq, config.model.vocab_size).items()}
-    with use_parallelism(mesh, config.parallel):
-        step = jax.jit(functools.partial(train_step, config=config, tx=tx),
-                       in_shardings=(shardings, rows), out_shardings=(shardings, None), donate_argnums=0)
-        t = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t
-        times, zero = [], 0.0
-        for _ in range(args.windows):
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                state, metrics = step(state, batch)
-            zero = float(jax.device_get(metrics["zero_share"]))
-            times.append((time.perf_counter() - t) / args.steps)
-    step_s = float(np.median(times))
-    tokens = args.batch * args.seq
-    flops_tok = train_flops_per_token(config.model, args.seq, zero)
-    peak = device_peak_flops()
-    tok_s = tokens / step_s
-    mfu = None if peak is None else flops_tok * tok_s / (peak * jax.device_count())
-    result = {"preset": args.preset, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-              "jax": jax.__version__, "python": platform.python_version(), "batch": args.batch,
-              "seq": args.seq, "dtype": args.dtype, "remat": args.remat, "compile_s": compile_s,
-              "step_s": step_s, "tokens_per_s": tok_s, "model_flops_per_token": flops_tok,
-              "zero_share": zero, "mfu": mfu, "loss": float(jax.device_get(metrics["loss"]))}
+    result = measure(args.preset, args.batch, args.seq, args.steps, args.windows, args.dtype,
+                     args.remat, args.overrides)
     for key in ("preset", "device", "batch", "seq", "dtype", "step_s", "tokens_per_s", "model_flops_per_token", "mfu"):
         value = result[key]
         text = f"{value:,.4g}" if isinstance(value, float) else str(value)

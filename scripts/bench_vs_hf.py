@@ -36,11 +36,11 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_peer, when imported as a module
 BENCHMARKS = ROOT / "scripts" / "BENCHMARKS.md"
 TARGETS = {"forward": 1.5, "train_step": 1.2, "decode_b16": 1.2, "decode_b1": 1.0}
 
@@ -176,32 +176,17 @@ class Transformers:
 
     def __init__(self, config, variables, args):
         import torch
-        import transformers
-        from transformers import LongcatFlashForCausalLM
 
-        from lcjax.convert import save_hf_checkpoint
+        from hf_peer import load_transformers_model
 
-        transformers.utils.logging.disable_progress_bar()
         self.torch = torch
         self.device = "cuda" if args.device == "gpu" else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(1)
-        dtype = getattr(torch, config.model.dtype)
         extra = {} if args.hf_experts is None else {"experts_implementation": args.hf_experts}
-        # Whether transformers allocates its fused gate_up_proj for the zero experts too differs
-        # between versions: try the Hub layout (routed experts only), then the zero-expert stubs.
-        for stubs in (False, True):
-            with tempfile.TemporaryDirectory() as tmp:
-                save_hf_checkpoint(variables, config, tmp, overwrite=True, zero_expert_stubs=stubs)
-                try:
-                    self.model = LongcatFlashForCausalLM.from_pretrained(
-                        tmp, dtype=dtype, attn_implementation=args.hf_attn, **extra).to(self.device)
-                    break
-                except RuntimeError as e:  # size mismatch report
-                    if stubs:
-                        raise
-                    print(f"transformers refused the Hub layout ({str(e)[:80]}...); "
-                          "retrying with zero-expert stubs", flush=True)
+        self.model = load_transformers_model(variables, config, dtype=config.model.dtype,
+                                             attn_implementation=args.hf_attn,
+                                             device=self.device, **extra)
         # transformers >= 5.25 renamed past_key_values to cache (argument and output field).
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
