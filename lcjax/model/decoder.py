@@ -80,7 +80,8 @@ class MTPBlock(nn.Module):
     """Multi-token prediction: hidden h_t and embedding of token t+1 -> features to predict t+2.
 
     z = eh_proj([enorm(Embed(x_{t+1})); hnorm(h_t)]) -> dense pre-norm layer (MLA + SwiGLU)
-    -> final norm; the caller applies the shared lm_head. The embedding is the MTP's own table.
+    -> final norm; the caller applies the shared lm_head (model.project_logits). The embedding
+    is the MTP's own table.
     """
 
     config: ModelConfig
