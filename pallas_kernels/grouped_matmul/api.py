@@ -12,6 +12,7 @@ Every backend is differentiated by the same custom VJP, built from its own two k
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 import jax
@@ -20,8 +21,9 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.registry import Registry
 
-# Every name a backend may register under; modules are <name>.py in this package.
-KNOWN_IMPLEMENTATIONS = (
+# Every backend; modules are <name>.py in this package. KNOWN_IMPLEMENTATIONS adds the
+# "<name>_interpret" variants of INTERPRET_BACKENDS.
+BACKENDS = (
     "pallas_tpu", "megablox", "pallas_gpu", "triton", "segments", "xla")
 # Which GPU kernel is faster is a measurement (scripts/bench_gmm.py), not a belief.
 # "segments" (sorted row tiles in plain XLA) is the CPU default and the fallback before
@@ -31,10 +33,49 @@ _DEFAULT_ORDER = {
     "tpu": ("pallas_tpu", "megablox", "segments", "xla"),
     "gpu": ("pallas_gpu", "triton", "segments", "xla"),
 }
+# Pallas backends that also register "<name>_interpret": every call's Config gets
+# interpret=True (the Pallas interpreter runs the same kernels; CPU CI). triton interprets
+# through TRITON_INTERPRET=1 instead.
+INTERPRET_BACKENDS = ("pallas_tpu", "megablox", "pallas_gpu")
 SUPPORTED_KERNEL_DTYPES = (jnp.bfloat16, jnp.float32)
 
+
+class _Interpreted:
+    """A backend module whose calls run in the Pallas interpreter (Config.interpret=True); its
+    other attributes (Config, default_config, search_space) are the module's."""
+
+    def __init__(self, module: ModuleType):
+        self.module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    def _config(self, config, num_rows, k_dim, n_dim, num_groups, dtype, kind="gmm"):
+        if config is None:
+            config = self.module.default_config(num_rows, k_dim, n_dim, num_groups, dtype, kind)
+        return dataclasses.replace(config, interpret=True)
+
+    def check(self, lhs, rhs, *, out_dtype, config=None) -> None:
+        config = dataclasses.replace(config or self.module.Config(), interpret=True)
+        self.module.check(lhs, rhs, out_dtype=out_dtype, config=config)
+
+    def gmm(self, lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype=None, config=None):
+        n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+        config = self._config(config, lhs.shape[0], lhs.shape[1], n_dim, rhs.shape[0], lhs.dtype)
+        return self.module.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                               out_dtype=out_dtype, config=config)
+
+    def tgmm(self, lhs, rhs, group_sizes, *, out_dtype=None, config=None):
+        config = self._config(config, lhs.shape[0], lhs.shape[1], rhs.shape[1],
+                              group_sizes.shape[0], lhs.dtype, kind="tgmm")
+        return self.module.tgmm(lhs, rhs, group_sizes, out_dtype=out_dtype, config=config)
+
+
 # Backends are modules <name>.py here (the module itself is registered).
-REGISTRY = Registry(__package__, KNOWN_IMPLEMENTATIONS, _DEFAULT_ORDER)
+REGISTRY = Registry(__package__, BACKENDS, _DEFAULT_ORDER,
+                    interpret=INTERPRET_BACKENDS,
+                    load=lambda module, interpret: _Interpreted(module) if interpret else module)
+KNOWN_IMPLEMENTATIONS = REGISTRY.names
 
 
 def available_implementations() -> tuple[str, ...]:
@@ -47,8 +88,9 @@ def default_order(platform: str | None = None) -> tuple[str, ...]:
     return REGISTRY.default_order(platform)
 
 
-def backend_module(implementation: str) -> ModuleType:
-    """The module of a registered backend (its Config, default_config, search_space, kernels)."""
+def backend_module(implementation: str):
+    """The module of a registered backend (its Config, default_config, search_space, kernels);
+    for "<name>_interpret", the module seen through the interpreter."""
     return REGISTRY.get(implementation)
 
 
@@ -111,7 +153,7 @@ def tgmm(
                         config=config)
 
 
-def _choose(implementation, lhs, rhs, out_dtype, config) -> ModuleType:
+def _choose(implementation, lhs, rhs, out_dtype, config):
     """The backend to run: the named one (or its NotImplementedError), else the first in the
     default order whose check passes."""
 
@@ -122,7 +164,7 @@ def _choose(implementation, lhs, rhs, out_dtype, config) -> ModuleType:
     return REGISTRY.select(implementation, attempt)
 
 
-def _differentiable_gmm(backend: ModuleType, out_dtype, config):
+def _differentiable_gmm(backend: ModuleType | _Interpreted, out_dtype, config):
     """backend.gmm with the VJP built from the backend's own gmm (transposed rhs) and tgmm."""
 
     @jax.custom_vjp
