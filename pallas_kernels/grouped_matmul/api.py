@@ -1,9 +1,11 @@
 """grouped_matmul: `gmm` and `tgmm`, backends chosen by `implementation=`.
 
-Backends (modules <name>.py here, same four names: see xla.py) are filled by guarded imports.
-`implementation=None` tries the platform's default order, which always ends with "xla"
-(`jax.lax.ragged_dot`, the reference); naming an implementation never falls back to another, and
-a backend that cannot run a case raises NotImplementedError naming the value and what it supports.
+Backends (modules <name>.py here with check / gmm / tgmm: see xla.py) are found by
+pallas_kernels.registry; the Pallas ones also run as "<name>_interpret". `implementation=None`
+tries the platform's default order, which always ends with "xla" (`jax.lax.ragged_dot`, the
+reference); naming an implementation never falls back to another, and a backend that cannot run
+a case raises NotImplementedError naming the value and what it supports (with None and no
+backend left, one error lists every backend's reason).
 
 Every backend is differentiated by the same custom VJP, built from its own two kernels:
   d_lhs = gmm(d_out, rhs^T)   (rhs read transposed in place, no copy)
