@@ -14,7 +14,11 @@ from typing import Optional
 _DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: reference checks under x64
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 _MOE_DISPATCH = ("ragged", "dense")
-_ATTENTION_IMPLS = ("xla",)
+# Backends of pallas_kernels.block_sparse_attention (kept here as data: config imports nothing
+# above it). None picks the platform's fastest through the op's default order.
+_ATTENTION_IMPLS = (None, "xla", "reference", "cudnn", "splash", "pallas_gpu", "pallas_tpu",
+                    "triton", "splash_interpret", "pallas_gpu_interpret", "pallas_tpu_interpret",
+                    "triton_interpret")
 
 
 def _check(cond: bool, key: str, value, expected: str) -> None:
@@ -205,7 +209,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; router, norms and softmax stay float32
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    # Attention backend: None = the platform's fastest (kernels on GPU/TPU, block-skipping XLA
+    # on CPU); "xla", "reference" (dense, the definition), "cudnn", "splash", "pallas_gpu",
+    # "pallas_tpu", "triton", or a "*_interpret" variant of a kernel (CPU tests).
+    attention_impl: Optional[str] = None
 
     def __post_init__(self):
         _check_positive(self, "vocab_size", "hidden_size", "num_layers", "ffn_hidden_size",
@@ -336,7 +343,7 @@ class RuntimeConfig:
 DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
 
 
-def _check_data(cond: bool, key: str, value, expected: str) -> None:
+def check_data(cond: bool, key: str, value, expected: str) -> None:
     """Raise a ValueError naming the `data.` key, the bad value and what was expected."""
     if not cond:
         raise ValueError(f"data: {key}={value!r} is invalid: expected {expected}")
@@ -372,31 +379,31 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        _check_data(self.source in DATA_SOURCES, "source", self.source, f"one of {list(DATA_SOURCES)}")
+        check_data(self.source in DATA_SOURCES, "source", self.source, f"one of {list(DATA_SOURCES)}")
         if self.source == "stdlib":
-            _check_data(self.path == "", "path", self.path,
+            check_data(self.path == "", "path", self.path,
                   "'' with source='stdlib' (set data.source to text/jsonl/parquet/arrayrecord "
                   "to read your own files)")
         else:
-            _check_data(self.path != "", "path", self.path,
+            check_data(self.path != "", "path", self.path,
                   f"a file or glob pattern of {self.source} files for source={self.source!r}")
         if self.source in ("jsonl", "parquet"):
-            _check_data(self.text_field != "", "text_field", self.text_field,
+            check_data(self.text_field != "", "text_field", self.text_field,
                   "the name of the field/column holding the document text")
         for key, low in (("seq_len", 2), ("global_batch", 1), ("tokenizer_train_bytes", 1),
                          ("num_workers", 0)):
             value = getattr(self, key)
-            _check_data(isinstance(value, int) and value >= low, key, value, f"an integer >= {low}")
-        _check_data(isinstance(self.shuffle_seed, int) and 0 <= self.shuffle_seed < 2**32,
+            check_data(isinstance(value, int) and value >= low, key, value, f"an integer >= {low}")
+        check_data(isinstance(self.shuffle_seed, int) and 0 <= self.shuffle_seed < 2**32,
               "shuffle_seed", self.shuffle_seed, "an integer in [0, 2**32)")
-        _check_data(0.0 <= self.heldout_fraction < 1.0, "heldout_fraction", self.heldout_fraction,
+        check_data(0.0 <= self.heldout_fraction < 1.0, "heldout_fraction", self.heldout_fraction,
               "a fraction in [0, 1)")
 
     def per_host_batch(self, host_count: int) -> int:
         """Rows each host yields per step; global_batch must split evenly over the hosts."""
-        _check_data(isinstance(host_count, int) and host_count >= 1, "host_count", host_count,
+        check_data(isinstance(host_count, int) and host_count >= 1, "host_count", host_count,
               "a positive integer")
-        _check_data(self.global_batch % host_count == 0, "global_batch", self.global_batch,
+        check_data(self.global_batch % host_count == 0, "global_batch", self.global_batch,
               f"a multiple of the host count {host_count}")
         return self.global_batch // host_count
 

@@ -258,3 +258,13 @@ def test_several_files_merge_in_order(tmp_path):
     second.write_text("model:\n  moe:\n    top_k: 4\n")
     cfg = load_config([first, second], ["model.hidden_size=96"])
     assert (cfg.model.num_layers, cfg.model.moe.top_k, cfg.model.hidden_size) == (3, 4, 96)
+
+
+def test_attention_impl_defaults_to_the_platform_choice_and_names_bad_values():
+    from lcjax.config import ModelConfig
+
+    assert ModelConfig().attention_impl is None
+    for name in ("xla", "reference", "cudnn", "splash", "pallas_tpu_interpret"):
+        assert ModelConfig(attention_impl=name).attention_impl == name
+    with pytest.raises(ValueError, match="model.attention_impl='flash'"):
+        ModelConfig(attention_impl="flash")

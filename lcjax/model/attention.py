@@ -96,7 +96,10 @@ class MLA(nn.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, t, h, k_rope.shape[-1]))], -1)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        out = self._attend(q, k, v, sparse, q_positions=positions, kv_positions=positions,
+        # The layout sees in-sequence positions (per document when packed), given as None when
+        # they are aranges so kernels plan their blocks from static shapes; RoPE used `positions`.
+        mask_pos = None if segment_ids is None else attention_op.document_positions(segment_ids)
+        out = self._attend(q, k, v, sparse, q_positions=mask_pos, kv_positions=mask_pos,
                            q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         y = linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt, O_PROJ)
         return y, (latent, k_rope)

@@ -19,8 +19,9 @@ from pallas_kernels.block_sparse_attention import (
     block_sparse_attention,
 )
 from pallas_kernels.block_sparse_attention.decode import paged_decode_attention
+from pallas_kernels.block_sparse_attention.xla_blocked import document_positions
 
-__all__ = ["attention", "layout_for", "paged_decode_attention", "BlockMaskLayout", "CausalLayout", "FullLayout", "Layout",
+__all__ = ["attention", "document_positions", "layout_for", "paged_decode_attention", "BlockMaskLayout", "CausalLayout", "FullLayout", "Layout",
            "LozaLayout", "SlidingWindowLayout"]
 
 
@@ -44,7 +45,7 @@ def attention(
     kv_segment_ids: Int[Array, "B T"] | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-    implementation: str | None = "xla",
+    implementation: str | None = None,
 ) -> Float[Array, "B S H Dv"] | tuple[Float[Array, "B S H Dv"], Float[Array, "B H S"]]:
     """softmax(scale * q k^T | layout, segments, non-empty slots) v, grouped kv heads.
 
@@ -57,8 +58,9 @@ def attention(
       q_segment_ids, kv_segment_ids: packed-sequence ids, both or neither.
       scale: softmax scale, default Dk ** -0.5 (MLA passes its YaRN-adjusted value).
       return_lse: also return the float32 log-sum-exp [B, H, S].
-      implementation: a backend of `block_sparse_attention` ("xla" is the reference), or None for
-        the platform's fastest.
+      implementation: a backend of `block_sparse_attention` ("xla": block-skipping plain XLA;
+        "reference": the dense definition; kernels: "pallas_gpu", "pallas_tpu", "triton",
+        "cudnn", "splash", "*_interpret"), or None for the platform's fastest.
 
     Returns:
       [B, S, H, Dv] in q.dtype (and lse if requested); rows with no visible key are 0.
