@@ -5,7 +5,7 @@
 
 from lcjax.config import DATA_SOURCES as SOURCES
 from lcjax.config import DataConfig as DataSpec
-from lcjax.config import _check_data as check
+from lcjax.config import check_data as check
 
 SPLITS = ("train", "heldout")
 
