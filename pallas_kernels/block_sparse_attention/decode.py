@@ -25,12 +25,15 @@ from pallas_kernels.block_sparse_attention.reference import attention_reference
 from pallas_kernels.registry import Registry
 
 # Every backend: "xla" is the reference; the others are modules of this package (named in
-# _BACKEND_MODULES where the file is not <name>.py) with `paged_decode_attention(..., interpret=)`.
-BACKENDS = ("pallas_gpu", "xla")
+# _BACKEND_MODULES where the file is not <name>.py) with `paged_decode_attention(...)` (taking
+# `interpret=` when in INTERPRET_BACKENDS). "tpu_paged" wraps jax's TPU paged-attention kernel
+# (one token, no layout): on TPU it comes first, since our only TPU path is the reference;
+# `scripts/device_check.py` measures both.
+BACKENDS = ("pallas_gpu", "tpu_paged", "xla")
 # Backends that also register "<name>_interpret": the same kernels run by an interpreter (CPU CI).
 INTERPRET_BACKENDS = ("pallas_gpu",)
-_BACKEND_MODULES = {"pallas_gpu": "decode_kernel"}
-_DEFAULT_ORDER = {"gpu": ("pallas_gpu", "xla")}
+_BACKEND_MODULES = {"pallas_gpu": "decode_kernel", "tpu_paged": "decode_tpu_paged"}
+_DEFAULT_ORDER = {"gpu": ("pallas_gpu", "xla"), "tpu": ("tpu_paged", "xla")}
 
 
 def paged_decode_reference(q, k_pages, v_pages, block_tables, lengths, *, layout, scale,
