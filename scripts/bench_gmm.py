@@ -5,7 +5,10 @@ On one H100 (the BASELINES.md shapes, bf16, even and Zipf-like groups, forward a
     python scripts/bench_gmm.py --out bench_gmm_h100.json
 Sweep each kernel backend's Config.search_space (forward; slow, so one shape by default):
     python scripts/bench_gmm.py --search --shapes 16k --out bench_gmm_search.json
-On CPU, tiny sizes through "xla" and the interpret-mode Pallas kernels (exercises this script):
+On CPU, MoE training and decode shapes (float32): "segments" (the CPU default), ragged_dot
+("xla") and a dense GEMM of the same FLOPs; --search sweeps segments' tile size there:
+    python scripts/bench_gmm.py --shapes cpu-train cpu-decode1 cpu-decode16
+Tiny sizes through every backend that runs here, Pallas kernels interpreted (exercises this script):
     python scripts/bench_gmm.py --smoke
 
 Timing (BASELINES.md): warm-up excluded; each figure issues `--calls` calls and syncs once,
@@ -31,9 +34,13 @@ from pallas_kernels.grouped_matmul import api  # noqa: E402
 from pallas_kernels.timing import time_pipelined  # noqa: E402
 
 # name -> (T rows = tokens * top_k, E experts, K in, N out)
-SHAPES = {"16k": (16384, 64, 2048, 1024), "64k": (65536, 64, 4096, 2048)}
-SMOKE_SHAPES = {"smoke": (256, 8, 64, 32)}
-KERNEL_BACKENDS = ("pallas_gpu", "triton", "pallas_tpu")
+SHAPES = {"16k": (16384, 64, 2048, 1024), "64k": (65536, 64, 4096, 2048),
+          # CPU: 2,048 tokens x top-4 over 32 experts; decode at batch 1 and 16.
+          "cpu-train": (8192, 32, 512, 256), "cpu-decode1": (4, 32, 512, 256),
+          "cpu-decode16": (64, 32, 512, 256)}
+SMOKE_SHAPES = {"smoke": (256, 8, 64, 32), "smoke-decode": (4, 8, 64, 32)}
+KERNEL_BACKENDS = ("pallas_gpu", "triton", "pallas_tpu", "megablox", "segments")
+INTERPRETED = ("pallas_gpu", "pallas_tpu", "megablox")  # run in the interpreter by --smoke
 
 
 def group_sizes(rows: int, groups: int, kind: str, zipf_exponent: float, seed: int = 0):
@@ -77,7 +84,7 @@ def candidates(smoke: bool, lhs, rhs) -> dict:
             continue
         module = api.backend_module(name)
         config = None
-        if smoke and name.startswith("pallas"):
+        if smoke and name in INTERPRETED:
             config = module.Config(block_m=32, block_n=32, block_k=32, interpret=True)
         try:
             module.check(lhs, rhs, out_dtype=lhs.dtype, config=config)
@@ -106,7 +113,7 @@ def _max_rel_err(got, ref) -> float:
 
 def run(args) -> list[dict]:
     shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in args.shapes}
-    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    dtype = jnp.float32 if args.smoke or jax.default_backend() == "cpu" else jnp.bfloat16
     modes = ("fwd",) if args.no_backward else ("fwd", "fwd+bwd")
     rows = []
     for shape_name, (t, e, k, n) in shapes.items():
@@ -147,7 +154,7 @@ def run(args) -> list[dict]:
 def search(args) -> list[dict]:
     """Time every config of each kernel backend's search space (forward)."""
     rows = []
-    dtype = jnp.bfloat16
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     for shape_name in args.shapes:
         t, e, k, n = SHAPES[shape_name]
         lhs = jax.random.normal(jax.random.key(0), (t, k), dtype)
@@ -186,7 +193,7 @@ def search(args) -> list[dict]:
 def _format_row(r: dict) -> str:
     err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-"
     return (f"{r['shape']:>6} {r['groups']:>5} {r['impl']:>18} {r['mode']:>7} "
-            f"{r['us']:>11.1f} {r['tflops']:>8.1f} {err:>8}  {r['config']}")
+            f"{r['us']:>11.1f} {r['tflops']:>8.3g} {err:>8}  {r['config']}")
 
 
 def main(argv=None) -> None:
@@ -205,7 +212,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.shapes is None:
-        args.shapes = ["16k"] if args.search else sorted(SHAPES)
+        on_cpu = jax.default_backend() == "cpu"
+        args.shapes = (["cpu-train"] if on_cpu else ["16k"]) if args.search else sorted(
+            k for k in SHAPES if k.startswith("cpu") == on_cpu)
     if args.smoke:
         args.calls, args.repeats = min(args.calls, 3), min(args.repeats, 2)
 

@@ -22,13 +22,16 @@ import jax.numpy as jnp
 # float32 at full precision: on GPU/TPU the default would round through tf32/bf16.
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
-# Cost of gathering one weight element into a tile, in multiply-adds of one row of the tile's
-# matmul (a copy is memory-bound, a matmul row is not). Measured on CPU: scripts/bench_gmm.py.
-_GATHER_COST = 16.0
-# Up to this many tiles, each tile's weight is a dynamic slice (see _tile_weights).
-_MAX_SLICED_TILES = 32
-# Tiles never pad the compute past this factor of the rows (the bound, all groups non-empty).
+# Cost of copying one tile's weight, in rows of that tile's matmul (per weight element: a
+# memory-bound copy against 2 flops per row). About 100 on a shared 2-core CPU, where a full
+# gmm of 8192 rows over 32 groups took 221 / 160 / 136 / 152 ms at 32 / 64 / 128 / 256-row tiles.
+_GATHER_COST = 100.0
+# With at least this many rows per group on average (training, prefill) the matmuls dominate:
+# only tiles that pad the compute by at most _MAX_PADDING (at the static bound) compete.
+_FLOP_BOUND_ROWS = 8
 _MAX_PADDING = 1.2
+# Up to this many tiles, each tile's weight is a dynamic slice (see _tile_weights).
+_MAX_SLICED_TILES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +58,15 @@ def padding_factor(num_rows: int, num_groups: int, tile_rows: int) -> float:
 
 def default_config(num_rows: int, k_dim: int, n_dim: int, num_groups: int, dtype,
                    kind: str = "gmm") -> Config:
-    """The tile size of least modelled cost, tiles * (gather + rows), among those that pad the
-    compute by at most _MAX_PADDING. Few rows (decode) give 1: no weight is gathered twice."""
+    """The tile size of least modelled cost, tiles * (_GATHER_COST + rows per tile). Training
+    shapes keep the padded compute within _MAX_PADDING; decode shapes are bound by weight reads
+    (few rows: 1-row tiles copy only the routed groups' weights; more rows: fewer, wider tiles)."""
     del k_dim, n_dim, dtype, kind
+    flop_bound = num_rows >= _FLOP_BOUND_ROWS * num_groups
     best = min((num_tiles(num_rows, num_groups, t) * (_GATHER_COST + t), t)
                for t in _TILE_CANDIDATES
-               if t == 1 or padding_factor(num_rows, num_groups, t) <= _MAX_PADDING)
+               if t == 1 or not flop_bound
+               or padding_factor(num_rows, num_groups, t) <= _MAX_PADDING)
     return Config(tile_rows=best[1])
 
 

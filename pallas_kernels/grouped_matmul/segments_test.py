@@ -52,8 +52,11 @@ def test_layout_places_every_row_once_at_a_tile_aligned_group_start(tile_rows):
         assert np.sum(row_of_slot < rows) == np.sum(placed)
 
 
-def test_tile_heuristic_decode_gets_one_row_tiles_training_gets_wide_tiles():
+def test_tile_heuristic_decode_copies_few_weights_training_pads_little():
     assert segments.default_config(4, 512, 256, 32, jnp.float32).tile_rows == 1  # batch 1, top 4
+    # Batch 16: wider tiles copy fewer weights than one per row (and than 1-row tiles would).
+    t = segments.default_config(64, 512, 256, 32, jnp.float32).tile_rows
+    assert segments.num_tiles(64, 32, t) < 40 < segments.num_tiles(64, 32, 1)
     for rows, groups in ((8192, 32), (16384, 64), (49152, 512)):
         t = segments.default_config(rows, 2048, 1024, groups, jnp.bfloat16).tile_rows
         assert t >= 16 and segments.padding_factor(rows, groups, t) <= segments._MAX_PADDING
