@@ -1,0 +1,36 @@
+"""Serve prefill chunks (and the ring-cached sparse layers at decode) run the model's configured
+attention backend, through the same op as training, and give the full forward's greedy tokens."""
+
+import dataclasses
+
+import pytest
+
+from lcjax.config_io import load_config, resolve_config_path
+from lcjax.serve.engine import Engine, EngineConfig
+from lcjax.serve.sampling import SamplingParams
+from pallas_kernels.block_sparse_attention import api
+from tests.model.conftest import init_variables
+from tests.serve.test_engine import _prompts, greedy_reference
+
+
+@pytest.mark.slow
+def test_prefill_chunks_use_the_configured_kernel(monkeypatch):
+    cfg = load_config(resolve_config_path("tiny")).model
+    variables = init_variables(cfg, seed=3)
+    variables["params"]["lm_head"] = variables["params"]["lm_head"] * 40.0  # no near-ties
+    prompt = _prompts(cfg, [45])[0]  # two chunks of 32, LoZA rings shorter than a chunk
+    want = greedy_reference(dataclasses.replace(cfg, attention_impl="reference"), variables,
+                            prompt, 3, width=64)
+    calls = []
+    for name, real in list(api.REGISTRY.implementations.items()):
+        def spy(*args, _name=name, _real=real, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setitem(api.REGISTRY.implementations, name, spy)
+    engine = Engine(dataclasses.replace(cfg, attention_impl="pallas_gpu_interpret"), variables,
+                    None, EngineConfig(max_num_seqs=1, max_model_len=64, page_size=16,
+                                       prefill_chunk=32))
+    out = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0,
+                                                   ignore_eos=True))
+    assert out[0].token_ids == want
+    assert calls and set(calls) == {"pallas_gpu_interpret"}, sorted(set(calls))
