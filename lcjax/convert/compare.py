@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax.convert.hf import load_hf_checkpoint
+from lcjax.model.decode import layer_variables, sparse_pair
 from lcjax.model.decoder import DecoderLayer
 from lcjax.model.embedding import Embedder
 from lcjax.model.layers import RMSNorm
@@ -73,11 +74,6 @@ def _hf_activations(model, ids) -> dict[str, Any]:
     return acts
 
 
-def _layer_variables(variables: dict, layer: int, scanned: bool) -> dict:
-    return {col: (jax.tree.map(lambda a: a[layer], tree["layers"]) if scanned
-                  else tree[f"layers_{layer}"]) for col, tree in variables.items()}
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))  # one compile serves every layer
 def _run_layer(cfg, layer_vars, x, positions, pair: tuple[bool, bool]):
     """One logical layer on `x`: its output and the outputs of its five sublayers."""
@@ -127,8 +123,8 @@ def compare_with_transformers(path: Union[str, os.PathLike], *, batch: int = 2, 
     rows = [Row("embed", _diff(x, hf["embed"]), _diff(x, hf["embed"]),
                 float(np.max(np.abs(hf["embed"]))))]
     for l in range(cfg.num_layers):
-        lv = _layer_variables(variables, l, cfg.scan_layers)
-        pair = tuple(cfg.sparse_layers[2 * l: 2 * l + 2])
+        lv = layer_variables(variables, l, cfg)
+        pair = sparse_pair(cfg, l)
         x, subs = _run_layer(cfg, lv, jnp.asarray(x), positions, pair)
         local_out, local_subs = _run_layer(cfg, lv, jnp.asarray(hf[f"layer_{l}_in"]), positions, pair)
         for name in _SUBLAYERS:
