@@ -4,7 +4,8 @@
     python scripts/bench_vs_hf.py --write-benchmarks                     # + scripts/BENCHMARKS.md
     python scripts/bench_vs_hf.py --device gpu --out bench_vs_hf_gpu.json   # bf16 on both sides
     python scripts/bench_vs_hf.py --quick --out /tmp/bench_vs_hf.json   # tiny, seconds
-    python scripts/bench_vs_hf.py model.moe.dispatch=dense               # any lcjax override
+    python scripts/bench_vs_hf.py --gmm-impl xla --label ragged_dot     # the lax.ragged_dot MoE
+    python scripts/bench_vs_hf.py model.attention_impl=reference         # any lcjax override
 
 Model (CPU default, "fine-grained MoE"): vocab 8192, hidden 256, 2 logical layers (4 MLA
 sublayers), 4 heads, q/kv LoRA 128/64, nope/rope/v 32/16/32, dense FFN 512, 32 routed experts of
@@ -78,12 +79,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation")
     p.add_argument("--hf-experts", default=None,
                    help="transformers experts_implementation (default: its own choice)")
+    p.add_argument("--gmm-impl", default=None,
+                   help="grouped-matmul backend the lcjax model runs (default: the platform's "
+                        "default order; e.g. 'xla' = lax.ragged_dot, the older path)")
     p.add_argument("--tol", type=float, default=None,
                    help="max |logits diff| allowed (default 1e-3 f32, 0.25 bf16)")
     p.add_argument("--no-pin", action="store_true", help="CPU: do not pin to one core")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny model and shapes, 2 rounds")
-    p.add_argument("--label", default="", help="a note stored with the run (e.g. 'before')")
+    p.add_argument("--label", default="",
+                   help="a name for the run (e.g. ragged): stored in the JSON and, with "
+                        "--write-benchmarks, its own section")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     p.add_argument("--write-benchmarks", action="store_true",
                    help="replace this device's marked section of scripts/BENCHMARKS.md")
@@ -366,11 +372,13 @@ def table(result: dict) -> str:
 def benchmarks_section(result: dict, table_text: str) -> str:
     m = result["model_summary"]
     return "\n".join([
-        f"## lcjax vs transformers, {result['device']} ({result['date']})",
+        f"## lcjax vs transformers, {result['device']} ({result['date']})"
+        + (f" — {result['label']}" if result["label"] else ""),
         "",
         f"Command: `{result['command']}`. Model: {m}. Logits max |diff| "
         f"{result['logits_max_abs_diff']:.2g}; transformers experts implementation "
-        f"`{result['hf_experts_implementation']}`, attention `{result['hf_attn']}`. "
+        f"`{result['hf_experts_implementation']}`, attention `{result['hf_attn']}`; lcjax "
+        f"grouped matmul `{result['lcjax_gmm_order'][0]}`. "
         f"{result['rounds']} interleaved rounds; speed-up = transformers time / lcjax time. "
         + ("One thread each on one pinned core of a shared CPU: noisy." if result["platform"] == "cpu"
            else "bf16 on both sides."),
@@ -379,9 +387,10 @@ def benchmarks_section(result: dict, table_text: str) -> str:
     ])
 
 
-def write_benchmarks(section: str, device: str, path: Path = BENCHMARKS) -> None:
-    """Replace (or append) the section between this device's marker comments."""
-    start, end = f"<!-- bench_vs_hf:{device}:start -->", f"<!-- bench_vs_hf:{device}:end -->"
+def write_benchmarks(section: str, key: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the section between the marker comments of `key` (the device, plus
+    the run's --label when given, so labelled runs keep their own section)."""
+    start, end = f"<!-- bench_vs_hf:{key}:start -->", f"<!-- bench_vs_hf:{key}:end -->"
     block = f"{start}\n{section}\n{end}"
     text = path.read_text() if path.exists() else ""
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
@@ -396,6 +405,14 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
+    from pallas_kernels.grouped_matmul import api as gmm_api
+
+    if args.gmm_impl is not None:
+        # The model calls the grouped matmul with implementation=None: putting one backend alone
+        # in this platform's default order makes every MoE matmul (and its VJP) run it.
+        gmm_api.backend_module(args.gmm_impl)  # an unknown or unavailable name fails here
+        gmm_api.REGISTRY.orders[jax.default_backend()] = (args.gmm_impl,)
+    gmm_order = gmm_api.default_order()
     config, variables, ours, hf = build(args)
     cfg = config.model
     summary = (f"vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
@@ -404,7 +421,8 @@ def main(argv=None) -> int:
                f"{cfg.dtype}; batch {args.batch} x {args.seq} (forward, train); decode prompt "
                f"{args.prompt_len} + {args.new_tokens} tokens")
     print(f"{summary}\njax {jax.__version__} on {jax.devices()[0].device_kind}; torch "
-          f"{hf.torch.__version__} on {hf.device}, experts={hf.experts_implementation}", flush=True)
+          f"{hf.torch.__version__} on {hf.device}, experts={hf.experts_implementation}; lcjax "
+          f"grouped matmul order {gmm_order}", flush=True)
     tol = args.tol if args.tol is not None else (1e-3 if cfg.dtype == "float32" else 0.25)
     ids = np.random.default_rng(args.seed + 1).integers(3, cfg.vocab_size, (2, 16)).astype(np.int32)
     diff = check_logits(ours, hf, ids, tol)
@@ -422,7 +440,8 @@ def main(argv=None) -> int:
               "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else None, "model": args.model, "model_summary": summary,
               "overrides": args.overrides, "hf_attn": args.hf_attn,
-              "hf_experts_implementation": hf.experts_implementation, "rounds": args.rounds,
+              "hf_experts_implementation": hf.experts_implementation,
+              "lcjax_gmm_order": list(gmm_order), "rounds": args.rounds,
               "calls": args.calls, "logits_max_abs_diff": diff, "tasks": tasks,
               "ratios": {t["task"]: t["median_ratio"] for t in tasks}}
     text = table(result)
@@ -432,7 +451,8 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     if args.write_benchmarks:
-        write_benchmarks(benchmarks_section(result, text), args.device)
+        key = args.device + (f":{args.label}" if args.label else "")
+        write_benchmarks(benchmarks_section(result, text), key)
         print(f"updated {BENCHMARKS}")
     return 0
 

@@ -131,8 +131,8 @@ def attention_items(st: Settings):
                     value=ms / bound, target="<= 1.25 x density x dense",
                     passed=bool(ms <= bound) if _on_accelerator() else None)
 
-    for s in st.attn_seq:
-        for mode in ("fwd", "fwd_bwd"):
+    for mode in ("fwd", "fwd_bwd"):  # every forward first: the time box may end the section
+        for s in st.attn_seq:
             yield (f"dense causal attention {mode} S={s} vs {peer}", ours,
                    lambda s=s, m=mode: dense(s, m), 15.0 if _on_accelerator() else 3.0)
             yield (f"LoZA attention {mode} S={s}", ours, lambda s=s, m=mode: loza(s, m), 10.0)

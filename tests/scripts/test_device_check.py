@@ -1,0 +1,87 @@
+"""scripts/device_check.py: the --smoke run's rows, the budget and the row verdicts."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "device_check.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_run_rows(tmp_path):
+    # A subprocess: Triton's interpreter must be chosen before triton is first imported.
+    out = tmp_path / "device_check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--budget", "1200",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1500, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    errors = [(r["check"], r["status"]) for r in rows if r["passed"] is False]
+    assert proc.returncode == 0 and not errors, (errors, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert result["smoke"] and result["platform"] == "cpu"
+    assert {r["section"] for r in rows} == {
+        "attention kernels", "decode kernels", "gmm kernels", "quant kernels", "model",
+        "attention bench", "gmm bench", "train bench", "decode bench"}
+    assert all(r["status"] == "ok" or r["status"].startswith("unavailable: ") for r in rows)
+    ran = {(r["check"].split()[0], r["backend"]) for r in rows
+           if r["section"].endswith("kernels") and r["status"] == "ok"}
+    # The CPU reference backends and the interpret-mode kernels ran against the references.
+    assert {("attention", "xla"), ("attention", "pallas_gpu_interpret"), ("paged", "xla"),
+            ("paged", "pallas_gpu_interpret"), ("gmm", "xla"), ("quant_matmul", "xla"),
+            ("quant_matmul", "pallas_gpu_interpret")} <= ran
+    quant_modes = {r["check"].split()[2] for r in rows if r["check"].startswith("quant_matmul xla")}
+    assert quant_modes >= {"w8a8", "w4a8_odyssey", "w4a8_int_g128", "w4a8_float_g128",
+                           "w4a16_g128", "w4a16"}
+    kernel_rows = [r for r in rows if r["section"].endswith("kernels") and r["status"] == "ok"]
+    assert all(r["passed"] is True and r["value"] <= 3e-2 for r in kernel_rows)
+    model = next(r for r in rows if r["section"] == "model")
+    assert model["passed"] is True
+    bench = [r for r in rows if r["section"].endswith("bench")]
+    assert all(r["status"] == "ok" and r["passed"] is None for r in bench)  # CPU: not judged
+    assert any(r["check"].startswith("dense causal attention fwd") for r in bench)
+    assert sum(r["check"].startswith("tiny decode batch") for r in bench) == 3
+
+
+def test_budget_exhausted_rows_are_skipped(tmp_path):
+    device_check = _module()
+    out = tmp_path / "device_check.json"
+    assert device_check.main(["--smoke", "--budget", "0.001", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["status"] == "skipped (budget)" for r in rows)
+
+
+def test_row_verdicts():
+    device_check = _module()
+    budget = device_check.Budget(100.0)
+
+    def declined():
+        raise NotImplementedError("pallas_tpu: platform='cpu' is not supported")
+
+    def broken():
+        raise RuntimeError("boom")
+
+    def good():
+        return dict(measured="1.0", value=1.0, target=">= 2", passed=False)
+
+    row = device_check.run_item("kernels", "c", "pallas_tpu", declined, 1.0, 50.0, budget)
+    assert row["status"].startswith("unavailable: NotImplementedError: pallas_tpu")
+    assert row["passed"] is None
+    row = device_check.run_item("kernels", "c", "xla", broken, 1.0, 50.0, budget)
+    assert row["status"] == "error: RuntimeError: boom" and row["passed"] is False
+    row = device_check.run_item("kernels", "c", "xla", good, 1.0, 50.0, budget)
+    assert row["status"] == "fail" and device_check.verdict(row) == "FAIL"
+    row = device_check.run_item("kernels", "c", "xla", good, 60.0, 50.0, budget)  # past the box
+    assert row["status"] == "skipped (budget)" and device_check.verdict(row) == "skipped (budget)"
