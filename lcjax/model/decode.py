@@ -43,7 +43,8 @@ def sparse_pair(cfg: ModelConfig, layer: int) -> tuple[bool, bool]:
 def forward_hidden(cfg: ModelConfig, variables: Any, tokens: Int[Array, "B S"],
                    positions: Int[Array, "B S"], layer_caches: Sequence[Any],
                    valid: Optional[Bool[Array, "B S"]] = None,
-                   history: Optional[Int[Array, "B N"]] = None) -> tuple[Float[Array, "B S M"], tuple]:
+                   history: Optional[Int[Array, "B N"]] = None
+                   ) -> tuple[Float[Array, "B S M"], tuple]:
     """The cached forward of S new tokens: embedding -> every layer's decode -> final norm.
 
     `layer_caches` holds one latent cache per attention sublayer, anything with
