@@ -118,6 +118,14 @@ def _tiles(x, row_of_slot, tile_rows: int):
     return picked.reshape(-1, tile_rows, x.shape[1])
 
 
+def _accumulation(dtype) -> dict:
+    """einsum arguments: int8 products accumulate in int32 (quantized experts), floats in
+    float32 at full precision."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return dict(preferred_element_type=jnp.int32)
+    return dict(precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
 def _tile_weights(rhs, group_of_tile):
     """rhs[group_of_tile]: [NT, ...] weights, one per tile. Few tiles (decode) take one dynamic
     slice each: the same reads as a gather, but XLA's cost model charges a gather fused into a
@@ -143,8 +151,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, out_dtype=None, c
     x_ptk = _tiles(lhs, row_of_slot, t)
     w_pkn = _tile_weights(rhs, jnp.minimum(group_of_tile, rhs.shape[0] - 1))
     spec = "PtK,PNK->PtN" if transpose_rhs else "PtK,PKN->PtN"
-    y_ptn = jnp.einsum(spec, x_ptk, w_pkn, precision=_HIGHEST,
-                       preferred_element_type=jnp.float32)
+    y_ptn = jnp.einsum(spec, x_ptk, w_pkn, **_accumulation(lhs.dtype))
     y = y_ptn.reshape(-1, y_ptn.shape[-1])
     return jnp.take(y, slot_of_row, axis=0, mode="fill", fill_value=0).astype(out_dtype)
 
@@ -157,8 +164,7 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype=None, config=None):
     t = _tile_rows(config, lhs, rhs.shape[1], g, "tgmm")
     row_of_slot, group_of_tile, _ = _layout(group_sizes, lhs.shape[0], t)
     partial_pkn = jnp.einsum("PtK,PtN->PKN", _tiles(lhs, row_of_slot, t),
-                             _tiles(rhs, row_of_slot, t), precision=_HIGHEST,
-                             preferred_element_type=jnp.float32)
+                             _tiles(rhs, row_of_slot, t), **_accumulation(lhs.dtype))
     # Tiles past the used ones (group index G) are dropped; an empty group sums to 0.
     out = jax.ops.segment_sum(partial_pkn, group_of_tile, num_segments=g,
                               indices_are_sorted=True)

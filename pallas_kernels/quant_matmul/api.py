@@ -21,11 +21,12 @@ from pallas_kernels.quant_matmul.reference import Mode
 from pallas_kernels.registry import Registry
 
 # Every backend; modules are <name>.py in this package ("xla" is the reference).
-BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "xla")
+BACKENDS = ("pallas_tpu", "pallas_gpu", "triton", "segments", "xla")
 # Backends that also register "<name>_interpret": the same kernels run by an interpreter (CPU CI).
 INTERPRET_BACKENDS = ("pallas_tpu", "pallas_gpu", "triton")
 # Which GPU kernel is faster is a measurement (scripts/bench_quant_matmul.py), not a belief.
 _DEFAULT_ORDER = {
+    "cpu": ("segments", "xla"),  # the reference with grouped products in sorted row tiles
     "tpu": ("pallas_tpu", "xla"),
     "gpu": ("pallas_gpu", "triton", "xla"),
 }

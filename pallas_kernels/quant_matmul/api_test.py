@@ -20,19 +20,22 @@ def _primitives(fn, *args):
 
 
 def test_registry_and_default_order_ends_with_xla():
-    assert api.default_order("cpu") == ("xla",)
+    assert api.default_order("cpu") == ("segments", "xla")
     assert api.default_order("tpu") == ("pallas_tpu", "xla")
     assert api.default_order("gpu")[0] == "pallas_gpu" and api.default_order("gpu")[-1] == "xla"
     assert api.default_order("some_new_platform") == ("xla",)
-    assert {"xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
+    assert {"xla", "segments", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
             "pallas_tpu_interpret"} <= set(api.available_implementations())
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
-def test_default_on_cpu_is_the_reference():
+def test_default_on_cpu_is_the_reference_with_tiled_grouped_products():
     prims = _primitives(lambda x, w, s, xs: api.quant_matmul(x, w, w_scale=s, x_scale=xs), X8,
                         W8, CH, XS)
     assert "dot_general" in prims and "pallas_call" not in prims
+    prims = _primitives(lambda x, w, g, s, xs: api.quant_gmm(x, w, g, w_scale=s, x_scale=xs), X8,
+                        S((3, 64, 48), jnp.int8), S((3,), jnp.int32), S((3, 48), jnp.float32), XS)
+    assert "dot_general" in prims and "ragged_dot_general" not in prims
     prims = _primitives(lambda x, w, s: api.quant_matmul(x, w, w_scale=s, bits=4,
                                                          implementation="pallas_gpu_interpret"),
                         XF, W4, CH)

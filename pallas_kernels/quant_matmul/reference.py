@@ -25,6 +25,7 @@ Past it the int32 accumulator wraps, in the reference as in the kernels.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -163,9 +164,11 @@ def quant_gmm_reference(
     mode: Mode,
     alpha: float | int | None,
     out_dtype,
+    ragged_dot: Callable = jax.lax.ragged_dot,
 ) -> Shaped[Array, "M N"]:
     """Per expert e, on e's rows: quant_matmul_reference(x[rows], w[e], w_scale[e], ...); rows
-    past sum(group_sizes) give 0. Integer parts through `jax.lax.ragged_dot` in int32."""
+    past sum(group_sizes) give 0. Integer parts through `ragged_dot` in int32 (default
+    `jax.lax.ragged_dot`; the "segments" backend passes its row-tiled grouped matmul)."""
     num_rows, num_experts = x.shape[0], w.shape[0]
     sizes = group_sizes.astype(jnp.int32)
     expert = expert_of_rows(sizes, num_rows)
@@ -178,19 +181,19 @@ def quant_gmm_reference(
             w_f = w_f * w_scale.astype(jnp.float32)[:, None, :]
         else:
             w_f = w_f * jnp.repeat(w_scale.astype(jnp.float32), mode.group_size, axis=1)
-        y = jax.lax.ragged_dot(x.astype(jnp.float32), w_f, sizes, precision=_HIGHEST,
+        y = ragged_dot(x.astype(jnp.float32), w_f, sizes, precision=_HIGHEST,
                                preferred_element_type=jnp.float32)
         return jnp.where(valid, y, 0.0).astype(out_dtype)
     xs = x_scale.astype(jnp.float32)[:, None]
     if mode.group_size is None:
-        acc = jax.lax.ragged_dot(x, w_full, sizes, preferred_element_type=jnp.int32)
+        acc = ragged_dot(x, w_full, sizes, preferred_element_type=jnp.int32)
         y = (acc.astype(jnp.float32) * xs) * ws_rows.astype(jnp.float32)
         return jnp.where(valid, y, 0.0).astype(out_dtype)
     g = mode.group_size
     num_k_groups = x.shape[1] // g
     x_gmk = x.reshape(num_rows, num_k_groups, g).swapaxes(0, 1)
     w_gekn = w_full.reshape(num_experts, num_k_groups, g, -1).swapaxes(0, 1)
-    parts = jax.lax.map(lambda ab: jax.lax.ragged_dot(ab[0], ab[1], sizes,
+    parts = jax.lax.map(lambda ab: ragged_dot(ab[0], ab[1], sizes,
                                                       preferred_element_type=jnp.int32),
                         (x_gmk, w_gekn))  # [G, M, N] (ragged_dot has no batching rule here)
     ws_gmn = ws_rows.swapaxes(0, 1)
