@@ -70,14 +70,18 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, :, None, :], positions, a.rope)[:, :, 0, :]
         return q_nope, q_rope, latent, k_rope
 
-    def _attend(self, q, k, v, sparse: SparseFlag, **kwargs):
-        """Attention with the layer's layout; a traced flag (scanned layers) picks by lax.cond."""
+    def _attend(self, q, k, v, sparse: SparseFlag, segment_ids):
+        """Attention of the sequence over itself with the layer's layout, on in-sequence
+        positions (per document when packed); a traced flag (scanned layers) picks by lax.cond."""
         cfg = self.config
 
         def run(is_sparse: bool):
             layout = attention_op.layout_for(is_sparse, cfg.loza)
+            pos = attention_op.sequence_positions(layout, segment_ids)
             return attention_op.attention(q, k, v, layout=layout, scale=cfg.mla.softmax_scale,
-                                          implementation=cfg.attention_impl, **kwargs)
+                                          q_positions=pos, kv_positions=pos,
+                                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                          implementation=cfg.attention_impl)
 
         if isinstance(sparse, bool):
             return run(sparse)
@@ -96,11 +100,7 @@ class MLA(nn.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, t, h, k_rope.shape[-1]))], -1)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        # The layout sees in-sequence positions (per document when packed), given as None when
-        # they are aranges so kernels plan their blocks from static shapes; RoPE used `positions`.
-        mask_pos = None if segment_ids is None else attention_op.document_positions(segment_ids)
-        out = self._attend(q, k, v, sparse, q_positions=mask_pos, kv_positions=mask_pos,
-                           q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        out = self._attend(q, k, v, sparse, segment_ids)  # RoPE used `positions`
         y = linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt, O_PROJ)
         return y, (latent, k_rope)
 

@@ -21,7 +21,8 @@ from pallas_kernels.block_sparse_attention import (
 from pallas_kernels.block_sparse_attention.decode import paged_decode_attention
 from pallas_kernels.block_sparse_attention.xla_blocked import document_positions
 
-__all__ = ["attention", "document_positions", "layout_for", "paged_decode_attention", "BlockMaskLayout", "CausalLayout", "FullLayout", "Layout",
+__all__ = ["attention", "document_positions", "layout_for", "paged_decode_attention",
+           "sequence_positions", "BlockMaskLayout", "CausalLayout", "FullLayout", "Layout",
            "LozaLayout", "SlidingWindowLayout"]
 
 
@@ -31,6 +32,21 @@ def layout_for(sparse: bool, loza: LozaConfig) -> Layout:
         return CausalLayout()
     return LozaLayout(block_size=loza.block_size, sink_blocks=loza.sink_blocks,
                       local_blocks=loza.local_blocks)
+
+
+def sequence_positions(layout: Layout,
+                       segment_ids: Int[Array, "B S"] | None) -> Int[Array, "B S"] | None:
+    """Mask positions for a sequence attending to itself: None (aranges, so kernels plan their
+    blocks from static shapes) unless packed documents meet a layout that depends on absolute
+    positions (LoZA's sink blocks); then positions restarting at each document.
+
+    Causal, window and full layouts see only position differences, equal to index differences
+    within a document (segment ids in contiguous runs), so aranges give the same mask.
+    """
+    if segment_ids is None or isinstance(layout, (CausalLayout, SlidingWindowLayout,
+                                                  FullLayout)):
+        return None
+    return document_positions(segment_ids)
 
 
 def attention(

@@ -69,3 +69,22 @@ def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="implementation='fast'"):
         jax.eval_shape(lambda q: ops_attention.attention(
             q, q, q, layout=masks.CausalLayout(), implementation="fast"), q)
+
+
+def test_sequence_positions_keep_the_per_document_mask():
+    """Aranges for layouts that see only position differences, per-document positions for LoZA;
+    either way the mask equals the mask on per-document positions (contiguous documents)."""
+    seg = jnp.asarray([[1] * 7 + [2] * 20 + [0] * 3, [1] * 30], jnp.int32)
+    doc = ops_attention.document_positions(seg)
+    np.testing.assert_array_equal(np.asarray(doc[0]), np.r_[np.arange(7), np.arange(20),
+                                                              np.arange(3)])
+    same_seg = np.asarray(seg[:, :, None] == seg[:, None, :])
+    for layout in (masks.CausalLayout(), masks.SlidingWindowLayout(5), masks.LozaLayout(4, 1, 2)):
+        pos = ops_attention.sequence_positions(layout, seg)
+        assert (pos is None) == (not isinstance(layout, masks.LozaLayout))
+        if pos is None:
+            pos = jnp.broadcast_to(jnp.arange(30, dtype=jnp.int32), (2, 30))
+        got = np.asarray(layout.allowed(pos[:, :, None], pos[:, None, :])) & same_seg
+        want = np.asarray(layout.allowed(doc[:, :, None], doc[:, None, :])) & same_seg
+        np.testing.assert_array_equal(got, want)
+    assert ops_attention.sequence_positions(masks.LozaLayout(4, 1, 2), None) is None
