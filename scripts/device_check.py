@@ -7,7 +7,8 @@ Sections, in order (each time-boxed; when the budget runs low the rest become 's
 (budget)' rows):
 1. kernels: every registered backend of block-sparse attention (fwd+bwd, dense causal and LoZA),
    paged decode attention (absorbed MLA, causal and LoZA), grouped matmul (fwd+bwd) and every
-   quant_matmul mode, against references computed in float32/float64 from the same inputs;
+   quant_matmul / quant_gmm mode, against references computed in float32/float64 from the same
+   inputs (interpret-mode variants only on CPU: on a device the compiled kernel is checked);
 2. model: the `small` forward with default implementations against attention_impl="xla";
 3. benchmarks (pipelined timing, pallas_kernels/timing.py; functions of scripts/bench_*.py):
    dense causal attention vs cuDNN at 8k-32k, LoZA time vs 1.25 x density x dense time, GMM

@@ -186,8 +186,8 @@ def quant_items(shapes: Shapes):
 
     m, k, n = shapes.quant
 
-    def numpy_reference(kw) -> np.ndarray:
-        """float64 x_deq @ w_deq from the quantized operands (integer scales: s_int / alpha)."""
+    def dequantized(kw) -> tuple[np.ndarray, np.ndarray]:
+        """float64 (x_deq, w_deq) from the quantized operands (integer scales: s_int / alpha)."""
         w_q = np.asarray(unpack_int4(kw["w"]) if kw["bits"] == 4 else kw["w"], np.float64)
         scale = np.asarray(kw["w_scale"], np.float64)
         if kw["alpha"] is not None:
@@ -197,16 +197,34 @@ def quant_items(shapes: Shapes):
         x = np.asarray(kw["x"].astype(jnp.float32), np.float64)
         if kw["x_scale"] is not None:
             x = x * np.asarray(kw["x_scale"], np.float64)[:, None]
-        return x @ (w_q * scale)
+        return x, w_q * scale
 
     def check(name, mode):
         kw = make_inputs(mode, m, k, n)
         arrays = {a: kw[a] for a in ("x", "w", "w_scale", "x_scale")}
         static = {a: kw[a] for a in ("bits", "group_size", "alpha")}
         got = jax.jit(lambda a: quant_api.quant_matmul(**a, **static, implementation=name))(arrays)
-        return _verdict({"out": rel_err(got, numpy_reference(kw))}, "bfloat16")  # bf16 output
+        x, w = dequantized(kw)
+        return _verdict({"out": rel_err(got, x @ w)}, "bfloat16")  # bf16 output
+
+    def check_grouped(name, mode):
+        """Four experts (one empty) with their own weights and scales; rows sorted by expert."""
+        experts = [make_inputs(mode, m, k, n, seed=e) for e in range(4)]
+        sizes = np.array([m // 2, 0, m // 4, m - m // 2 - m // 4])
+        kw = dict(experts[0], w=jnp.stack([e["w"] for e in experts]),
+                  w_scale=jnp.stack([e["w_scale"] for e in experts]))
+        static = {a: kw[a] for a in ("bits", "group_size", "alpha")}
+        got = jax.jit(lambda x, w, ws, xs, g: quant_api.quant_gmm(
+            x, w, g, w_scale=ws, x_scale=xs, **static, implementation=name))(
+            kw["x"], kw["w"], kw["w_scale"], kw["x_scale"], jnp.asarray(sizes, jnp.int32))
+        x, _ = dequantized(experts[0])
+        rows = np.repeat(np.arange(4), sizes)
+        want = np.stack([x[i] @ dequantized(experts[e])[1] for i, e in enumerate(rows)])
+        return _verdict({"out": rel_err(got, want)}, "bfloat16")
 
     for name in names_to_check(quant_api.KNOWN_IMPLEMENTATIONS):
         for mode in MODES:
             yield (f"quant_matmul {name} {mode} M{m} K{k} N{n}", name,
                    lambda n=name, md=mode: check(n, md), 4.0)
+            yield (f"quant_gmm {name} {mode} M{m} K{k} N{n} E4", name,
+                   lambda n=name, md=mode: check_grouped(n, md), 4.0)

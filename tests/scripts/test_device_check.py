@@ -41,10 +41,13 @@ def test_smoke_run_rows(tmp_path):
     # The CPU reference backends and the interpret-mode kernels ran against the references.
     assert {("attention", "xla"), ("attention", "pallas_gpu_interpret"), ("paged", "xla"),
             ("paged", "pallas_gpu_interpret"), ("gmm", "xla"), ("quant_matmul", "xla"),
-            ("quant_matmul", "pallas_gpu_interpret")} <= ran
-    quant_modes = {r["check"].split()[2] for r in rows if r["check"].startswith("quant_matmul xla")}
-    assert quant_modes >= {"w8a8", "w4a8_odyssey", "w4a8_int_g128", "w4a8_float_g128",
-                           "w4a16_g128", "w4a16"}
+            ("quant_matmul", "pallas_gpu_interpret"), ("quant_gmm", "xla"),
+            ("quant_gmm", "pallas_gpu_interpret")} <= ran
+    for op in ("quant_matmul", "quant_gmm"):
+        modes = {r["check"].split()[2] for r in rows if r["check"].startswith(f"{op} xla")
+                 and r["status"] == "ok"}
+        assert modes >= {"w8a8", "w4a8_odyssey", "w4a8_int_g128", "w4a8_float_g128",
+                         "w4a16_g128", "w4a16"}
     kernel_rows = [r for r in rows if r["section"].endswith("kernels") and r["status"] == "ok"]
     assert all(r["passed"] is True and r["value"] <= 3e-2 for r in kernel_rows)
     model = next(r for r in rows if r["section"] == "model")
