@@ -1,5 +1,6 @@
 """Block-sparse attention: layouts (masks.py), the jnp reference, `block_sparse_attention` (Pallas
-GPU, Pallas TPU, Triton and XLA backends) and `paged_decode_attention`."""
+GPU, Pallas TPU, Triton, cuDNN, splash, block-skipping XLA and reference backends) and
+`paged_decode_attention`."""
 
 from pallas_kernels.block_sparse_attention.api import (
     KNOWN_IMPLEMENTATIONS,
