@@ -7,6 +7,10 @@ scores [bq, bk] are computed at the default matmul precision with float32 statis
 elementwise (layout on positions, segment ids, empty slots), and combined per query block with a
 segment max and segment sums (the log-sum-exp of FlashAttention, without the loop).
 
+Memory: all active pairs at once, i.e. float32 scores for the active fraction of [B, H, S, T]
+(about half for causal) plus each query block copied once per active key block (nq / 2 copies
+of q for causal). Fine at CPU training shapes; the kernels are the long-context path.
+
 Positions. With default positions (arange) any layout and any S, T are served from the layout's
 plan. With explicit positions (S == T, the model's packed training and prefill) the plan is built
 for one of two cases and checked per batch row at run time:
