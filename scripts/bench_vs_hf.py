@@ -323,11 +323,16 @@ def measure(args, config, ours: Lcjax, hf: Transformers) -> list[dict]:
                                               (args.batch, args.seq)).copy()}
         batch_j = {k: ours.jax.device_put(v) for k, v in batch.items()}
         batch_t = {k: hf.tensor(batch[k]).long() for k in ("inputs", "targets")}
+        # The first step of each side starts from the same weights: equal losses check that
+        # both train the same function (also the compile / warm-up step).
+        first = (ours.train_step(batch_j), hf.train_step(batch_t))
+        print(f"  first train-step loss: lcjax {first[0]:.6f}, transformers {first[1]:.6f}",
+              flush=True)
         row = run_rounds("train_step",
                          lambda: median_seconds(lambda: ours.train_step(batch_j), args.calls),
                          lambda: median_seconds(lambda: hf.train_step(batch_t), args.calls),
                          args.rounds)
-        row.update(tokens=args.batch * args.seq)
+        row.update(tokens=args.batch * args.seq, first_step_loss=list(first))
         results.append(row)
     if "decode" in args.tasks:
         for b in args.decode_batch:

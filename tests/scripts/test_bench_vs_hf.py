@@ -36,6 +36,8 @@ def test_quick_run_writes_ratios(tmp_path):
     assert result["torch_threads"] == 1 and len(result["cpu_affinity"]) == 1
     for task in result["tasks"]:
         assert len(task["ratios"]) == 1 and task["lcjax_s"][0] > 0 and task["hf_s"][0] > 0
+    train = next(t for t in result["tasks"] if t["task"] == "train_step")
+    assert abs(train["first_step_loss"][0] - train["first_step_loss"][1]) < 1e-4
     decode = [t for t in result["tasks"] if t["task"].startswith("decode")]
     assert all(t["greedy_token_match"] >= 0.75 for t in decode)  # same weights: same tokens
 
