@@ -85,7 +85,7 @@ def run_item(section: str, check: str, backend: str, thunk, estimate: float, dea
     start = time.perf_counter()
     try:
         row.update(thunk())
-    except NotImplementedError as e:
+    except (NotImplementedError, ImportError) as e:  # declined, or an optional package missing
         row["status"] = f"unavailable: {_one_line(e)}"
     except Exception as e:  # noqa: BLE001 - one table per run: report and go on
         if "NotImplementedError" in str(e):  # declined inside a callback (interpreted kernels)

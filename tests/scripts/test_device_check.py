@@ -82,6 +82,11 @@ def test_row_verdicts():
     row = device_check.run_item("kernels", "c", "pallas_tpu", declined, 1.0, 50.0, budget)
     assert row["status"].startswith("unavailable: NotImplementedError: pallas_tpu")
     assert row["passed"] is None
+    def missing():
+        import transformers_that_is_not_installed  # noqa: F401
+
+    row = device_check.run_item("decode bench", "c", "decode", missing, 1.0, 50.0, budget)
+    assert row["status"].startswith("unavailable: ModuleNotFoundError") and row["passed"] is None
     row = device_check.run_item("kernels", "c", "xla", broken, 1.0, 50.0, budget)
     assert row["status"] == "error: RuntimeError: boom" and row["passed"] is False
     row = device_check.run_item("kernels", "c", "xla", good, 1.0, 50.0, budget)
