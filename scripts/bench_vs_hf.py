@@ -104,8 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def set_threads(args) -> None:
-    """CPU: one core, one XLA thread; must run before jax is imported."""
+    """CPU: one core, one XLA thread; GPU: JAX allocates as it goes (torch shares the device).
+    Must run before jax is imported."""
     if args.device != "cpu":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         return
     if "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
