@@ -412,6 +412,9 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        print(f"--device gpu, but jax runs on {jax.default_backend()}", file=sys.stderr)
+        return 2
     from pallas_kernels.grouped_matmul import api as gmm_api
 
     if args.gmm_impl is not None:
