@@ -93,3 +93,19 @@ def test_row_verdicts():
     assert row["status"] == "fail" and device_check.verdict(row) == "FAIL"
     row = device_check.run_item("kernels", "c", "xla", good, 60.0, 50.0, budget)  # past the box
     assert row["status"] == "skipped (budget)" and device_check.verdict(row) == "skipped (budget)"
+
+
+def test_kernel_verdicts_use_relative_error():
+    import numpy as np
+
+    _module()  # puts scripts/ on sys.path
+    import device_check_kernels as kernels
+
+    want = np.array([[1.0, -4.0], [2.0, 0.5]])
+    assert kernels.rel_err(want, want) == 0.0
+    assert kernels.rel_err(want + np.array([[0.0, 0.04], [0.0, 0.0]]), want) == pytest.approx(0.01)
+    with pytest.raises(AssertionError, match="shape"):
+        kernels.rel_err(want[:1], want)
+    ok = kernels._verdict({"out": 1e-3, "grad": 2e-2}, "bfloat16")
+    assert ok["passed"] and ok["value"] == 2e-2
+    assert not kernels._verdict({"out": 1e-3, "grad": 2e-2}, "float32")["passed"]
