@@ -88,4 +88,5 @@ def test_decode_step_reads_fewer_bytes_than_the_expert_weights(wide, monkeypatch
     ours = bytes_accessed()
     monkeypatch.setitem(api.REGISTRY.orders, "cpu", ("xla",))
     ragged = bytes_accessed()
-    assert ours < 0.6 * expert_bytes < expert_bytes < ragged, (ours, expert_bytes, ragged)
+    assert ours < expert_bytes < ragged and ragged - ours > expert_bytes, (
+        ours, expert_bytes, ragged)
