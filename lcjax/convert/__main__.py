@@ -51,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument("dst")
     to_hf.add_argument("--max-shard-size", default="5GB")
     to_hf.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bfloat16")
-    to_hf.add_argument("--no-zero-expert-stubs", action="store_true",
-                       help="pure Hub layout (transformers >= 5 cannot load it; engines can)")
+    to_hf.add_argument("--zero-expert-stubs", choices=("auto", "yes", "no"), default="auto",
+                       help="zero gate/up tensors for the zero experts, which some transformers 5 "
+                            "releases need; auto: whatever the installed transformers loads")
+    to_hf.add_argument("--no-zero-expert-stubs", dest="zero_expert_stubs", action="store_const",
+                       const="no", help="same as --zero-expert-stubs no (pure Hub layout)")
     to_hf.add_argument("--overwrite", action="store_true")
     compare = sub.add_parser("compare", help="per-layer lcjax vs transformers report")
     compare.add_argument("src")
@@ -70,8 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hf.hf_to_lcjax(args.src, args.dst, config, overwrite=args.overwrite,
                        chunk_bytes=parse_size(args.chunk_size))
     elif args.command == "lcjax-to-hf":
+        stubs = {"auto": None, "yes": True, "no": False}[args.zero_expert_stubs]
         hf.lcjax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                       zero_expert_stubs=not args.no_zero_expert_stubs, overwrite=args.overwrite)
+                       zero_expert_stubs=stubs, overwrite=args.overwrite)
     else:
         from lcjax.convert.compare import compare_with_transformers, format_rows
 

@@ -189,10 +189,11 @@ def _out_dtype(leaf: Leaf, dtype) -> np.dtype:
 
 def write_hf_directory(directory: pathlib.Path, cfg: ModelConfig,
                        leaves_with_arrays: Iterable[tuple[Leaf, np.ndarray]], leaves: list[Leaf], *,
-                       max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
+                       max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: Optional[bool] = None,
                        dtype: Optional[str] = None) -> None:
     """config.json + safetensors shards for `cfg` from a stream of (leaf, array) in plan order."""
     (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    zero_expert_stubs = hf_names.resolve_zero_expert_stubs(zero_expert_stubs)
     writer = ShardedWriter(directory, _layout(leaves, cfg, dtype, zero_expert_stubs),
                            parse_size(max_shard_size))
     try:
@@ -236,7 +237,7 @@ def _variable_stream(variables: dict, leaves: list[Leaf]) -> Iterator[tuple[Leaf
 
 
 def save_hf_checkpoint(variables: Any, config: ConfigLike, path: Union[str, os.PathLike], *,
-                       max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
+                       max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: Optional[bool] = None,
                        dtype: Optional[str] = None, overwrite: bool = False) -> None:
     """Write lcjax variables as a HF directory that `LongcatFlashForCausalLM.from_pretrained` loads.
 
@@ -245,9 +246,10 @@ def save_hf_checkpoint(variables: Any, config: ConfigLike, path: Union[str, os.P
       config: the Config or ModelConfig the variables belong to.
       path: output directory; built in a temporary directory and renamed on success.
       max_shard_size: bytes (or "5GB") per safetensors shard; only one shard is buffered.
-      zero_expert_stubs: also write zero gate/up tensors for the zero experts. transformers >= 5
-        allocates its fused gate_up_proj for routed + zero experts and refuses checkpoints
-        without them; False writes the pure Hub layout (routed experts only).
+      zero_expert_stubs: also write zero gate/up tensors for the zero experts, which some
+        transformers 5 releases allocate (and refuse checkpoints without); False writes the pure
+        Hub layout (routed experts only); None (default) asks the installed transformers
+        (`hf_names.transformers_wants_zero_expert_stubs`).
       dtype: cast floating tensors (e.g. "bfloat16"); None keeps each variable's dtype. The
         correction bias always stays float32.
       overwrite: replace an existing `path`.
@@ -281,7 +283,7 @@ def hf_to_lcjax(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
 
 
 def lcjax_to_hf(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
-                max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: bool = True,
+                max_shard_size: Union[int, str] = "5GB", zero_expert_stubs: Optional[bool] = None,
                 dtype: Optional[str] = None, overwrite: bool = False) -> Config:
     """Convert an lcjax checkpoint (from `hf_to_lcjax` or training) into a HF directory.
 

@@ -12,8 +12,10 @@ own `init` shapes, so a parameter added to the model without a rule here fails l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+import types
 from typing import Iterator, Optional
 
 import flax.linen as nn
@@ -154,10 +156,43 @@ def plan(cfg: ModelConfig) -> list[Leaf]:
     return leaves
 
 
-def zero_expert_stub_keys(cfg: ModelConfig) -> list[str]:
-    """Gate/up keys of the zero experts, which transformers >= 5 allocates and saves.
+@functools.cache
+def transformers_wants_zero_expert_stubs() -> bool:
+    """Whether the installed transformers sizes its fused experts for routed + zero experts.
 
-    Its fused `experts.gate_up_proj` is [E+Z, 2F, M], so `from_pretrained` rejects a checkpoint
+    Early transformers 5 releases allocate `experts.gate_up_proj` as [E+Z, 2F, M] and refuse a
+    checkpoint without zero-expert gate/up tensors; later ones (and 4.x) use the Hub layout,
+    routed experts only, and refuse the stubs. Without transformers: False (the Hub layout).
+    """
+    try:
+        from transformers.models.longcat_flash import modeling_longcat_flash as hf_modeling
+    except ImportError:
+        return False
+    experts = getattr(hf_modeling, "LongcatFlashExperts", None)
+    if experts is None:  # per-expert modules under the Hub names
+        return False
+    probe = types.SimpleNamespace(n_routed_experts=1, zero_expert_num=1, hidden_size=1,
+                                  expert_ffn_hidden_size=1, hidden_act="silu")
+    try:
+        return experts(probe).gate_up_proj.shape[0] > 1
+    except Exception:  # an unexpected constructor: keep the Hub layout  # noqa: BLE001
+        return False
+
+
+def resolve_zero_expert_stubs(zero_expert_stubs: Optional[bool]) -> bool:
+    """None (auto) -> what the installed transformers loads; True / False as given."""
+    if zero_expert_stubs is None:
+        return transformers_wants_zero_expert_stubs()
+    if not isinstance(zero_expert_stubs, bool):
+        raise ValueError(f"zero_expert_stubs={zero_expert_stubs!r} must be True, False or None "
+                         "(auto: whatever the installed transformers loads)")
+    return zero_expert_stubs
+
+
+def zero_expert_stub_keys(cfg: ModelConfig) -> list[str]:
+    """Gate/up keys of the zero experts, which some transformers 5 releases allocate and save.
+
+    Their fused `experts.gate_up_proj` is [E+Z, 2F, M], so `from_pretrained` rejects a checkpoint
     without these (size mismatch); they are never used (zero experts are identities).
     """
     moe = cfg.moe
@@ -176,4 +211,5 @@ def is_ignorable(key: str, cfg: ModelConfig) -> bool:
 
 
 __all__ = ["ALIASES", "BIAS_COLLECTION", "Leaf", "abstract_variables", "is_ignorable", "plan",
+           "resolve_zero_expert_stubs", "transformers_wants_zero_expert_stubs",
            "zero_expert_stub_keys"]
