@@ -199,8 +199,14 @@ class Transformers:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.experts_implementation = getattr(self.model.config, "_experts_implementation", None)
+        # train_step updates the weights in place: kept to restore them for the decode checks.
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                                      weight_decay=0.0)
+
+    def restore_weights(self):
+        with self.torch.no_grad():
+            self.model.load_state_dict(self.initial)
 
     def _sync(self):
         if self.device == "cuda":
@@ -336,6 +342,7 @@ def measure(args, config, ours: Lcjax, hf: Transformers) -> list[dict]:
                          args.rounds)
         row.update(tokens=args.batch * args.seq, first_step_loss=list(first))
         results.append(row)
+        hf.restore_weights()  # lcjax trained a copy: both sides decode the initial weights
     if "decode" in args.tasks:
         for b in args.decode_batch:
             prompts = rng.integers(3, vocab, (b, args.prompt_len)).astype(np.int32)
@@ -352,9 +359,23 @@ def measure(args, config, ours: Lcjax, hf: Transformers) -> list[dict]:
             steps = b * (args.new_tokens - 1)
             row.update(batch=b, decode_tokens=steps,
                        lcjax_tok_s=steps / row["lcjax_median_s"], hf_tok_s=steps / row["hf_median_s"],
-                       greedy_token_match=float(np.mean(got["lcjax"] == got["hf"])))
+                       greedy_token_match=float(np.mean(got["lcjax"] == got["hf"])),
+                       teacher_forced_agreement=teacher_forced(hf, prompts, got["lcjax"]))
             results.append(row)
     return results
+
+
+def teacher_forced(hf: Transformers, prompts, tokens, rel_tie: float = 1e-5) -> float:
+    """Fraction of lcjax's greedy tokens that transformers' full forward over the same prefix
+    also ranks first (up to a tie within rel_tie of the logit range). Free-running token match
+    can diverge at a near-tie and then differ for the rest of the row; this cannot."""
+    import numpy as np
+    seq = np.concatenate([prompts, tokens[:, :-1]], axis=1)
+    logits = hf.forward(hf.tensor(seq).long()).float().cpu().numpy()[:, prompts.shape[1] - 1:]
+    chosen = np.take_along_axis(logits, tokens[..., None].astype(np.int64), -1)[..., 0]
+    best = logits.max(-1)
+    span = logits.max() - logits.min()
+    return float(np.mean(chosen >= best - rel_tie * span))
 
 
 # ------------------------------------------------------------------------------ report
