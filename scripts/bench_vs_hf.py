@@ -394,6 +394,11 @@ def table(result: dict) -> str:
         tgt = "-" if target is None else f">= {target:g}x"
         lines.append(f"| {r['task']} | {a} | {b} | {r['median_ratio']:.2f}x (rounds {spread}) | "
                      f"{tgt} | {ok} |")
+    checks = [f"{r['task']} {r['teacher_forced_agreement']:.1%}" for r in result["tasks"]
+              if "teacher_forced_agreement" in r]
+    if checks:
+        lines += ["", "Greedy decode tokens that transformers (teacher-forced, same weights) also "
+                  "ranks first: " + ", ".join(checks) + "."]
     return "\n".join(lines)
 
 
