@@ -56,9 +56,11 @@ def _spy_all(monkeypatch):
     return calls
 
 
+# Every case compiles the model's gradient (~30 s on 2 cores), hence `slow`; the quick loop still
+# runs the default "xla" path through test_model.py's float64 oracle and finite differences.
 _CASES = [
-    pytest.param("xla", "xla", id="xla"),
-    pytest.param(None, api.default_order()[0], id="default"),
+    pytest.param("xla", "xla", id="xla", marks=pytest.mark.slow),
+    pytest.param(None, api.default_order()[0], id="default", marks=pytest.mark.slow),
     pytest.param("pallas_gpu_interpret", "pallas_gpu_interpret", id="pallas_gpu_interpret",
                  marks=pytest.mark.slow),
     pytest.param("pallas_tpu_interpret", "pallas_tpu_interpret", id="pallas_tpu_interpret",
