@@ -186,7 +186,7 @@ def search(args) -> list[dict]:
                             and r["groups"] == kind), key=lambda r: r["tflops"], default=None)
                 if best:
                     print(f"best {name} {shape_name} {kind}: {best['config']} "
-                          f"{best['tflops']:.0f} TFLOP/s")
+                          f"{best['tflops']:.3g} TFLOP/s")
     return rows
 
 
