@@ -23,8 +23,9 @@ import jax.numpy as jnp
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Cost of copying one tile's weight, in rows of that tile's matmul (per weight element: a
-# memory-bound copy against 2 flops per row). About 100 on a shared 2-core CPU, where a full
-# gmm of 8192 rows over 32 groups took 221 / 160 / 136 / 152 ms at 32 / 64 / 128 / 256-row tiles.
+# memory-bound copy against 2 flops per row). About 60-100 on a shared 2-core CPU, where a gmm
+# of 8192 rows x 512 -> 256 over 32 groups took 1750 / 185 / 72 / 53 / 62 ms at 1 / 8 / 32 /
+# 64 / 128-row tiles (scripts/bench_gmm.py --search).
 _GATHER_COST = 100.0
 # With at least this many rows per group on average (training, prefill) the matmuls dominate:
 # only tiles that pad the compute by at most _MAX_PADDING (at the static bound) compete.
