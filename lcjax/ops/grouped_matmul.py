@@ -2,7 +2,8 @@
 
 Forwards to `pallas_kernels.grouped_matmul.gmm` (differentiable: its custom VJP uses the same
 backend's kernels for both gradients). `implementation=None` takes the platform's best available
-backend: "segments" (sorted row tiles, useful FLOPs only) on CPU, the Pallas kernels on GPU/TPU.
+backend: "segments" (sorted row tiles: the rows' own FLOPs plus a little tile padding) on CPU,
+the Pallas kernels on GPU/TPU.
 """
 
 from __future__ import annotations
