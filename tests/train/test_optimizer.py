@@ -1,5 +1,7 @@
 """Optimizer: schedule, decay mask, and width transfer (per-layer update size invariant in width)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,31 +20,39 @@ PAIRS = [("mlp_0", "gate", "post_norm_0"), ("mlp_0", "up", "post_norm_0"),
          ("moe", "classifier", "post_norm_0")]
 
 
-def _relative_updates(width: int, transfer: bool) -> np.ndarray:
-    """||X dW|| / ||X W|| after one optimizer step, per matrix, X = the layer's real input."""
-    overrides = [f"model.hidden_size={48 * width}", f"model.ffn_hidden_size={64 * width}",
+@functools.cache
+def _width_model(width: int):
+    """(config overrides, model, variables, ids, jitted grad, jitted intermediates) of one width;
+    compiled once and shared by the transfer and plain runs (same model, other params)."""
+    overrides = (f"model.hidden_size={48 * width}", f"model.ffn_hidden_size={64 * width}",
                  f"model.moe.expert_ffn_size={16 * width}", f"model.mla.q_lora_rank={24 * width}",
                  f"model.mla.kv_lora_rank={16 * width}", "model.scan_layers=false",
                  "model.num_layers=1", "model.loza.layer_pattern=01", "model.mtp_layers=0",
-                 "optimizer.warmup_steps=0", "optimizer.weight_decay=0", "optimizer.grad_clip=0"]
-    if transfer:
-        overrides.append("optimizer.base_hidden_size=48")
-    cfg = load_config(resolve_config_path("tiny"), overrides)
+                 "optimizer.warmup_steps=0", "optimizer.weight_decay=0", "optimizer.grad_clip=0")
+    cfg = load_config(resolve_config_path("tiny"), list(overrides))
     model = LongCatModel(cfg.model)
     # Two tokens: the gradient is low-rank and aligned with the inputs, the regime muP describes.
     ids = jax.random.randint(jax.random.key(1), (1, 3), 3, cfg.model.vocab_size)
     variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids[:, :-1]))
-    params = scale_init_for_width(variables["params"], cfg.optimizer, cfg.model)
 
     def loss(p):
         logits = model.apply({**variables, "params": p}, ids[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
+    inputs = jax.jit(lambda p: model.apply({**variables, "params": p}, ids[:, :-1],
+                                           capture_intermediates=True, mutable=["intermediates"]))
+    return overrides, variables, jax.jit(jax.grad(loss)), inputs
+
+
+def _relative_updates(width: int, transfer: bool) -> np.ndarray:
+    """||X dW|| / ||X W|| after one optimizer step, per matrix, X = the layer's real input."""
+    overrides, variables, grad, inputs = _width_model(width)
+    cfg = load_config(resolve_config_path("tiny"), list(overrides) + (
+        ["optimizer.base_hidden_size=48"] if transfer else []))
+    params = scale_init_for_width(variables["params"], cfg.optimizer, cfg.model)
     tx = make_optimizer(params, cfg.optimizer, cfg.model, total_steps=10)
-    updates, _ = tx.update(jax.jit(jax.grad(loss))(params), tx.init(params), params)
-    _, inter = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True,
-                                                mutable=["intermediates"]))(
-        {**variables, "params": params}, ids[:, :-1])
+    updates, _ = jax.jit(tx.update)(grad(params), tx.init(params), params)
+    _, inter = inputs(params)
     out = []
     for module, name, norm in PAIRS:
         x = np.asarray(inter["intermediates"]["layers_0"][norm]["__call__"][0]).reshape(-1, 48 * width)
