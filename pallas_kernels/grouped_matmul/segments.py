@@ -37,13 +37,20 @@ _MAX_SLICED_TILES = 16
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """tile_rows: rows per tile; each group is padded up to a multiple of it."""
+    """tile_rows: rows per tile; each group is padded up to a multiple of it.
+    loop: run the tiles in a `lax.scan` that slices each tile's weight in place, instead of one
+    batched einsum over copied weights. The same tiles and FLOPs; on CPU 4x faster forward and
+    2x forward + backward at 8192 rows over 32 groups (no [tiles, K, N] weight copy). XLA's cost
+    analysis counts a loop body once: check costs on the batched form."""
 
     tile_rows: int = 32
+    loop: bool = False
 
     def __post_init__(self):
         if not isinstance(self.tile_rows, int) or self.tile_rows <= 0:
             raise ValueError(f"Config.tile_rows={self.tile_rows!r} must be a positive int")
+        if not isinstance(self.loop, bool):
+            raise ValueError(f"Config.loop={self.loop!r} must be a bool")
 
 
 def num_tiles(num_rows: int, num_groups: int, tile_rows: int) -> int:
@@ -60,22 +67,24 @@ def padding_factor(num_rows: int, num_groups: int, tile_rows: int) -> float:
 def default_config(num_rows: int, k_dim: int, n_dim: int, num_groups: int, dtype,
                    kind: str = "gmm") -> Config:
     """The tile size of least modelled cost, tiles * (_GATHER_COST + rows per tile). Training
-    shapes keep the padded compute within _MAX_PADDING; decode shapes are bound by weight reads
-    (few rows: 1-row tiles copy only the routed groups' weights; more rows: fewer, wider tiles)."""
+    shapes keep the padded compute within _MAX_PADDING, and on CPU loop over the tiles (no
+    weight copies); decode shapes are bound by weight reads (few rows: 1-row tiles copy only
+    the routed groups' weights; more rows: fewer, wider tiles)."""
     del k_dim, n_dim, dtype, kind
     flop_bound = num_rows >= _FLOP_BOUND_ROWS * num_groups
     best = min((num_tiles(num_rows, num_groups, t) * (_GATHER_COST + t), t)
                for t in _TILE_CANDIDATES
                if t == 1 or not flop_bound
                or padding_factor(num_rows, num_groups, t) <= _MAX_PADDING)
-    return Config(tile_rows=best[1])
+    return Config(tile_rows=best[1], loop=flop_bound and jax.default_backend() == "cpu")
 
 
 def search_space(num_rows: int, k_dim: int, n_dim: int, num_groups: int, dtype
                  ) -> tuple[Config, ...]:
     """Configs for the benchmark's search."""
     del num_rows, k_dim, n_dim, num_groups, dtype
-    return tuple(Config(tile_rows=t) for t in _TILE_CANDIDATES)
+    return tuple(Config(tile_rows=t, loop=loop) for loop in (False, True)
+                 for t in _TILE_CANDIDATES)
 
 
 def check(lhs, rhs, *, out_dtype, config=None) -> None:
@@ -137,22 +146,31 @@ def _tile_weights(rhs, group_of_tile):
                       for i in range(group_of_tile.shape[0])])
 
 
-def _tile_rows(config, lhs, n_dim: int, num_groups: int, kind: str) -> int:
-    config = config or default_config(lhs.shape[0], lhs.shape[1], n_dim, num_groups, lhs.dtype,
-                                      kind)
-    return config.tile_rows
+def _config(config, lhs, n_dim: int, num_groups: int, kind: str) -> Config:
+    return config or default_config(lhs.shape[0], lhs.shape[1], n_dim, num_groups, lhs.dtype,
+                                    kind)
 
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, out_dtype=None, config=None):
     """lhs [T, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [T, N] in out_dtype."""
     out_dtype = lhs.dtype if out_dtype is None else out_dtype
     check(lhs, rhs, out_dtype=out_dtype, config=config)
-    t = _tile_rows(config, lhs, rhs.shape[1 if transpose_rhs else 2], rhs.shape[0], "gmm")
+    config = _config(config, lhs, rhs.shape[1 if transpose_rhs else 2], rhs.shape[0], "gmm")
+    t = config.tile_rows
     row_of_slot, group_of_tile, slot_of_row = _layout(group_sizes, lhs.shape[0], t)
     x_ptk = _tiles(lhs, row_of_slot, t)
-    w_pkn = _tile_weights(rhs, jnp.minimum(group_of_tile, rhs.shape[0] - 1))
-    spec = "PtK,PNK->PtN" if transpose_rhs else "PtK,PKN->PtN"
-    y_ptn = jnp.einsum(spec, x_ptk, w_pkn, **_accumulation(lhs.dtype))
+    group_of_tile = jnp.minimum(group_of_tile, rhs.shape[0] - 1)  # unused tiles hold zeros
+    if config.loop:
+        def tile(_, x_g):
+            w = jax.lax.dynamic_index_in_dim(rhs, x_g[1], keepdims=False)
+            return None, jnp.einsum("tK,NK->tN" if transpose_rhs else "tK,KN->tN", x_g[0], w,
+                                    **_accumulation(lhs.dtype))
+
+        _, y_ptn = jax.lax.scan(tile, None, (x_ptk, group_of_tile))
+    else:
+        spec = "PtK,PNK->PtN" if transpose_rhs else "PtK,PKN->PtN"
+        y_ptn = jnp.einsum(spec, x_ptk, _tile_weights(rhs, group_of_tile),
+                           **_accumulation(lhs.dtype))
     y = y_ptn.reshape(-1, y_ptn.shape[-1])
     return jnp.take(y, slot_of_row, axis=0, mode="fill", fill_value=0).astype(out_dtype)
 
@@ -162,11 +180,25 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype=None, config=None):
     out_dtype = lhs.dtype if out_dtype is None else out_dtype
     check(lhs, rhs, out_dtype=out_dtype, config=config)
     g = group_sizes.shape[0]
-    t = _tile_rows(config, lhs, rhs.shape[1], g, "tgmm")
+    config = _config(config, lhs, rhs.shape[1], g, "tgmm")
+    t = config.tile_rows
     row_of_slot, group_of_tile, _ = _layout(group_sizes, lhs.shape[0], t)
-    partial_pkn = jnp.einsum("PtK,PtN->PKN", _tiles(lhs, row_of_slot, t),
-                             _tiles(rhs, row_of_slot, t), **_accumulation(lhs.dtype))
-    # Tiles past the used ones (group index G) are dropped; an empty group sums to 0.
-    out = jax.ops.segment_sum(partial_pkn, group_of_tile, num_segments=g,
-                              indices_are_sorted=True)
+    x_ptk, dy_ptn = _tiles(lhs, row_of_slot, t), _tiles(rhs, row_of_slot, t)
+    acc = _accumulation(lhs.dtype)
+    if config.loop:
+        def tile(out_gkn, x_dy_g):
+            x, dy, group = x_dy_g
+            # Unused tiles (group G) hold zeros: clamped to the last group, they add nothing.
+            group = jnp.minimum(group, g - 1)
+            part = jnp.einsum("tK,tN->KN", x, dy, **acc)
+            current = jax.lax.dynamic_index_in_dim(out_gkn, group, keepdims=False)
+            return jax.lax.dynamic_update_index_in_dim(out_gkn, current + part, group, 0), None
+
+        zeros = jnp.zeros((g, lhs.shape[1], rhs.shape[1]), acc["preferred_element_type"])
+        out, _ = jax.lax.scan(tile, zeros, (x_ptk, dy_ptn, group_of_tile))
+    else:
+        partial_pkn = jnp.einsum("PtK,PtN->PKN", x_ptk, dy_ptn, **acc)
+        # Tiles past the used ones (group index G) are dropped; an empty group sums to 0.
+        out = jax.ops.segment_sum(partial_pkn, group_of_tile, num_segments=g,
+                                  indices_are_sorted=True)
     return out.astype(out_dtype)

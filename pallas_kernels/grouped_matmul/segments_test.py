@@ -1,6 +1,8 @@
 """segments backend: the contract at two tile sizes, its tile layout and tile-size heuristic, and
 XLA's cost analysis of it (useful FLOPs only at training shapes, routed weights only at decode)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,13 @@ class TestSegmentsRowByRow(GmmContract):
 
     implementation = "segments"
     config = segments.Config(tile_rows=1)
+
+
+class TestSegmentsLoop(GmmContract):
+    """The same tiles run one by one in a lax.scan, weights sliced in place."""
+
+    implementation = "segments"
+    config = segments.Config(tile_rows=16, loop=True)
 
 
 @pytest.mark.parametrize("tile_rows", [1, 3, 16])
@@ -65,6 +74,22 @@ def test_tile_heuristic_decode_copies_few_weights_training_pads_little():
         segments.Config(tile_rows=0)
 
 
+def test_loop_runs_the_batched_forms_tiles_one_per_step():
+    """The loop form does the batched form's FLOPs: a scan of num_tiles steps, each one
+    [tile_rows, K] x [K, N] product (its cost is checked on the batched form, below)."""
+    rows, groups, k, n = 8192, 32, 64, 32
+    config = segments.default_config(rows, k, n, groups, jnp.float32)
+    assert config.loop == (jax.default_backend() == "cpu")
+    config = segments.Config(config.tile_rows, loop=True)
+    jaxpr = jax.make_jaxpr(lambda a, b, s: segments.gmm(a, b, s, config=config))(
+        jnp.zeros((rows, k)), jnp.zeros((groups, k, n)), jnp.zeros((groups,), jnp.int32))
+    (scan,) = [e for e in jaxpr.jaxpr.eqns if str(e.primitive) == "scan"]
+    assert scan.params["length"] == segments.num_tiles(rows, groups, config.tile_rows)
+    dots = [e for e in scan.params["jaxpr"].jaxpr.eqns if str(e.primitive) == "dot_general"]
+    assert [tuple(e.invars[0].aval.shape) + tuple(e.outvars[0].aval.shape) for e in dots] == [
+        (config.tile_rows, k, config.tile_rows, n)]
+
+
 def test_default_order_on_cpu_is_segments_then_ragged_dot():
     assert api.default_order("cpu") == ("segments", "xla")
     for platform in ("gpu", "tpu"):
@@ -81,9 +106,12 @@ def test_training_shape_costs_at_most_1_2x_the_useful_flops(implementation, with
     """Forward and both gradients at 2,048 tokens x top-4 over 32 experts; ragged_dot does not."""
     rows, groups, k, n = 8192, 32, 64, 32
 
+    config = None if implementation == "xla" else dataclasses.replace(
+        segments.default_config(rows, k, n, groups, jnp.float32), loop=False)
+
     def fwd_bwd(lhs, rhs, sizes, d_out):
-        out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, implementation=implementation),
-                           lhs, rhs)
+        out, vjp = jax.vjp(lambda a, b: api.gmm(a, b, sizes, implementation=implementation,
+                                                config=config), lhs, rhs)
         return out, vjp(d_out)
 
     cost = _cost(fwd_bwd, ((rows, k), jnp.float32), ((groups, k, n), jnp.float32),
