@@ -194,8 +194,11 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype=None, config=None):
             current = jax.lax.dynamic_index_in_dim(out_gkn, group, keepdims=False)
             return jax.lax.dynamic_update_index_in_dim(out_gkn, current + part, group, 0), None
 
+        # The first tile starts the sums outside the loop: the carry then has the type of what
+        # is added to it (inside shard_map, varying over the same mesh axes).
         zeros = jnp.zeros((g, lhs.shape[1], rhs.shape[1]), acc["preferred_element_type"])
-        out, _ = jax.lax.scan(tile, zeros, (x_ptk, dy_ptn, group_of_tile))
+        first, _ = tile(zeros, (x_ptk[0], dy_ptn[0], group_of_tile[0]))
+        out, _ = jax.lax.scan(tile, first, (x_ptk[1:], dy_ptn[1:], group_of_tile[1:]))
     else:
         partial_pkn = jnp.einsum("PtK,PtN->PKN", x_ptk, dy_ptn, **acc)
         # Tiles past the used ones (group index G) are dropped; an empty group sums to 0.
