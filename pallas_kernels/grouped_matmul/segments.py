@@ -9,6 +9,8 @@ group's weight, so a step reads the weights of the groups it routed to and no ot
 
 tgmm (the weight gradient) multiplies lhs^T @ rhs per tile and segment-sums tiles into groups.
 The tile count is a static bound, so padding tiles past the used ones are computed on zeros.
+With Config.loop (the CPU default at training shapes) the same tiles run one per step of a
+`lax.scan` that slices each weight in place, so no [tiles, K, N] copy of the weights is made.
 Same four names as every backend (see xla.py), plus default_config / search_space.
 """
 
