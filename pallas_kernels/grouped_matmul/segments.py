@@ -161,18 +161,33 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, out_dtype=None, c
     t = config.tile_rows
     row_of_slot, group_of_tile, slot_of_row = _layout(group_sizes, lhs.shape[0], t)
     x_ptk = _tiles(lhs, row_of_slot, t)
-    group_of_tile = jnp.minimum(group_of_tile, rhs.shape[0] - 1)  # unused tiles hold zeros
+    g, n_dim = rhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
+    acc = _accumulation(lhs.dtype)
     if config.loop:
         def tile(_, x_g):
-            w = jax.lax.dynamic_index_in_dim(rhs, x_g[1], keepdims=False)
-            return None, jnp.einsum("tK,NK->tN" if transpose_rhs else "tK,KN->tN", x_g[0], w,
-                                    **_accumulation(lhs.dtype))
+            x, group = x_g
+
+            def run():
+                w = jax.lax.dynamic_index_in_dim(rhs, group, keepdims=False)
+                return jnp.einsum("tK,NK->tN" if transpose_rhs else "tK,KN->tN", x, w, **acc)
+
+            def skip():
+                # A zero that depends on x and the weights, so that inside shard_map it varies
+                # over the same mesh axes as run()'s product (cond needs equal output types).
+                dtype = acc["preferred_element_type"]
+                tie = (x[0, 0].astype(dtype) * rhs[0, 0, 0].astype(dtype))
+                zero = jax.lax.select(jnp.zeros((), bool), tie, jnp.zeros((), dtype))
+                return jnp.broadcast_to(zero, (t, n_dim))
+
+            # Tiles past the used ones (rows of no group, e.g. MoE slots routed to zero
+            # experts) are skipped at run time, not multiplied by zeros.
+            return None, jax.lax.cond(group < g, run, skip)
 
         _, y_ptn = jax.lax.scan(tile, None, (x_ptk, group_of_tile))
     else:
+        group_of_tile = jnp.minimum(group_of_tile, g - 1)  # unused tiles hold zeros
         spec = "PtK,PNK->PtN" if transpose_rhs else "PtK,PKN->PtN"
-        y_ptn = jnp.einsum(spec, x_ptk, _tile_weights(rhs, group_of_tile),
-                           **_accumulation(lhs.dtype))
+        y_ptn = jnp.einsum(spec, x_ptk, _tile_weights(rhs, group_of_tile), **acc)
     y = y_ptn.reshape(-1, y_ptn.shape[-1])
     return jnp.take(y, slot_of_row, axis=0, mode="fill", fill_value=0).astype(out_dtype)
 
@@ -188,18 +203,22 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype=None, config=None):
     x_ptk, dy_ptn = _tiles(lhs, row_of_slot, t), _tiles(rhs, row_of_slot, t)
     acc = _accumulation(lhs.dtype)
     if config.loop:
-        def tile(out_gkn, x_dy_g):
-            x, dy, group = x_dy_g
-            # Unused tiles (group G) hold zeros: clamped to the last group, they add nothing.
-            group = jnp.minimum(group, g - 1)
+        def add(out_gkn, x, dy, group):
             part = jnp.einsum("tK,tN->KN", x, dy, **acc)
             current = jax.lax.dynamic_index_in_dim(out_gkn, group, keepdims=False)
-            return jax.lax.dynamic_update_index_in_dim(out_gkn, current + part, group, 0), None
+            return jax.lax.dynamic_update_index_in_dim(out_gkn, current + part, group, 0)
+
+        def tile(out_gkn, x_dy_g):
+            x, dy, group = x_dy_g
+            # Unused tiles (group G: rows of no group) add nothing and are skipped at run time.
+            return jax.lax.cond(group < g, lambda: add(out_gkn, x, dy, group),
+                                lambda: out_gkn), None
 
         # The first tile starts the sums outside the loop: the carry then has the type of what
-        # is added to it (inside shard_map, varying over the same mesh axes).
+        # is added to it (inside shard_map, varying over the same mesh axes). An unused first
+        # tile holds zeros: clamped to the last group, it adds nothing.
         zeros = jnp.zeros((g, lhs.shape[1], rhs.shape[1]), acc["preferred_element_type"])
-        first, _ = tile(zeros, (x_ptk[0], dy_ptn[0], group_of_tile[0]))
+        first = add(zeros, x_ptk[0], dy_ptn[0], jnp.minimum(group_of_tile[0], g - 1))
         out, _ = jax.lax.scan(tile, first, (x_ptk[1:], dy_ptn[1:], group_of_tile[1:]))
     else:
         partial_pkn = jnp.einsum("PtK,PtN->PKN", x_ptk, dy_ptn, **acc)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import api, segments
+from pallas_kernels.grouped_matmul import api, reference, segments
 from pallas_kernels.grouped_matmul.gmm_contract import GmmContract
 
 
@@ -85,9 +85,33 @@ def test_loop_runs_the_batched_forms_tiles_one_per_step():
         jnp.zeros((rows, k)), jnp.zeros((groups, k, n)), jnp.zeros((groups,), jnp.int32))
     (scan,) = [e for e in jaxpr.jaxpr.eqns if str(e.primitive) == "scan"]
     assert scan.params["length"] == segments.num_tiles(rows, groups, config.tile_rows)
-    dots = [e for e in scan.params["jaxpr"].jaxpr.eqns if str(e.primitive) == "dot_general"]
+    # One step: a cond whose taken branch is the tile's product and whose other branch (tiles
+    # of no group, e.g. MoE slots routed to zero experts) does no matmul at all.
+    (cond,) = [e for e in scan.params["jaxpr"].jaxpr.eqns if str(e.primitive) == "cond"]
+    skip, run = cond.params["branches"]
+    assert not [e for e in skip.jaxpr.eqns if str(e.primitive) == "dot_general"]
+    dots = [e for e in run.jaxpr.eqns if str(e.primitive) == "dot_general"]
     assert [tuple(e.invars[0].aval.shape) + tuple(e.outvars[0].aval.shape) for e in dots] == [
         (config.tile_rows, k, config.tile_rows, n)]
+
+
+def test_loop_skips_tiles_of_no_group_and_matches_the_batched_form():
+    """Rows past sum(group_sizes) (zero-expert slots) give 0 and no gradient in both forms."""
+    rng = np.random.default_rng(3)
+    rows, groups, k, n, t = 96, 5, 16, 12, 8
+    lhs = jnp.asarray(rng.normal(size=(rows, k)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(groups, k, n)), jnp.float32)
+    sizes = jnp.asarray([7, 0, 20, 3, 9], jnp.int32)  # 39 of 96 rows used: most tiles skipped
+    d_out = jnp.asarray(rng.normal(size=(rows, n)), jnp.float32)
+    got = {loop: (segments.gmm(lhs, rhs, sizes, config=segments.Config(t, loop=loop)),
+                  segments.tgmm(lhs, d_out, sizes, config=segments.Config(t, loop=loop)))
+           for loop in (False, True)}
+    want_out = reference.gmm_numpy(lhs, rhs, sizes)
+    want_d_rhs = reference.tgmm_numpy(lhs, d_out, sizes)
+    for out, d_rhs in got.values():
+        np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(d_rhs, want_d_rhs, rtol=1e-5, atol=1e-5)
+        assert not np.asarray(out[39:]).any()
 
 
 def test_default_order_on_cpu_is_segments_then_ragged_dot():
