@@ -115,7 +115,7 @@ class MoEConfig:
     expert_ffn_size: int = 2048
     routed_scaling_factor: float = 6.0
     zero_expert_type: str = "identity"  # "identity" (HF) | "drop" (remote code option)
-    dispatch: str = "ragged"  # "ragged" (sort + lax.ragged_dot) | "dense" (oracle)
+    dispatch: str = "ragged"  # "ragged" (sort + ops.grouped_matmul, dropless) | "dense" (oracle)
     # Aux-loss-free balancing: step of the sign update on the correction bias (see moe.py).
     bias_update_rate: float = 1e-3
 
