@@ -471,7 +471,8 @@ def main(argv=None) -> int:
                                                                     else sys.argv[1:]),
               "label": args.label, "device": jax.devices()[0].device_kind,
               "platform": jax.default_backend(), "jax": jax.__version__,
-              "torch": hf.torch.__version__, "python": platform.python_version(),
+              "torch": hf.torch.__version__, "transformers": sys.modules["transformers"].__version__,
+              "python": platform.python_version(),
               "torch_threads": hf.torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS"),
               "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else None, "model": args.model, "model_summary": summary,
