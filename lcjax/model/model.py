@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 from lcjax.config import Config, ModelConfig
 from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder
-from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of
+from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of, weight_einsum
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
 from lcjax.ops import observe
 
@@ -58,7 +58,7 @@ def project_logits(cfg: ModelConfig, hidden: Float[Array, "B S M"],
     returned in float32 (or wider) for a stable softmax / loss. Every logit in the package,
     training, cached decode, serving and MTP drafts, comes from here."""
     cdt = dtype_of(cfg.dtype)
-    return jnp.einsum("BSM,MV->BSV", hidden.astype(cdt), lm_head.astype(cdt)).astype(acc_dtype(cdt))
+    return weight_einsum("BSM,MV->BSV", hidden.astype(cdt), lm_head.astype(cdt)).astype(acc_dtype(cdt))
 
 
 def document_positions(segment_ids: Int[Array, "B S"]) -> Int[Array, "B S"]:
