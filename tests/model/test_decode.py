@@ -68,6 +68,7 @@ def test_sparse_ring_holds_sink_and_newest_local_positions(tiny):
         assert held == want
 
 
+@pytest.mark.slow  # compiles the unrolled model's prefill and decode
 def test_unrolled_layers_decode_too(tiny):
     cfg, variables = tiny
     unrolled_cfg = tiny_config("model.scan_layers=false")

@@ -18,10 +18,10 @@ def _inputs(dtype=jnp.float32):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU default")
-def test_default_on_cpu_is_xla_and_matches_numpy(monkeypatch):
+def test_default_on_cpu_is_segments_and_matches_numpy(monkeypatch):
     ran = []
-    real = api.backend_module("xla").gmm
-    monkeypatch.setattr(api.backend_module("xla"), "gmm",
+    real = api.backend_module("segments").gmm
+    monkeypatch.setattr(api.backend_module("segments"), "gmm",
                         lambda *a, **k: (ran.append(k["transpose_rhs"]), real(*a, **k))[1])
     x, w, sizes = _inputs()
     out = ops_gmm.grouped_matmul(x, w, sizes)

@@ -48,6 +48,7 @@ def test_router_bias_moves_and_params_restore(corpus, tmp_path):
     assert int(state.step) == 3 and "iterator" in data
 
 
+@pytest.mark.slow  # trains a checkpoint first
 def test_growth_stacks_a_shallower_checkpoint(corpus, tmp_path):
     shallow = train_config(corpus, tmp_path / "shallow", "train.steps=2")
     loop.train(shallow)
@@ -72,6 +73,7 @@ def _tx_mesh_shardings(config):
     return tx, mesh, state_shardings(config, tx, mesh)
 
 
+@pytest.mark.slow  # trains a checkpoint first
 def test_growth_rejects_depth_that_is_not_a_multiple(corpus, tmp_path):
     loop.train(train_config(corpus, tmp_path / "s", "train.steps=1", "model.num_layers=2",
                             "model.loza.layer_pattern=0101"))
