@@ -31,20 +31,6 @@ from lcjax.ops.quantized_matmul import weight_as
 
 SparseFlag = Union[bool, Bool[Array, ""]]
 
-# Up to this many new tokens per row, cached attention on CPU runs the dense reference: the
-# block-skipping XLA path pads the queries to a 64-row block (64x the scores of one token).
-DENSE_DECODE_TOKENS = 16
-
-
-def decode_attention_impl(attention_impl: Optional[str], num_new: int) -> Optional[str]:
-    """The attention backend of a cached step of `num_new` tokens per row: the configured one,
-    or with None (the platform's fastest) on CPU and few tokens, "reference" (dense [S, T]
-    scores: one row per new token, no block padding)."""
-    if attention_impl is None and num_new <= DENSE_DECODE_TOKENS and jax.default_backend() == "cpu":
-        return "reference"
-    return attention_impl
-
-
 class MLA(nn.Module):
     """One attention sublayer: q/kv LoRA projections, decoupled RoPE, MLA scales, o_proj."""
 
@@ -135,11 +121,10 @@ class MLA(nn.Module):
         q_lat = jnp.einsum("BSHD,CHD->BSHC", q_nope, w_uk)
         q_abs = jnp.concatenate([q_lat, q_rope], axis=-1)  # [B, S, H, C+R]
         layout = attention_op.layout_for(sparse, cfg.loza)
-        impl = decode_attention_impl(cfg.attention_impl, q_abs.shape[1])
 
         def attend(q, k, v, **kwargs):
             return attention_op.attention(q, k, v, layout=layout, scale=a.softmax_scale,
-                                          implementation=impl, **kwargs)
+                                          implementation=cfg.attention_impl, **kwargs)
 
         o_lat, cache = cache.update_and_attend(q_abs, latent.astype(cdt), k_rope.astype(cdt),
                                                positions, valid, sparse=sparse, loza=cfg.loza,

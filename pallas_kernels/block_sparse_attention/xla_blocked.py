@@ -20,10 +20,11 @@ for one of two cases and checked per batch row at run time:
 Causal, sliding-window and full layouts depend only on position differences, so the global plan
 covers both; a LoZA layout visits its local window plus, per query block, the sink of the
 document its first query belongs to (a dynamic slice). A row matching neither case gets NaN
-output (loud, not silently wrong). Explicit positions with S != T (decode or chunked prefill over
-cache slots) visit every pair with the element mask, as the kernels do: the cost of the reference
-at the default precision. Layouts other than those four with explicit S == T positions raise
-NotImplementedError, and the default order falls through to the reference.
+output (loud, not silently wrong). Explicit positions with S != T (decode or chunked prefill
+over cache slots) attend densely with the element mask (the reference): every pair is visited
+anyway, and square blocks would pad a few decode queries to a whole block of rows. Layouts other
+than those four with explicit S == T positions raise NotImplementedError, and the default order
+falls through to the reference.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from pallas_kernels.block_sparse_attention import masks
+from pallas_kernels.block_sparse_attention.reference import attention_reference
 
 __all__ = ["Config", "block_sparse_attention", "default_config", "document_positions",
            "pair_count"]
@@ -138,12 +140,12 @@ def block_sparse_attention(q, k, v, *, layout, q_positions=None, kv_positions=No
             raise NotImplementedError(
                 f"{NAME}: explicit positions need both q and kv positions, got q_positions="
                 f"{_shape(q_positions)}, kv_positions={_shape(kv_positions)}")
-        if s_len == t_len:
-            (q_blk, k_blk), sink_chunks, back = _explicit_plan(layout, s_len, block)
-        else:  # cache slots: every pair, masked
-            q_blk, k_blk = np.nonzero(np.ones((math.ceil(s_len / block),
-                                               math.ceil(t_len / block)), bool))
-            q_blk, k_blk = q_blk.astype(np.int32), k_blk.astype(np.int32)
+        if s_len != t_len:  # cache slots: every pair, masked, without padding the queries
+            return attention_reference(
+                q, k, v, layout=layout, q_positions=q_positions, kv_positions=kv_positions,
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
+                return_lse=return_lse)
+        (q_blk, k_blk), sink_chunks, back = _explicit_plan(layout, s_len, block)
     nq, nk = math.ceil(s_len / block), math.ceil(t_len / block)
     s_pad, t_pad = nq * block, nk * block
     has_seg = q_segment_ids is not None
