@@ -1,23 +1,19 @@
 """scripts/bench_vs_hf.py: the quick run writes every ratio; BENCHMARKS sections are replaced."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from . import ROOT, load_script
+
 SCRIPT = ROOT / "scripts" / "bench_vs_hf.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_vs_hf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_vs_hf")
 
 
 @pytest.mark.slow

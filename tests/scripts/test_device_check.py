@@ -1,23 +1,19 @@
 """scripts/device_check.py: the --smoke run's rows, the budget and the row verdicts."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from . import ROOT, load_script
+
 SCRIPT = ROOT / "scripts" / "device_check.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("device_check")
 
 
 @pytest.mark.slow
