@@ -17,6 +17,7 @@ from lcjax.model.embedding import Embedder
 from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of, weight_einsum
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
 from lcjax.ops import observe
+from lcjax.ops.attention import document_positions
 
 _REMAT = {
     "full": None,
@@ -59,16 +60,6 @@ def project_logits(cfg: ModelConfig, hidden: Float[Array, "B S M"],
     training, cached decode, serving and MTP drafts, comes from here."""
     cdt = dtype_of(cfg.dtype)
     return weight_einsum("BSM,MV->BSV", hidden.astype(cdt), lm_head.astype(cdt)).astype(acc_dtype(cdt))
-
-
-def document_positions(segment_ids: Int[Array, "B S"]) -> Int[Array, "B S"]:
-    """Positions that restart at 0 whenever the segment id changes (packed documents)."""
-    s = segment_ids.shape[1]
-    idx = jnp.arange(s)[None, :]
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-    return (idx - start_idx).astype(jnp.int32)
 
 
 class LongCatModel(nn.Module):

@@ -45,7 +45,7 @@ def reference():
     return cfg, variables, _loss_and_grads(cfg, variables)
 
 
-def _spy_all(monkeypatch):
+def spy_all(monkeypatch):
     """Record which registered backends run (at trace time)."""
     calls = []
     for name, real in list(api.REGISTRY.implementations.items()):
@@ -72,7 +72,7 @@ _CASES = [
 def test_model_through_backend_equals_reference(reference, monkeypatch, impl, ran):
     cfg_ref, variables, (want_loss, want_grads) = reference
     cfg = dataclasses.replace(cfg_ref, attention_impl=impl)
-    calls = _spy_all(monkeypatch)
+    calls = spy_all(monkeypatch)
     if impl is None and ran == "xla":  # CPU: the same program as the "xla" case; trace only
         jax.eval_shape(lambda: _loss_and_grads(cfg, variables))
         assert calls and set(calls) == {ran}, calls

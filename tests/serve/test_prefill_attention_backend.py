@@ -8,8 +8,8 @@ import pytest
 from lcjax.config_io import load_config, resolve_config_path
 from lcjax.serve.engine import Engine, EngineConfig
 from lcjax.serve.sampling import SamplingParams
-from pallas_kernels.block_sparse_attention import api
 from tests.model.conftest import init_variables
+from tests.model.test_attention_backends import spy_all
 from tests.serve.test_engine import _prompts, greedy_reference
 
 
@@ -21,12 +21,7 @@ def test_prefill_chunks_use_the_configured_kernel(monkeypatch):
     prompt = _prompts(cfg, [45])[0]  # two chunks of 32, LoZA rings shorter than a chunk
     want = greedy_reference(dataclasses.replace(cfg, attention_impl="reference"), variables,
                             prompt, 3, width=64)
-    calls = []
-    for name, real in list(api.REGISTRY.implementations.items()):
-        def spy(*args, _name=name, _real=real, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-        monkeypatch.setitem(api.REGISTRY.implementations, name, spy)
+    calls = spy_all(monkeypatch)
     engine = Engine(dataclasses.replace(cfg, attention_impl="pallas_gpu_interpret"), variables,
                     None, EngineConfig(max_num_seqs=1, max_model_len=64, page_size=16,
                                        prefill_chunk=32))
