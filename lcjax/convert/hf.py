@@ -13,14 +13,11 @@ outputs are built in a temporary directory next to DST that is renamed into plac
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import flax.linen as nn
@@ -28,6 +25,7 @@ import numpy as np
 
 from lcjax.config import Config, ModelConfig
 from lcjax.convert import hf_names, orbax_io
+from lcjax.convert.atomic_dir import atomic_directory
 from lcjax.convert.hf_config import hf_config_dict, model_config_from_hf
 from lcjax.convert.hf_names import BIAS_COLLECTION, Leaf
 from lcjax.convert.safetensors_io import ShardedReader, ShardedWriter, parse_size
@@ -35,28 +33,6 @@ from lcjax.convert.safetensors_io import ShardedReader, ShardedWriter, parse_siz
 ConfigLike = Union[Config, ModelConfig]
 _MTP_FFN_KEY = "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight"
 _BLOCK_BYTES = 16 << 20  # rows of a Linear weight read at a time while transposing
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[pathlib.Path]:
-    """A fresh temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
-    dst = pathlib.Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True / --overwrite)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():  # overwrite: swap, then drop the old copy
-        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
 
 
 def _as_config(config: ConfigLike) -> Config:
