@@ -56,11 +56,17 @@ def config_from_checkpoint(path: Union[str, os.PathLike],
     has_mtp = any(k.startswith("model.mtp.") for k in reader.entries)
     mtp_ffn = reader.shape(_MTP_FFN_KEY)[0] if _MTP_FFN_KEY in reader else None
     try:
-        model = model_config_from_hf(json.loads(config_file.read_text()),
-                                     num_layers=max(layer_ids) + 1 if layer_ids else None,
+        hf = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of fields, got a "
+                         f"{type(hf).__name__} ({str(hf)[:60]})")
+    try:
+        model = model_config_from_hf(hf, num_layers=max(layer_ids) + 1 if layer_ids else None,
                                      has_mtp=has_mtp, mtp_ffn_size=mtp_ffn)
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from e
+    except ValueError as e:  # hf_config names the field; this names the file
+        raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from e
     return Config(model=model)
 
 

@@ -4,7 +4,7 @@ Reads transformers 5.x `LongcatFlashConfig` files and the Hub remote-code varian
 (`zero_expert_type`, `mla_scale_*`, `rope_theta`/`rope_scaling`, Flash-Lite's n-gram fields and
 their `oe_*` aliases, ZigZag's `streaming_sparse_attention`). Every value lcjax cannot represent
 raises a ValueError naming the config.json field, so a checkpoint never loads into a model that
-computes something else. Runtime settings (compute dtype, dispatch, scan) keep the lcjax defaults.
+computes something else; so does a value of the wrong JSON type (`"hidden_size": "4096"`). Runtime settings (compute dtype, dispatch, scan) keep the lcjax defaults.
 """
 
 from __future__ import annotations
@@ -22,14 +22,61 @@ _HF_LATENT_EPS = 1e-6  # transformers builds q_a/kv_a_layernorm with the class d
 _SSA_BLOCK = 128  # SGLang's fixed streaming-sparse-attention block size
 
 
-def _get(hf: Mapping[str, Any], *names: str, default: Any = _REQUIRED) -> Any:
-    """The first of `names` present in config.json (aliases), else `default` or a ValueError."""
+def _find(hf: Mapping[str, Any], names: tuple[str, ...], default: Any, prefix: str) -> tuple[str, Any]:
+    """(field name, value) of the first of `names` present in config.json (aliases)."""
     for name in names:
         if hf.get(name) is not None:
-            return hf[name]
+            return prefix + name, hf[name]
     if default is _REQUIRED:
-        raise ValueError(f"config.json: required field {names[0]!r} is missing")
-    return default
+        raise ValueError(f"config.json: required field {prefix + names[0]!r} is missing")
+    return prefix + names[0], default
+
+
+def _get(hf: Mapping[str, Any], *names: str, default: Any = _REQUIRED) -> Any:
+    """The first of `names` present in config.json (aliases), else `default` or a ValueError."""
+    return _find(hf, names, default, "")[1]
+
+
+def _int(hf: Mapping[str, Any], *names: str, default: Any = _REQUIRED, prefix: str = "") -> int:
+    """An integer field: a JSON number with no fraction (not a string, not a bool)."""
+    field, value = _find(hf, names, default, prefix)
+    if isinstance(value, bool) or not (isinstance(value, int)
+                                       or isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"config.json: field {field!r} = {value!r} is not an integer")
+    return int(value)
+
+
+def _float(hf: Mapping[str, Any], *names: str, default: Any = _REQUIRED, prefix: str = "") -> float:
+    """A real-valued field: a JSON number (not a string, not a bool)."""
+    field, value = _find(hf, names, default, prefix)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json: field {field!r} = {value!r} is not a number")
+    return float(value)
+
+
+def _bool(hf: Mapping[str, Any], name: str, default: bool) -> bool:
+    """A JSON true/false field ("false" as a string would otherwise read as True)."""
+    field, value = _find(hf, (name,), default, "")
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json: field {field!r} = {value!r} is not true or false")
+    return value
+
+
+def _str(hf: Mapping[str, Any], name: str, default: str, prefix: str = "") -> str:
+    field, value = _find(hf, (name,), default, prefix)
+    if not isinstance(value, str):
+        raise ValueError(f"config.json: field {field!r} = {value!r} is not a string")
+    return value
+
+
+def _dict(hf: Mapping[str, Any], name: str) -> dict:
+    """An optional object field ({} when absent)."""
+    value = hf.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"config.json: field {name!r} = {value!r} is not an object")
+    return dict(value)
 
 
 def _require(cond: bool, field: str, value: Any, expected: str) -> None:
@@ -39,9 +86,10 @@ def _require(cond: bool, field: str, value: Any, expected: str) -> None:
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     """RoPE from 5.x `rope_parameters` or remote-code `rope_theta` + `rope_scaling`."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 1e7)))  # HF default_theta = 1e7
+    params = _dict(hf, field)
+    theta = (_float(params, "rope_theta", prefix=f"{field}.") if params.get("rope_theta") is not None
+             else _float(hf, "rope_theta", default=1e7))  # HF default_theta = 1e7
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type == "default":
         return RopeConfig(theta=theta)
@@ -53,36 +101,40 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
              "true (lcjax rounds the YaRN correction range)")
     _require(params.get("partial_rotary_factor", 1.0) == 1.0, f"{field}.partial_rotary_factor",
              params.get("partial_rotary_factor"), "1.0")
-    factor = params.get("factor")
-    original = int(_get(params, "original_max_position_embeddings"))
-    if factor is None:  # HF: the ratio of the context lengths
-        factor = hf["max_position_embeddings"] / original
-    return RopeConfig(theta=theta, type="yarn", factor=float(factor),
+    prefix = f"{field}."
+
+    def number(name: str, default: float) -> float:  # 0 or absent: the default, as HF does
+        return _float(params, name, default=default, prefix=prefix) or default
+
+    original = _int(params, "original_max_position_embeddings", prefix=prefix)
+    # factor absent: HF uses the ratio of the context lengths
+    factor = (_float(params, "factor", prefix=prefix) if params.get("factor") is not None
+              else _int(hf, "max_position_embeddings") / original)
+    return RopeConfig(theta=theta, type="yarn", factor=factor,
                       original_max_position_embeddings=original,
-                      beta_fast=float(params.get("beta_fast") or 32.0),
-                      beta_slow=float(params.get("beta_slow") or 1.0),
-                      mscale=float(params.get("mscale") or 0.0),
-                      mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
+                      beta_fast=number("beta_fast", 32.0), beta_slow=number("beta_slow", 1.0),
+                      mscale=number("mscale", 0.0), mscale_all_dim=number("mscale_all_dim", 0.0))
 
 
 def _loza_from_hf(hf: Mapping[str, Any]) -> LozaConfig:
     """ZigZag: blocks = ceil(size / 128) as in SGLang; `layer_type` has one bit per sublayer."""
-    ssa = hf.get("streaming_sparse_attention")
+    ssa = _dict(hf, "streaming_sparse_attention")
     if not ssa:
         return LozaConfig()
-    block = int(ssa.get("block_size", _SSA_BLOCK))
-    return LozaConfig(layer_pattern=str(ssa.get("layer_type", "")), block_size=block,
-                      sink_blocks=math.ceil(int(ssa.get("sink_size", 128)) / block),
-                      local_blocks=math.ceil(int(ssa.get("recent_size", 256)) / block))
+    prefix = "streaming_sparse_attention."
+    block = _int(ssa, "block_size", default=_SSA_BLOCK, prefix=prefix)
+    return LozaConfig(layer_pattern=_str(ssa, "layer_type", "", prefix=prefix), block_size=block,
+                      sink_blocks=math.ceil(_int(ssa, "sink_size", default=128, prefix=prefix) / block),
+                      local_blocks=math.ceil(_int(ssa, "recent_size", default=256, prefix=prefix) / block))
 
 
 def _ngram_from_hf(hf: Mapping[str, Any], model_type: str) -> NgramConfig:
     if model_type != "longcat_flash_ngram":
         return NgramConfig()
     return NgramConfig(enabled=True,
-                       vocab_size_ratio=int(_get(hf, "ngram_vocab_size_ratio", "oe_vocab_size_ratio")),
-                       neighbor_num=int(_get(hf, "emb_neighbor_num", "oe_neighbor_num")),
-                       split_num=int(_get(hf, "emb_split_num", "oe_split_num")))
+                       vocab_size_ratio=_int(hf, "ngram_vocab_size_ratio", "oe_vocab_size_ratio"),
+                       neighbor_num=_int(hf, "emb_neighbor_num", "oe_neighbor_num"),
+                       split_num=_int(hf, "emb_split_num", "oe_split_num"))
 
 
 def _check_unsupported(hf: Mapping[str, Any], heads: int, rope_dim: int, qk_dim: int) -> None:
@@ -119,36 +171,37 @@ def model_config_from_hf(hf: Mapping[str, Any], *, num_layers: Optional[int] = N
     """
     model_type = hf.get("model_type")
     _require(model_type in MODEL_TYPES, "model_type", model_type, f"one of {list(MODEL_TYPES)}")
-    heads = int(_get(hf, "num_attention_heads"))
-    rope_dim, nope = int(_get(hf, "qk_rope_head_dim")), int(_get(hf, "qk_nope_head_dim"))
+    heads = _int(hf, "num_attention_heads")
+    rope_dim, nope = _int(hf, "qk_rope_head_dim"), _int(hf, "qk_nope_head_dim")
     _check_unsupported(hf, heads, rope_dim, nope + rope_dim)
     _require(hf.get("q_lora_rank") is not None, "q_lora_rank", None, "an integer (LoRA queries)")
-    layers = hf.get("num_layers", num_layers)
-    _require(layers is not None, "num_layers", None, "an integer (or layers in the weights)")
+    _require(hf.get("num_layers", num_layers) is not None, "num_layers", None,
+             "an integer (or layers in the weights)")
+    layers = _int(hf, "num_layers", default=num_layers)
     eos = _get(hf, "eos_token_id", default=2)
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos  # n-gram segments end at the first
-    pad = hf.get("pad_token_id")
-    mla = MLAConfig(num_heads=heads, q_lora_rank=int(hf["q_lora_rank"]),
-                    kv_lora_rank=int(_get(hf, "kv_lora_rank")), qk_nope_head_dim=nope,
-                    qk_rope_head_dim=rope_dim, v_head_dim=int(_get(hf, "v_head_dim")),
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos  # n-gram segments end at the first
+    mla = MLAConfig(num_heads=heads, q_lora_rank=_int(hf, "q_lora_rank"),
+                    kv_lora_rank=_int(hf, "kv_lora_rank"), qk_nope_head_dim=nope,
+                    qk_rope_head_dim=rope_dim, v_head_dim=_int(hf, "v_head_dim"),
                     latent_norm_eps=_HF_LATENT_EPS,
-                    scale_q_lora=bool(hf.get("mla_scale_q_lora", True)),
-                    scale_kv_lora=bool(hf.get("mla_scale_kv_lora", True)),
+                    scale_q_lora=_bool(hf, "mla_scale_q_lora", True),
+                    scale_kv_lora=_bool(hf, "mla_scale_kv_lora", True),
                     rope=_rope_from_hf(hf))
-    moe = MoEConfig(num_experts=int(_get(hf, "n_routed_experts", "num_local_experts")),
-                    num_zero_experts=int(hf.get("zero_expert_num") or 0),
-                    top_k=int(_get(hf, "moe_topk", "num_experts_per_tok")),
-                    expert_ffn_size=int(_get(hf, "expert_ffn_hidden_size", "moe_intermediate_size")),
-                    routed_scaling_factor=float(_get(hf, "routed_scaling_factor", default=1.0)),
-                    zero_expert_type=str(hf.get("zero_expert_type", "identity")))
-    ffn = int(_get(hf, "ffn_hidden_size", "intermediate_size"))
+    moe = MoEConfig(num_experts=_int(hf, "n_routed_experts", "num_local_experts"),
+                    num_zero_experts=_int(hf, "zero_expert_num", default=0),
+                    top_k=_int(hf, "moe_topk", "num_experts_per_tok"),
+                    expert_ffn_size=_int(hf, "expert_ffn_hidden_size", "moe_intermediate_size"),
+                    routed_scaling_factor=_float(hf, "routed_scaling_factor", default=1.0),
+                    zero_expert_type=_str(hf, "zero_expert_type", "identity"))
+    ffn = _int(hf, "ffn_hidden_size", "intermediate_size")
     return ModelConfig(
-        vocab_size=int(_get(hf, "vocab_size")), hidden_size=int(_get(hf, "hidden_size")),
-        num_layers=int(layers), ffn_hidden_size=ffn,
-        rms_norm_eps=float(_get(hf, "rms_norm_eps", default=1e-5)),
-        max_position_embeddings=int(_get(hf, "max_position_embeddings")),
-        bos_token_id=int(_get(hf, "bos_token_id", default=1)), eos_token_id=int(eos),
-        pad_token_id=0 if pad is None else int(pad), mla=mla, moe=moe,
+        vocab_size=_int(hf, "vocab_size"), hidden_size=_int(hf, "hidden_size"),
+        num_layers=layers, ffn_hidden_size=ffn,
+        rms_norm_eps=_float(hf, "rms_norm_eps", default=1e-5),
+        max_position_embeddings=_int(hf, "max_position_embeddings"),
+        bos_token_id=_int(hf, "bos_token_id", default=1),
+        eos_token_id=_int({"eos_token_id": eos}, "eos_token_id"),
+        pad_token_id=_int(hf, "pad_token_id", default=0), mla=mla, moe=moe,
         ngram=_ngram_from_hf(hf, model_type), loza=_loza_from_hf(hf),
         mtp_layers=1 if has_mtp else 0,
         mtp_ffn_size=None if mtp_ffn_size in (None, ffn) else int(mtp_ffn_size))

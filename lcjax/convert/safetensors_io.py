@@ -56,9 +56,47 @@ def read_header(path: pathlib.Path) -> tuple[dict, int]:
         (length,) = struct.unpack("<Q", raw)
         if length > os.path.getsize(path) - 8:
             raise ValueError(f"{path}: not a safetensors file (header length {length})")
-        header = json.loads(f.read(length))
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header ({length} bytes) is not valid JSON "
+                             f"({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is a JSON {type(header).__name__}, "
+                         "expected an object of tensors")
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        _check_entry(path, key, info)
     return header, 8 + length
+
+
+def _check_entry(path: pathlib.Path, key: str, info) -> None:
+    """One header entry: {"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}."""
+    def bad(field, value, expected):
+        raise ValueError(f"{path}: tensor {key!r}: field {field!r} = {value!r} is not {expected}")
+
+    if not isinstance(info, dict):
+        bad("(entry)", info, "an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        bad("dtype", dtype, "a dtype name such as 'BF16'")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        bad("shape", shape, "a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        bad("data_offsets", offsets, "[begin, end] with 0 <= begin <= end")
+
+
+def _read_weight_map(index_path: pathlib.Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_path}: not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path}: field 'weight_map' = {str(weight_map)[:80]} is not an "
+                         "object of tensor name -> shard file name")
+    return weight_map
 
 
 class ShardedReader:
@@ -73,7 +111,7 @@ class ShardedReader:
         index_path = self.directory / INDEX_FILE
         listed: dict[str, str] = {}
         if index_path.is_file():
-            listed = json.loads(index_path.read_text())["weight_map"]
+            listed = _read_weight_map(index_path)
         files = sorted(set(listed.values()) | {p.name for p in self.directory.glob("*.safetensors")})
         if not files:
             raise ValueError(f"{self.directory}: no *.safetensors files (nor {INDEX_FILE})")

@@ -1,6 +1,7 @@
 """Wrong or partial checkpoints fail with errors naming the tensor or field; DST stays untouched."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -110,3 +111,71 @@ def test_not_an_lcjax_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="is not an lcjax checkpoint"):
         lcjax_to_hf(tmp_path, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- parse errors name file and field
+
+
+def _rewrite_header(shard, header_bytes):
+    """Replace a safetensors file's header (keeps the 8-byte length prefix consistent)."""
+    import struct
+
+    data = shard.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    shard.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data[8 + length:])
+
+
+@pytest.mark.parametrize("header, match", [
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]', r"safetensors header \(\d+ bytes\) is not valid JSON"),
+    (b'[1, 2, 3]', r"safetensors header is a JSON list, expected an object"),
+    (b'{"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}', r"tensor 'w': field 'shape' = '2' is not a list"),
+    (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}', r"tensor 'w': field 'data_offsets' = \[8\]"),
+])
+def test_garbled_safetensors_header_names_the_file(broken, tmp_path, header, match):
+    src, _ = broken
+    shard = sorted(src.glob("*.safetensors"))[1]
+    _rewrite_header(shard, header)
+    with pytest.raises(ValueError, match=f"{shard.name}: {match}"):
+        hf_to_lcjax(src, tmp_path / "dst")
+    _assert_nothing_written(tmp_path / "dst")
+
+
+def test_garbled_index_names_the_file(broken, tmp_path):
+    src, _ = broken
+    (src / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: field 'weight_map' = \['a'\]"):
+        hf_to_lcjax(src, tmp_path / "dst")
+    (src / "model.safetensors.index.json").write_text('{"weight_map": {')
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: not valid JSON"):
+        hf_to_lcjax(src, tmp_path / "dst")
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[{"hidden_size": 64}]', r"config.json: expected a JSON object of fields, got a list"),
+    ('{"hidden_size": 64,', r"config.json: not valid JSON"),
+])
+def test_config_json_that_is_not_an_object(broken, tmp_path, text, match):
+    src, _ = broken
+    (src / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(src)) + "/" + match):
+        hf_to_lcjax(src, tmp_path / "dst")
+    _assert_nothing_written(tmp_path / "dst")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", "64", "field 'hidden_size' = '64' is not an integer"),
+    ("num_attention_heads", 4.5, "field 'num_attention_heads' = 4.5 is not an integer"),
+    ("moe_topk", True, "field 'moe_topk' = True is not an integer"),
+    ("rms_norm_eps", "1e-6", "field 'rms_norm_eps' = '1e-6' is not a number"),
+    ("mla_scale_q_lora", "false", "field 'mla_scale_q_lora' = 'false' is not true or false"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"},
+     "field 'rope_parameters.rope_theta' = '1e4' is not a number"),
+])
+def test_config_json_field_of_the_wrong_type(broken, tmp_path, field, value, message):
+    src, _ = broken
+    config = json.loads((src / "config.json").read_text())
+    config[field] = value
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"{src / 'config.json'}: {message}")):
+        hf_to_lcjax(src, tmp_path / "dst")
+    _assert_nothing_written(tmp_path / "dst")
