@@ -5,12 +5,15 @@
     python -m lcjax.convert compare SRC [--batch 2 --seq-len 32 --seed 0]
 
 Conversions stream tensor by tensor, write into a temporary directory beside DST and rename it
-on success; each prints the tensors written, the time and the peak RSS of the process.
+on success; each prints the time and the peak RSS of the process. lcjax-to-hf also takes a
+training run directory (its newest checkpoint). A failure prints one line
+`python -m lcjax.convert <command>: error: ...` and exits 2 (LCJAX_TRACEBACK=1: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -19,8 +22,10 @@ from typing import Optional, Sequence
 
 from lcjax.config import Config
 from lcjax.config_io import dump_config, load_config
-from lcjax.convert import hf
+from lcjax.convert import hf, orbax_io
 from lcjax.convert.safetensors_io import parse_size
+
+TRACEBACK_ENV = "LCJAX_TRACEBACK"
 
 
 def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -47,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     to_lcjax.add_argument("--chunk-size", default="1GB", help="leaves buffered per orbax write")
     to_lcjax.add_argument("--overwrite", action="store_true")
     to_hf = sub.add_parser("lcjax-to-hf", help="lcjax checkpoint -> HF directory (safetensors)")
-    to_hf.add_argument("src")
+    to_hf.add_argument("src", help="a converted directory (config.yaml + variables/) or a training "
+                                    "run directory (config.yaml + checkpoints/<step>/: the newest)")
     to_hf.add_argument("dst")
     to_hf.add_argument("--max-shard-size", default="5GB")
     to_hf.add_argument("--dtype", default=None, help="cast floating tensors, e.g. bfloat16")
@@ -65,14 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.command == "hf-to-lcjax":
         config = _with_overrides(hf.config_from_checkpoint(args.src), args.override)
         hf.hf_to_lcjax(args.src, args.dst, config, overwrite=args.overwrite,
                        chunk_bytes=parse_size(args.chunk_size))
     elif args.command == "lcjax-to-hf":
+        source = orbax_io.locate_checkpoint(args.src)
+        if source.step is not None:
+            print(f"{args.command}: training checkpoint {source.root} (step {source.step})")
         stubs = {"auto": None, "yes": True, "no": False}[args.zero_expert_stubs]
         hf.lcjax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                        zero_expert_stubs=stubs, overwrite=args.overwrite)
@@ -90,6 +98,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{args.command}: wrote {args.dst} in {time.perf_counter() - start:.1f} s; "
           f"peak RSS {_peak_rss_mib():.0f} MiB")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns the exit status (2 for bad arguments or a failed conversion).
+
+    A failure prints one line `<prog> <command>: error: <message>` on stderr; set the
+    environment variable LCJAX_TRACEBACK=1 to get the whole traceback instead.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and the error
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return _run(args)
+    except Exception as e:  # noqa: BLE001 (a CLI reports every failure; LCJAX_TRACEBACK shows it)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
+        message = " ".join(f"{kind}{e}".split()) or type(e).__name__
+        print(f"{parser.prog} {args.command}: error: {message} (set {TRACEBACK_ENV}=1 for the "
+              "traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ from lcjax.convert.safetensors_io import ShardedReader, ShardedWriter, parse_siz
 
 ConfigLike = Union[Config, ModelConfig]
 _MTP_FFN_KEY = "model.mtp.layers.0.transformer_layer.mlp.gate_proj.weight"
+TOKENIZER_FILE = "tokenizer.json"  # a training run's tokenizer (lcjax.data), copied to HF outputs
 _BLOCK_BYTES = 16 << 20  # rows of a Linear weight read at a time while transposing
 
 
@@ -269,8 +271,12 @@ def lcjax_to_hf(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
                 dtype: Optional[str] = None, overwrite: bool = False) -> Config:
     """Convert an lcjax checkpoint (from `hf_to_lcjax` or training) into a HF directory.
 
+    `src` is a converted directory, a training run directory (its config.yaml and the params of
+    its newest checkpoint) or one `<run_dir>/checkpoints/<step>`; see
+    `orbax_io.locate_checkpoint`. A `tokenizer.json` beside the config is copied along.
     Loads one lcjax leaf at a time: peak memory is about the largest leaf plus one shard.
     """
+    source = orbax_io.locate_checkpoint(src)
     cfg = orbax_io.read_lcjax_config(src)
     leaves = hf_names.plan(cfg.model)
 
@@ -284,4 +290,7 @@ def lcjax_to_hf(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
     with atomic_directory(dst, overwrite) as tmp:
         write_hf_directory(tmp, cfg.model, stream(), leaves, max_shard_size=max_shard_size,
                            zero_expert_stubs=zero_expert_stubs, dtype=dtype)
+        tokenizer = source.config_file.parent / TOKENIZER_FILE
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return cfg

@@ -3,6 +3,8 @@
 Layout of a converted directory:
     DST/config.yaml    the whole `lcjax.config.Config` (`lcjax.load_config` reads it back)
     DST/variables/     orbax checkpoint of {"params": ..., "router_bias": ...}
+A training run is read too (never written): RUN/config.yaml and RUN/checkpoints/<step>/state,
+the TrainState whose "params" and "router_bias" subtrees are the same variables.
 
 Leaves are written with orbax's partial save (several calls add disjoint leaves to one
 checkpoint, then `finalize`) and read back one at a time with partial loading, so converting
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import pathlib
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
@@ -25,6 +29,8 @@ from lcjax.config_io import dump_config, load_config
 
 CONFIG_FILE = "config.yaml"
 VARIABLES_DIR = "variables"
+RUN_CHECKPOINTS = "checkpoints"  # a training run: <run_dir>/checkpoints/<step>/state (lcjax.train)
+TRAIN_ITEM = "state"
 
 
 def nest(tree: dict, keys: Sequence[str], value: Any) -> None:
@@ -79,23 +85,88 @@ def write_lcjax_checkpoint(directory: str | os.PathLike, config: Config,
     ocp.partial.finalize(target)
 
 
-def _require_checkpoint(path: pathlib.Path) -> None:
-    if not (path / CONFIG_FILE).is_file() or not (path / VARIABLES_DIR).is_dir():
-        raise ValueError(f"{path} is not an lcjax checkpoint: expected {CONFIG_FILE} and "
-                         f"{VARIABLES_DIR}/ (written by `python -m lcjax.convert hf-to-lcjax`)")
+@dataclasses.dataclass(frozen=True)
+class CheckpointSource:
+    """Where an lcjax checkpoint keeps its config and its variables.
+
+    root: the orbax checkpoint directory; checkpointable: the item in it whose tree holds
+    "params" and "router_bias" (a training checkpoint's "state", which also holds the optimizer
+    state), or None for a converted directory's variables; step: the training step, or None.
+    """
+
+    config_file: pathlib.Path
+    root: pathlib.Path
+    checkpointable: Optional[str] = None
+    step: Optional[int] = None
+
+    def orbax_kwargs(self) -> dict:
+        return {} if self.checkpointable is None else {"checkpointable_name": self.checkpointable}
+
+
+def _finished_steps(checkpoints: pathlib.Path) -> list[int]:
+    """Steps whose checkpoint completed (orbax renames a step's temporary directory when done)."""
+    return sorted(int(p.name) for p in checkpoints.iterdir()
+                  if p.name.isdigit() and (p / TRAIN_ITEM).is_dir())
+
+
+def locate_checkpoint(path: str | os.PathLike) -> CheckpointSource:
+    """Find the config and variables of `path`: a converted directory, a run, or one run step.
+
+    Accepts `DST/` from `hf-to-lcjax` (config.yaml + variables/), a training run directory
+    (config.yaml + checkpoints/<step>/: the newest finished step is used), or one step directory
+    `<run_dir>/checkpoints/<step>` (the run's config.yaml two levels up).
+    """
+    path = pathlib.Path(path).absolute()
+    if (path / CONFIG_FILE).is_file() and (path / VARIABLES_DIR).is_dir():
+        return CheckpointSource(path / CONFIG_FILE, path / VARIABLES_DIR)
+    if (path / CONFIG_FILE).is_file() and (path / RUN_CHECKPOINTS).is_dir():
+        steps = _finished_steps(path / RUN_CHECKPOINTS)
+        if not steps:
+            raise ValueError(f"{path}: training run without a finished checkpoint (no "
+                             f"{RUN_CHECKPOINTS}/<step>/{TRAIN_ITEM}/)")
+        step_dir = path / RUN_CHECKPOINTS / str(steps[-1])
+        return CheckpointSource(path / CONFIG_FILE, step_dir, TRAIN_ITEM, steps[-1])
+    run_config = path.parent.parent / CONFIG_FILE
+    if (path.name.isdigit() and path.parent.name == RUN_CHECKPOINTS and (path / TRAIN_ITEM).is_dir()
+            and run_config.is_file()):
+        return CheckpointSource(run_config, path, TRAIN_ITEM, int(path.name))
+    raise ValueError(f"{path} is not an lcjax checkpoint: expected {CONFIG_FILE} and "
+                     f"{VARIABLES_DIR}/ (written by `python -m lcjax.convert hf-to-lcjax`), or a "
+                     f"training run directory ({CONFIG_FILE} and {RUN_CHECKPOINTS}/<step>/)")
+
+
+def _request(metadata: Any, wanted: Sequence[tuple[str, ...]], where: Any) -> dict:
+    """The partial-load request (a subtree of `metadata`) for the `wanted` key paths."""
+    request: dict = {}
+    for keys in wanted:
+        node = metadata
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                raise ValueError(f"lcjax checkpoint {where}: variable {'/'.join(keys)!r} is missing "
+                                 f"(no {'/'.join(keys[:i + 1])!r})")
+            node = node[key]
+        nest(request, keys, node)
+    return request
 
 
 def load_lcjax_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
-    """(Config, variables) of a converted directory; variables are numpy arrays, all in memory."""
-    path = pathlib.Path(path).absolute()
-    _require_checkpoint(path)
-    return load_config(path / CONFIG_FILE), ocp.load(path / VARIABLES_DIR)
+    """(Config, variables) of a converted directory or a run's newest checkpoint (see
+    `locate_checkpoint`); variables are {"params", "router_bias"} numpy arrays, all in memory."""
+    source = locate_checkpoint(path)
+    config = load_config(source.config_file)
+    if source.checkpointable is None:
+        return config, ocp.load(source.root)
+    metadata = ocp.metadata(source.root, **source.orbax_kwargs()).metadata
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    collections = [(k,) for k in ("params", "router_bias") if k in metadata]
+    with context:
+        loaded = ocp.load(source.root, _request(metadata, collections, path), **source.orbax_kwargs())
+    return config, jax.tree.map(np.asarray, loaded)
 
 
 def read_lcjax_config(path: str | os.PathLike) -> Config:
-    path = pathlib.Path(path)
-    _require_checkpoint(path)
-    return load_config(path / CONFIG_FILE)
+    return load_config(locate_checkpoint(path).config_file)
 
 
 def iter_lcjax_leaves(path: str | os.PathLike,
@@ -104,21 +175,14 @@ def iter_lcjax_leaves(path: str | os.PathLike,
 
     Raises ValueError naming a requested leaf the checkpoint lacks.
     """
-    root = pathlib.Path(path).absolute() / VARIABLES_DIR
-    metadata = ocp.metadata(root).metadata
+    source = locate_checkpoint(path)
+    metadata = ocp.metadata(source.root, **source.orbax_kwargs()).metadata
     context = ocp.Context()
     context.pytree.loading.partial_load = True
     for keys in wanted:
-        node = metadata
-        for i, key in enumerate(keys):
-            if not isinstance(node, dict) or key not in node:
-                raise ValueError(f"lcjax checkpoint {path}: variable {'/'.join(keys)!r} is missing "
-                                 f"(no {'/'.join(keys[:i + 1])!r})")
-            node = node[key]
-        request: dict = {}
-        nest(request, keys, node)
+        request = _request(metadata, [keys], path)
         with context:
-            loaded = ocp.load(root, request)
+            loaded = ocp.load(source.root, request, **source.orbax_kwargs())
         for key in keys:
             loaded = loaded[key]
         _release_freed_memory()
