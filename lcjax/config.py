@@ -366,6 +366,12 @@ class DataConfig:
     tokenizer_train_bytes: at most this much train-split text trains the BPE tokenizer.
     num_workers: grain worker processes that read and tokenize; 0 = in this process. The batches
         are the same for every value.
+    skip_bad_records: what a malformed JSONL line or unreadable Parquet row does. JSONL and
+        Parquet files are checked when the source opens, each file up to its first 100,000
+        records or 256 MiB (`lcjax.data.sources.SCAN_RECORDS` / `SCAN_BYTES`); records past that
+        are checked when read. False: raise `ValueError("<file>:<line>: ...")` (Parquet: file,
+        row and column). True: the record becomes an empty document (no tokens) and each file's
+        count of bad records is logged once.
     """
 
     source: str = "stdlib"
@@ -377,6 +383,7 @@ class DataConfig:
     heldout_fraction: float = 0.02
     tokenizer_train_bytes: int = 4_000_000
     num_workers: int = 0
+    skip_bad_records: bool = False
 
     def __post_init__(self):
         check_data(self.source in DATA_SOURCES, "source", self.source, f"one of {list(DATA_SOURCES)}")
@@ -398,6 +405,8 @@ class DataConfig:
               "shuffle_seed", self.shuffle_seed, "an integer in [0, 2**32)")
         check_data(0.0 <= self.heldout_fraction < 1.0, "heldout_fraction", self.heldout_fraction,
               "a fraction in [0, 1)")
+        check_data(isinstance(self.skip_bad_records, bool), "skip_bad_records",
+                   self.skip_bad_records, "true or false")
 
     def per_host_batch(self, host_count: int) -> int:
         """Rows each host yields per step; global_batch must split evenly over the hosts."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import logging
 import os
 import pathlib
 import sysconfig
@@ -33,6 +34,11 @@ STDLIB_HELDOUT_FRACTION = 0.02
 # them separately, so leaving them out keeps the corpus the same across installs).
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 _SCAN_CHUNK = 1 << 24
+# Up-front validation of JSONL / Parquet files (documented in lcjax.config.DataConfig): each file's
+# first SCAN_RECORDS records or SCAN_BYTES bytes are parsed when the source opens.
+SCAN_RECORDS = 100_000
+SCAN_BYTES = 256 << 20
+_log = logging.getLogger("lcjax.data")
 
 
 # ---------------------------------------------------------------- split rules
@@ -112,43 +118,110 @@ class TextFiles(grain.sources.RandomAccessDataSource):
 class JsonlFiles(grain.sources.RandomAccessDataSource):
     """One JSON object per non-empty line; the document is `record[text_field]`.
 
-    Opening scans each file once for line offsets (24 bytes per line in memory); records are
-    parsed on access, so a malformed line fails when it is read, naming file and line.
+    Opening scans each file once for line offsets (24 bytes per line in memory) and parses its
+    first SCAN_RECORDS records / SCAN_BYTES, so a malformed line there fails before training
+    starts, as `ValueError("<file>:<line>: <what is wrong>")`. Later records are parsed on access
+    and fail the same way. With `skip_bad_records`, a bad record is an empty document instead
+    (dropped by the packer), and each file's count of bad records in the scan is logged once.
     """
 
-    def __init__(self, paths: Sequence[os.PathLike | str], text_field: str):
+    def __init__(self, paths: Sequence[os.PathLike | str], text_field: str,
+                 skip_bad_records: bool = False):
         self.paths = [str(p) for p in paths]
         self.text_field = text_field
+        self.skip_bad_records = skip_bad_records
         index = [_line_index(p) for p in self.paths]
         self._file = np.concatenate([np.full(len(s), i, np.int32) for i, (s, _, _) in enumerate(index)])
         self._start, self._end, self._line = (np.concatenate([x[k] for x in index]) for k in range(3))
-        if len(self):
-            self[0]  # fail early on a missing text field
+        self._bad = [_scan_jsonl(p, *_file_key(p), text_field, skip_bad_records, SCAN_RECORDS,
+                                 SCAN_BYTES) for p in self.paths]
 
     def __len__(self) -> int:
         return len(self._start)
 
     def __getitem__(self, index: int) -> str:
-        path, line = self.paths[self._file[index]], int(self._line[index])
+        file = int(self._file[index])
+        path, line = self.paths[file], int(self._line[index])
+        if line in self._bad[file]:
+            return ""
         start, end = int(self._start[index]), int(self._end[index])
         with open(path, "rb") as f:
             f.seek(start)
             raw = f.read(end - start)
-        if not raw.strip():
-            return ""
         try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line}: not a JSON object ({e})") from e
-        if not isinstance(record, dict) or self.text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{line}: no field {self.text_field!r} (has {keys}); "
-                             "set data.text_field")
-        text = record[self.text_field]
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{line}: field {self.text_field!r} is "
-                             f"{type(text).__name__}, expected a string")
-        return text
+            return _jsonl_text(raw, path, line, self.text_field)
+        except ValueError as e:  # past the up-front scan
+            if not self.skip_bad_records:
+                raise
+            _note_late_skip(path, str(e))
+            return ""
+
+
+def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
+    """The document of one JSONL line; ValueError `<path>:<line>: ...` when it is malformed."""
+    if not raw.strip():
+        return ""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}:{line}: not a JSON object ({e})") from e
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{path}:{line}: no field {text_field!r} (has {keys}); "
+                         "set data.text_field")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{line}: field {text_field!r} is "
+                         f"{type(text).__name__}, expected a string")
+    return text
+
+
+def _file_key(path: str) -> tuple[int, int]:
+    """(size, mtime) so a scan is cached per version of a file."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4096)
+def _scan_jsonl(path: str, size: int, mtime_ns: int, text_field: str, skip: bool,
+                max_records: int, max_bytes: int) -> frozenset[int]:
+    """Parse the first records of a JSONL file: raise on the first bad one, or (skip) return the
+    line numbers of the bad ones and log their count once (cached per file version)."""
+    bad, first, records, nbytes = [], "", 0, 0
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            if records >= max_records or nbytes >= max_bytes:
+                break
+            nbytes += len(raw)
+            if not raw.strip():
+                continue
+            records += 1
+            try:
+                _jsonl_text(raw, path, line, text_field)
+            except ValueError as e:
+                if not skip:
+                    raise
+                bad.append(line)
+                first = first or str(e)
+    _log_skipped(path, len(bad), records, first)
+    return frozenset(bad)
+
+
+def _log_skipped(path: str, count: int, scanned: int, first: str) -> None:
+    if count:
+        _log.warning("data: %s: skipped %d bad record(s) of the first %d (data.skip_bad_records); "
+                     "first: %s", path, count, scanned, first)
+
+
+_late_skips: set[str] = set()
+
+
+def _note_late_skip(path: str, error: str) -> None:
+    """A bad record past the up-front scan, skipped: logged for the first one per file."""
+    if path not in _late_skips:
+        _late_skips.add(path)
+        _log.warning("data: %s: skipping a bad record past the up-front scan (data.skip_bad_records; "
+                      "later ones in this file are skipped silently): %s", path, error)
 
 
 def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,26 +240,38 @@ def _line_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class ParquetFiles(grain.sources.RandomAccessDataSource):
-    """One document per row of a string column; nulls are empty documents.
+    """One document per row of a string (or utf-8 binary) column; nulls are empty documents.
 
-    Row counts come from file footers; a file's column is read into memory on first access
-    (per process), so the text of all files must fit in RAM. Use ArrayRecord beyond that.
+    Row counts come from file footers; opening checks each footer and the column's type, and
+    reads the first SCAN_RECORDS rows / SCAN_BYTES of the column, so a corrupt file or row fails
+    before training starts with a ValueError naming file, row (0-based) and column. A file's
+    column is read into memory on first access (per process), one row group at a time, so the
+    text of all files must fit in RAM; use ArrayRecord beyond that. With `skip_bad_records`, a
+    bad row (or every row of an unreadable row group) is an empty document instead.
     """
 
-    def __init__(self, paths: Sequence[os.PathLike | str], column: str):
-        import pyarrow.parquet as pq
-
+    def __init__(self, paths: Sequence[os.PathLike | str], column: str,
+                 skip_bad_records: bool = False):
         self.paths = [str(p) for p in paths]
         self.column = column
-        counts = []
+        self.skip_bad_records = skip_bad_records
+        counts, self._groups, self._bad = [], [], []
         for path in self.paths:
-            meta = pq.ParquetFile(path)
+            meta = _open_parquet(path)
             names = meta.schema_arrow.names
             if column not in names:
                 raise ValueError(f"{path}: no column {column!r} (has {names}); set data.text_field")
+            kind = meta.schema_arrow.field(column).type
+            if not _is_text_type(kind):
+                raise ValueError(f"{path}: column {column!r} has type {kind}, expected strings "
+                                 "(string or utf-8 binary); set data.text_field")
+            sizes = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
             counts.append(meta.metadata.num_rows)
+            self._groups.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+            self._bad.append(_scan_parquet(path, *_file_key(path), column, skip_bad_records,
+                                           SCAN_RECORDS, SCAN_BYTES))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._cache: dict[int, object] = {}
+        self._cache: dict[int, list] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -194,15 +279,27 @@ class ParquetFiles(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> str:
         file = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        value = self._column(file)[index - int(self._offsets[file])].as_py()
-        return "" if value is None else str(value)
+        row = index - int(self._offsets[file])
+        if row in self._bad[file]:
+            return ""
+        groups = self._groups[file]
+        group = int(np.searchsorted(groups, row, side="right")) - 1
+        try:
+            _, chunk = self._column(file)[group]
+            if isinstance(chunk, ValueError):
+                raise chunk
+            return _parquet_text(chunk[row - int(groups[group])].as_py(), self.paths[file], row,
+                                 self.column)
+        except ValueError as e:
+            if not self.skip_bad_records:
+                raise
+            _note_late_skip(self.paths[file], str(e))
+            return ""
 
-    def _column(self, file: int):
+    def _column(self, file: int) -> list:
         with self._lock:
             if file not in self._cache:
-                import pyarrow.parquet as pq
-
-                self._cache[file] = pq.read_table(self.paths[file], columns=[self.column]).column(0)
+                self._cache[file] = _read_row_groups(self.paths[file], self.column)
             return self._cache[file]
 
     def __getstate__(self):
@@ -210,6 +307,83 @@ class ParquetFiles(grain.sources.RandomAccessDataSource):
 
     def __setstate__(self, state):
         self.__dict__.update(state, _lock=threading.Lock())
+
+
+def _open_parquet(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+
+
+def _is_text_type(kind) -> bool:
+    import pyarrow as pa
+
+    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary",
+              "is_binary_view", "is_null")
+    return any(getattr(pa.types, name, lambda _: False)(kind) for name in checks)
+
+
+def _parquet_text(value, path: str, row: int, column: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: row {row}: column {column!r}: not valid utf-8 ({e})") from e
+    return value
+
+
+def _read_row_groups(path: str, column: str, stop_rows: int | None = None,
+                     stop_bytes: int | None = None) -> list[tuple[int, object]]:
+    """(rows, the column of that row group as an arrow array, or the ValueError naming file, rows
+    and column that reading it raised) per row group; stops after `stop_rows` / `stop_bytes`."""
+    meta = _open_parquet(path)
+    out, start, nbytes = [], 0, 0
+    for g in range(meta.num_row_groups):
+        if (stop_rows is not None and start >= stop_rows) or (stop_bytes is not None and nbytes >= stop_bytes):
+            break
+        rows = meta.metadata.row_group(g).num_rows
+        try:
+            chunk = meta.read_row_group(g, columns=[column]).column(0)
+            nbytes += chunk.nbytes
+        except Exception as e:  # a damaged page: pyarrow raises OSError, ArrowInvalid, ...
+            chunk = ValueError(f"{path}: rows {start}-{start + rows - 1}: column {column!r} "
+                               f"cannot be read ({type(e).__name__}: {e})")
+        out.append((rows, chunk))
+        start += rows
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _scan_parquet(path: str, size: int, mtime_ns: int, column: str, skip: bool,
+                  max_records: int, max_bytes: int) -> frozenset[int]:
+    """Read and decode the first rows of the column: raise on the first bad one, or (skip)
+    return the bad row numbers and log their count once (cached per file version)."""
+    import pyarrow as pa
+
+    bad, first, start = [], "", 0
+    for rows, chunk in _read_row_groups(path, column, max_records, max_bytes):
+        if isinstance(chunk, ValueError):
+            if not skip:
+                raise chunk
+            bad.extend(range(start, start + rows))
+            first = first or str(chunk)
+        elif not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            for row, value in enumerate(chunk.to_pylist(), start):  # binary: check the utf-8
+                try:
+                    _parquet_text(value, path, row, column)
+                except ValueError as e:
+                    if not skip:
+                        raise
+                    bad.append(row)
+                    first = first or str(e)
+        start += rows
+    _log_skipped(path, len(bad), start, first)
+    return frozenset(bad)
 
 
 class ArrayRecordFiles(grain.sources.RandomAccessDataSource):
@@ -265,9 +439,9 @@ def open_source(spec: DataSpec) -> grain.sources.RandomAccessDataSource:
     if spec.source == "text":
         return TextFiles(files)
     if spec.source == "jsonl":
-        return JsonlFiles(files, spec.text_field)
+        return JsonlFiles(files, spec.text_field, spec.skip_bad_records)
     if spec.source == "parquet":
-        return ParquetFiles(files, spec.text_field)
+        return ParquetFiles(files, spec.text_field, spec.skip_bad_records)
     if spec.source == "arrayrecord":
         return ArrayRecordFiles(files)
     raise ValueError(f"data: source={spec.source!r} is invalid: expected one of "
