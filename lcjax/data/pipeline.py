@@ -1,7 +1,8 @@
 """The grain pipeline: documents -> tokens -> packed rows -> global batch -> this host's rows.
 
     source[split] -> shuffle(seed, new order each epoch) -> repeat -> tokenize (+eos)
-      -> [mp_prefetch: num_workers processes] -> chunk to <= S -> first-fit pack (shuffled bins)
+      -> [mp_prefetch: num_workers processes, which die with this one] -> chunk to <= S
+      -> first-fit pack (shuffled bins)
       -> batch(global_batch) -> rows [h * B/H, (h+1) * B/H) of host h
 
 Every host runs the same pipeline and keeps its slice of each global batch, so the global batch
@@ -15,8 +16,11 @@ restored iterator yields bit for bit the batches the uninterrupted one would hav
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
+import time
 from typing import Any, Iterator
 
 import grain
@@ -85,7 +89,8 @@ def make_iterator(spec: DataSpec, tokenizer: Tokenizer, split: str = "train",
     ds = docs.to_iter_dataset(_READ_OPTIONS)
     if spec.num_workers:  # before packing: the document order, hence every batch, stays the same
         _absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers),
+                            worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
     chunks = grain.experimental.FlatMapIterDataset(ds, Chunk(spec.seq_len, len(source)))
     rows = pack(chunks, spec.seq_len, _num_bins(spec), seed=spec.shuffle_seed)
     batches = rows.batch(spec.global_batch, drop_remainder=True).map(
@@ -178,6 +183,26 @@ def _hosts(host_index: int | None, host_count: int | None) -> tuple[int, int]:
     check(isinstance(host_index, int) and 0 <= host_index < host_count, "host_index", host_index,
           f"an integer in [0, host_count={host_count})")
     return host_index, host_count
+
+
+def exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 1,
+                     poll_seconds: float = 0.5) -> None:
+    """In a grain worker: exit as soon as the process that started it is gone.
+
+    A trainer killed with SIGKILL (or by the OOM killer) runs no cleanup, so its workers, each
+    holding a copy of the source and tokenizer, would live on. A daemon thread compares
+    `os.getppid()` with the parent's pid (an orphan is re-parented) every `poll_seconds`.
+    Not PR_SET_PDEATHSIG: that fires when the *thread* that spawned the worker exits, and grain
+    spawns workers from pool threads.
+    """
+    del worker_index, worker_count  # grain's worker_init_fn signature
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)  # no cleanup to run: the consumer of this worker's output is gone
+
+    threading.Thread(target=watch, name="lcjax-exit-with-parent", daemon=True).start()
 
 
 def _absl_flags_parsed() -> None:
