@@ -4,7 +4,8 @@ Public names:
 - load_hf_checkpoint(path, config=None) -> (Config, variables); save_hf_checkpoint(variables,
   config, path): in-memory, for notebooks and tests.
 - hf_to_lcjax(src, dst) / lcjax_to_hf(src, dst): streamed directory conversions (the CLI).
-- load_lcjax_checkpoint(path) -> (Config, variables): read a converted directory.
+- load_lcjax_checkpoint(path) -> (Config, variables): read a converted directory or a training
+  run's newest checkpoint (lcjax_to_hf takes either too).
 - config_from_checkpoint, model_config_from_hf, hf_config_dict: config.json <-> ModelConfig.
 CLI: `python -m lcjax.convert {hf-to-lcjax,lcjax-to-hf,compare} ...`.
 """

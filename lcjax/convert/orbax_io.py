@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+import yaml
 
 from lcjax.config import Config
 from lcjax.config_io import dump_config, load_config
@@ -153,7 +154,7 @@ def load_lcjax_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
     """(Config, variables) of a converted directory or a run's newest checkpoint (see
     `locate_checkpoint`); variables are {"params", "router_bias"} numpy arrays, all in memory."""
     source = locate_checkpoint(path)
-    config = load_config(source.config_file)
+    config = read_lcjax_config(path)
     if source.checkpointable is None:
         return config, ocp.load(source.root)
     metadata = ocp.metadata(source.root, **source.orbax_kwargs()).metadata
@@ -166,7 +167,16 @@ def load_lcjax_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
 
 
 def read_lcjax_config(path: str | os.PathLike) -> Config:
-    return load_config(locate_checkpoint(path).config_file)
+    """The Config of a checkpoint (see `locate_checkpoint`); errors name the config.yaml."""
+    config_file = locate_checkpoint(path).config_file
+    try:
+        return load_config(config_file)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config_file}: not valid YAML ({e})") from e
+    except ValueError as e:
+        if str(config_file) in str(e):
+            raise
+        raise ValueError(f"{config_file}: {e}") from e
 
 
 def iter_lcjax_leaves(path: str | os.PathLike,

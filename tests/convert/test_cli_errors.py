@@ -38,6 +38,18 @@ def test_bad_input_is_one_line_and_status_2(bad_config, tmp_path, capsys, monkey
     assert not (tmp_path / "dst").exists() and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  hidden_size: '64'\n", "config key 'model.hidden_size' expects an integer, got '64'"),
+    ("model: {hidden_size: 64\n", "not valid YAML"),
+])
+def test_bad_config_yaml_names_the_file(tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.delenv("LCJAX_TRACEBACK", raising=False)
+    (tmp_path / "lc" / "variables").mkdir(parents=True)
+    (tmp_path / "lc" / "config.yaml").write_text(text)
+    assert main(["lcjax-to-hf", str(tmp_path / "lc"), str(tmp_path / "hf")]) == 2
+    assert f"{tmp_path / 'lc' / 'config.yaml'}: {message}" in _one_error_line(capsys, "lcjax-to-hf")
+
+
 def test_existing_destination_is_one_line(hub_checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LCJAX_TRACEBACK", raising=False)
     (tmp_path / "dst").mkdir()
