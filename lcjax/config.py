@@ -27,6 +27,11 @@ def _check(cond: bool, key: str, value, expected: str) -> None:
         raise ValueError(f"config: {key}={value!r} is invalid: expected {expected}")
 
 
+def _finite(value) -> bool:
+    """A real number that is neither NaN nor infinite (bools and strings are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_choice(key: str, value, choices) -> None:
     _check(value in choices, key, value, f"one of {list(choices)}")
 
@@ -439,12 +444,20 @@ class OptimizerConfig:
     base_hidden_size: Optional[int] = None
 
     def __post_init__(self):
-        _check(self.learning_rate > 0, "optimizer.learning_rate", self.learning_rate, "> 0")
+        _check(_finite(self.learning_rate) and self.learning_rate > 0, "optimizer.learning_rate",
+               self.learning_rate, "a finite number > 0")
         _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
         _check_choice("optimizer.schedule", self.schedule, ("cosine", "linear", "constant"))
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
-        _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, ">= 0")
+        _check(_finite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0,
+               "optimizer.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        for key in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, > 1 diverges
+            value = getattr(self, key)
+            _check(_finite(value) and 0.0 <= value < 1.0, f"optimizer.{key}", value, "in [0, 1)")
+        _check(_finite(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "a finite number > 0")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+               self.weight_decay, "a finite number >= 0")
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "optimizer.grad_clip",
+               self.grad_clip, "a finite number >= 0 (0 disables clipping)")
         _check(self.base_hidden_size is None or self.base_hidden_size > 0,
                "optimizer.base_hidden_size", self.base_hidden_size, "None or > 0")
 
@@ -473,8 +486,13 @@ class TrainConfig:
         _check_positive(self, "steps", "log_every", "checkpoint_every", "keep_checkpoints",
                         "eval_batches")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, ">= 0")
-        _check(self.z_loss >= 0, "train.z_loss", self.z_loss, ">= 0")
-        _check(self.mtp_loss_weight >= 0, "train.mtp_loss_weight", self.mtp_loss_weight, ">= 0")
+        _check(_finite(self.z_loss) and self.z_loss >= 0, "train.z_loss", self.z_loss,
+               "a finite number >= 0")
+        _check(_finite(self.mtp_loss_weight) and self.mtp_loss_weight >= 0, "train.mtp_loss_weight",
+               self.mtp_loss_weight, "a finite number >= 0")
+        _check(self.expected_ffn_topk is None or (_finite(self.expected_ffn_topk)
+                                                  and self.expected_ffn_topk > 0),
+               "train.expected_ffn_topk", self.expected_ffn_topk, "None or a finite number > 0")
         _check_choice("train.growth", self.growth, ("none", "stack"))
         _check(self.growth == "none" or bool(self.init_from), "train.growth", self.growth,
                "'none' unless train.init_from names a checkpoint")

@@ -18,12 +18,34 @@ import orbax.checkpoint as ocp
 from lcjax.train.state import TrainState
 
 
+def check_writable(run_dir: str) -> None:
+    """Create run_dir and run_dir/checkpoints and write a probe file in each, before any work.
+
+    Raises a ValueError naming train.run_dir; otherwise an unwritable checkpoint folder shows
+    only when the first save's background thread times out, minutes into the run.
+    """
+    for path in (run_dir, os.path.join(run_dir, "checkpoints")):
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise ValueError(f"train.run_dir={run_dir!r}: cannot write {err.filename or path}: "
+                             f"{reason}") from None
+
+
 class RunCheckpoints:
     """Save / restore (state, data-iterator JSON) under <run_dir>/checkpoints."""
 
     def __init__(self, run_dir: str, keep: int, async_save: bool = True):
+        # cleanup_tmp_directories: a save cut short by a kill leaves a temporary folder; the
+        # next run removes it (it was never a checkpoint: latest_step() never saw it).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))

@@ -1,8 +1,10 @@
 """The training loop: set-up, resume, the step loop with logging / eval / checkpoints, summary.
 
 A thin shell around the pure `train_step`: step N+1 is dispatched before step N's metrics are
-read, so the host never stalls the device except at checkpoint steps (read first, so a
-non-finite state is never saved).
+read, so the host never stalls the device except at checkpoint steps. A step's metrics include
+the norm of its update, so reading them before a save proves the state about to be saved is
+finite. SIGINT / SIGTERM stop the loop at a step boundary (`signals.py`), where the state, its
+optimizer and the data iterator agree, and save there.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from lcjax.config import Config
 from lcjax.config_io import dump_config
 from lcjax.parallel import is_primary, make_mesh, rules_for, use_parallelism
 from lcjax.train import data_setup
-from lcjax.train.checkpoint import RunCheckpoints, restore_params
+from lcjax.train.checkpoint import RunCheckpoints, check_writable, restore_params
 from lcjax.train.flops import device_peak_flops, train_flops_per_token
 from lcjax.train.growth import stack_layers
 from lcjax.train.metrics import MetricsWriter
+from lcjax.train.signals import StopRequest
 from lcjax.train.state import (abstract_state, batch_sharding, create_optimizer, init_state,
                                state_shardings)
 from lcjax.train.step import eval_step, train_step
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised when a step's loss is NaN/inf; names the step and the last good checkpoint."""
+    """Raised when a step's loss or update is NaN/inf; names the step and the last good checkpoint."""
 
 
 @dataclasses.dataclass
@@ -48,12 +51,15 @@ class TrainSummary:
     mfu: Optional[float]
     checkpoint: Optional[str]
     interrupted: bool = False
+    stop_signal: Optional[str] = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    exit_code: int = 0  # 0, or 128 + the signal number (130 / 143) when a signal stopped it
 
     def table(self) -> str:
         mfu = "-" if self.mfu is None else f"{100 * self.mfu:.1f}%"
+        loss = lambda x: f"{x:.4f}" if math.isfinite(x) else "-"  # noqa: E731
         rows = [("run directory", self.run_dir), ("steps", f"{self.start_step} -> {self.final_step}"),
-                ("held-out loss, start", f"{self.initial_eval_loss:.4f}"),
-                ("held-out loss, end", f"{self.final_eval_loss:.4f}"),
+                ("held-out loss, start", loss(self.initial_eval_loss)),
+                ("held-out loss, end", loss(self.final_eval_loss)),
                 ("train loss, last", f"{self.losses[-1]:.4f}" if self.losses else "-"),
                 ("tokens / s", f"{self.tokens_per_second:,.0f}"), ("MFU", mfu),
                 ("checkpoint", self.checkpoint or "-")]
@@ -80,48 +86,71 @@ def _initial_state(config, tx, mesh, shardings):
     return state.replace(params=params, opt_state=tx.init(params))
 
 
+def check_platform(config: Config) -> None:
+    """Refuse what this JAX process cannot run as configured (rather than silently downcast)."""
+    for key in ("dtype", "param_dtype"):
+        value = getattr(config.model, key)
+        if value == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(f"config: model.{key}={value!r} cannot run: JAX computes in float64 "
+                             "only with JAX_ENABLE_X64=1 (else it silently uses float32); use "
+                             "float32 / bfloat16, or set JAX_ENABLE_X64=1")
+
+
 def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
-    """Run (or resume) training as configured; `stop_after` ends early after that many steps."""
+    """Run (or resume) training as configured; `stop_after` ends early after that many steps.
+
+    SIGINT / SIGTERM (in the main thread) end the run at the next step boundary with a
+    checkpoint there; the summary then says which signal and the exit code a CLI should use.
+    """
     cfg = config.train
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    if is_primary():  # run files and console output come from process 0 only
-        dump_config(config, os.path.join(cfg.run_dir, "config.yaml"))
-    tokenizer = data_setup.run_tokenizer(config)
-    mesh = make_mesh(config.mesh)
-    data_setup.check_batch(config, mesh)
-    tx = create_optimizer(config)
-    abstract, _ = abstract_state(config, tx)
-    shardings = state_shardings(config, tx, mesh)
-    rows = batch_sharding(mesh, rules_for(config))
-    ckpt = RunCheckpoints(cfg.run_dir, cfg.keep_checkpoints, cfg.async_checkpoint)
-    iterator = data_setup.train_iterator(config, tokenizer, rows)
-    latest = ckpt.latest_step() if cfg.resume else None
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, abstract, shardings)
-        data_setup.restore_iterator(iterator, data_state)
-    else:
-        state = _initial_state(config, tx, mesh, shardings)
-    start = int(jax.device_get(state.step))
-    eval_batches = data_setup.eval_batches(config, tokenizer, rows)
-    with use_parallelism(mesh, config.parallel):  # mesh, rules, EP / quantized TP comm
-        step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx),
-                          in_shardings=(shardings, rows), out_shardings=(shardings, None),
-                          donate_argnums=0)
-        eval_fn = jax.jit(functools.partial(eval_step, config=config), in_shardings=(shardings, rows))
-        return _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, ckpt,
-                     stop_after)
+    check_platform(config)
+    with StopRequest() as stop:
+        check_writable(cfg.run_dir)
+        if is_primary():  # run files and console output come from process 0 only
+            dump_config(config, os.path.join(cfg.run_dir, "config.yaml"))
+        tokenizer = data_setup.run_tokenizer(config)
+        mesh = make_mesh(config.mesh)
+        data_setup.check_batch(config, mesh)
+        tx = create_optimizer(config)
+        abstract, _ = abstract_state(config, tx)
+        shardings = state_shardings(config, tx, mesh)
+        rows = batch_sharding(mesh, rules_for(config))
+        ckpt = RunCheckpoints(cfg.run_dir, cfg.keep_checkpoints, cfg.async_checkpoint)
+        try:
+            iterator = data_setup.train_iterator(config, tokenizer, rows)
+            latest = ckpt.latest_step() if cfg.resume else None
+            if latest is not None:
+                state, data_state = ckpt.restore(latest, abstract, shardings)
+                data_setup.restore_iterator(iterator, data_state)
+            else:
+                state = _initial_state(config, tx, mesh, shardings)
+            eval_batches = data_setup.eval_batches(config, tokenizer, rows)
+        except BaseException:
+            ckpt.close()
+            raise
+        start = int(jax.device_get(state.step))
+        with use_parallelism(mesh, config.parallel):  # mesh, rules, EP / quantized TP comm
+            step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx),
+                              in_shardings=(shardings, rows), out_shardings=(shardings, None),
+                              donate_argnums=0)
+            eval_fn = jax.jit(functools.partial(eval_step, config=config),
+                              in_shardings=(shardings, rows))
+            return _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, ckpt,
+                         stop_after, stop, None if latest is None else ckpt.path(latest))
 
 
-def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, ckpt, stop_after):
+def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, ckpt, stop_after,
+          stop: StopRequest, restored: Optional[str]):
     cfg = config.train
     primary = is_primary()
-    writer = MetricsWriter(cfg.run_dir, enabled=primary)
+    writer = MetricsWriter(cfg.run_dir, enabled=primary, resume_step=start)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     tokens_per_step = config.data.global_batch * config.data.seq_len
     peak = device_peak_flops()
-    initial_eval = _evaluate(state, eval_batches, eval_fn, rows)
-    writer.write(start, {"loss": initial_eval}, prefix="eval")
-    losses, pending, saved = [], None, None
+    # `saved`: the newest checkpoint known complete and finite; `saved_step`: the step whose
+    # state needs no save on a stop (the restored checkpoint, or a fresh init the seed recreates).
+    losses, pending, saved, saved_step = [], None, restored, start
+    initial_eval = math.nan
     # The bar shows on terminals; logs and CI get the periodic `step ...` lines instead.
     bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=None if primary else True)
@@ -133,9 +162,11 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if step == start + 1:  # time from the end of the first (compiling) step
             t0, timed_from = time.perf_counter(), step
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLoss(f"loss is {values['loss']} at step {step}; last good checkpoint: "
-                                f"{saved or 'none'} (lower optimizer.learning_rate or raise grad_clip)")
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["update_norm"])):
+            raise NonFiniteLoss(
+                f"non-finite training at step {step} (loss {values['loss']}, update norm "
+                f"{values['update_norm']}); that state was not saved; last good checkpoint: "
+                f"{saved or 'none'} (lower optimizer.learning_rate or raise grad_clip)")
         losses.append(values["loss"])
         zero_share = values["zero_share"]
         elapsed = time.perf_counter() - t0
@@ -150,11 +181,22 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
             log(f"step {step:>6}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  "
                 f"zero-share {zero_share:.2f}  {tok_s:,.0f} tok/s")
 
-    interrupted, step = False, start
+    def save(step):
+        nonlocal saved, saved_step
+        ckpt.save(step, state, data_setup.iterator_state(iterator))
+        saved, saved_step = ckpt.path(step), step
+
+    step = start
     try:
-        for step in range(start + 1, end + 1):
+        if not stop.requested:
+            initial_eval = _evaluate(state, eval_batches, eval_fn, rows)
+            writer.write(start, {"loss": initial_eval}, prefix="eval")
+        for next_step in range(start + 1, end + 1):
+            if stop.requested:  # a step boundary: state, optimizer and iterator agree here
+                break
             batch = data_setup.to_global(next(iterator), rows)
             state, metrics = step_fn(state, batch)
+            step = next_step
             if pending is not None:
                 read(*pending)
             pending = (step, metrics)
@@ -162,27 +204,31 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
             if step % cfg.checkpoint_every == 0 or step == end:
                 read(*pending)
                 pending = None
-                ckpt.save(step, state, data_setup.iterator_state(iterator))
-                saved = ckpt.path(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != end:
+                save(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != end and not stop.requested:
                 writer.write(step, {"loss": _evaluate(state, eval_batches, eval_fn, rows)}, "eval")
         if pending is not None:
             read(*pending)
-    except KeyboardInterrupt:
-        interrupted = True
-        log(f"interrupted: saving a checkpoint at step {step}")
-        ckpt.save(step, state, data_setup.iterator_state(iterator))
-        saved = ckpt.path(step)
+        if stop.requested and saved_step != step:
+            save(step)
     finally:
         bar.close()
         ckpt.close()
+    interrupted = stop.requested and step < end
     elapsed = time.perf_counter() - t0
-    final_eval = _evaluate(state, eval_batches, eval_fn, rows)
-    writer.write(step, {"loss": final_eval}, prefix="eval")
+    final_eval = math.nan
+    if interrupted:  # a preempted job has seconds left: skip the final evaluation
+        log(f"{stop.name}: stopped at step {step}; checkpoint: {saved or 'none'}; run the same "
+            "command again to resume")
+    else:
+        final_eval = _evaluate(state, eval_batches, eval_fn, rows)
+        writer.write(step, {"loss": final_eval}, prefix="eval")
     writer.close()
     tok_s = tokens_per_step * (step - timed_from) / max(elapsed, 1e-9)
     mfu = None if not peak else (train_flops_per_token(config.model, config.data.seq_len, zero_share)
                                  * tok_s / (peak * jax.device_count()))
     return TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_step=start, final_step=step,
                         losses=losses, initial_eval_loss=initial_eval, final_eval_loss=final_eval,
-                        tokens_per_second=tok_s, mfu=mfu, checkpoint=saved, interrupted=interrupted)
+                        tokens_per_second=tok_s, mfu=mfu, checkpoint=saved, interrupted=interrupted,
+                        stop_signal=stop.name if interrupted else None,
+                        exit_code=128 + stop.signum if interrupted else 0)

@@ -83,7 +83,10 @@ def train_step(state: TrainState, batch: Batch, *, config: Config,
     bias = state.router_bias
     if config.train.update_router_bias:
         bias = _bias_tree_update(bias, counts, config)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    # Finite iff the new params and Adam moments are (they are finite before the step): the
+    # loop reads this before any save, so a NaN from the optimizer itself is never checkpointed.
+    metrics["update_norm"] = optax.tree.norm(updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias)
     return new, metrics
 

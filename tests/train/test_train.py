@@ -1,4 +1,4 @@
-"""End-to-end training: determinism, exact resume, checkpoints, metrics, growth, failures."""
+"""End-to-end training: checkpoints, growth, failures, sharded equality (resume: test_faults)."""
 
 import json
 import os
@@ -15,28 +15,9 @@ from lcjax.train.checkpoint import restore_params
 from .conftest import train_config
 
 
-def test_resume_continues_bit_for_bit_and_runs_are_deterministic(corpus, tmp_path):
-    straight = loop.train(train_config(corpus, tmp_path / "a"))
-    again = loop.train(train_config(corpus, tmp_path / "b"), stop_after=3)
-    assert again.final_step == 3 and again.checkpoint.endswith("3")
-    resumed = loop.train(train_config(corpus, tmp_path / "b"))
-    assert resumed.start_step == 3 and resumed.final_step == 6
-    assert straight.losses == again.losses + resumed.losses  # exact, not approximate
-    assert len(straight.losses) == 6 and all(np.isfinite(straight.losses))
-
-    run = tmp_path / "a"
-    assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
-    assert {"config.yaml", "tokenizer.json", "metrics.jsonl", "tensorboard"} <= set(os.listdir(run))
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))
-    assert {"train/ce", "train/mtp_ce", "train/zero_share", "train/expert_load_max_over_mean",
-            "train/grad_norm", "train/tokens_per_second"} <= set(rows[1])
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
-
-
 def test_router_bias_moves_and_params_restore(corpus, tmp_path):
-    cfg = train_config(corpus, tmp_path / "r", "train.steps=3")
-    loop.train(cfg)
+    cfg = train_config(corpus, tmp_path / "r")  # the shape of test_faults' runs: a cached compile
+    loop.train(cfg, stop_after=3)
     from lcjax.train.checkpoint import RunCheckpoints
     from lcjax.train.state import abstract_state, create_optimizer
     abstract, _ = abstract_state(cfg, create_optimizer(cfg))
@@ -81,28 +62,6 @@ def test_growth_rejects_depth_that_is_not_a_multiple(corpus, tmp_path):
                         f"train.init_from={tmp_path / 's'}", "train.growth=stack")
     with pytest.raises(ValueError, match="multiple"):
         loop._initial_state(deep, *_tx_mesh_shardings(deep))
-
-
-def test_non_finite_loss_stops_and_names_the_step(corpus, tmp_path):
-    cfg = train_config(corpus, tmp_path / "nan", "optimizer.learning_rate=1e30",
-                       "optimizer.grad_clip=0", "optimizer.warmup_steps=0")
-    with pytest.raises(loop.NonFiniteLoss, match="at step"):
-        loop.train(cfg)
-
-
-def test_interrupt_saves_a_checkpoint(corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = loop.data_setup.to_global
-
-    def interrupt_at_third(batch, sharding):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(batch, sharding)
-
-    monkeypatch.setattr(loop.data_setup, "to_global", interrupt_at_third)
-    summary = loop.train(train_config(corpus, tmp_path / "int", "train.checkpoint_every=100"))
-    assert summary.interrupted and summary.final_step == 2 and summary.checkpoint.endswith("2")
 
 
 @pytest.mark.parametrize("overrides, message", [
