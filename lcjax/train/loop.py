@@ -13,10 +13,12 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import time
 from typing import Optional
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from lcjax.config import Config
@@ -139,6 +141,23 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
                          stop_after, stop, None if latest is None else ckpt.path(latest))
 
 
+def _stop_agreed_in_step() -> bool:
+    """Whether processes agree on a stop through the step's metrics (needed with several).
+
+    A signal reaches each process at its own moment; acting on it directly, one process would
+    skip a collective the others wait in. So each process feeds its flag into the next step's
+    batch, the step reduces it over all rows, and every process reads the same value from the
+    same step's metrics: all stop after the same step. One process acts on its flag at once.
+    """
+    return jax.process_count() > 1
+
+
+def _with_stop_flag(batch: dict, requested: bool) -> dict:
+    """This host's rows plus a [b, 1] `stop` column (1 where this process was asked to stop)."""
+    rows = len(next(iter(batch.values())))
+    return {**batch, "stop": np.full((rows, 1), int(requested), np.int32)}
+
+
 def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, ckpt, stop_after,
           stop: StopRequest, restored: Optional[str]):
     cfg = config.train
@@ -156,10 +175,15 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
                disable=None if primary else True)
     log = bar.write if primary else (lambda _: None)
     t0, zero_share, timed_from = time.perf_counter(), 0.0, start
+    agree, agreed = _stop_agreed_in_step(), False
+
+    def stop_now() -> bool:
+        return agreed if agree else stop.requested
 
     def read(step, metrics):
-        nonlocal zero_share, t0, timed_from
+        nonlocal zero_share, t0, timed_from, agreed
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        agreed = agreed or values.pop("stop_requested", 0.0) > 0
         if step == start + 1:  # time from the end of the first (compiling) step
             t0, timed_from = time.perf_counter(), step
         if not (math.isfinite(values["loss"]) and math.isfinite(values["update_norm"])):
@@ -188,13 +212,13 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
 
     step = start
     try:
-        if not stop.requested:
+        if not stop_now():
             initial_eval = _evaluate(state, eval_batches, eval_fn, rows)
             writer.write(start, {"loss": initial_eval}, prefix="eval")
         for next_step in range(start + 1, end + 1):
-            if stop.requested:  # a step boundary: state, optimizer and iterator agree here
+            if stop_now():  # a step boundary: state, optimizer and iterator agree here
                 break
-            batch = data_setup.to_global(next(iterator), rows)
+            batch = data_setup.to_global(_with_stop_flag(next(iterator), stop.requested), rows)
             state, metrics = step_fn(state, batch)
             step = next_step
             if pending is not None:
@@ -205,21 +229,22 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
                 read(*pending)
                 pending = None
                 save(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != end and not stop.requested:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != end and not stop_now():
                 writer.write(step, {"loss": _evaluate(state, eval_batches, eval_fn, rows)}, "eval")
         if pending is not None:
             read(*pending)
-        if stop.requested and saved_step != step:
+        if stop_now() and saved_step != step:
             save(step)
     finally:
         bar.close()
         ckpt.close()
-    interrupted = stop.requested and step < end
+    interrupted = stop_now() and step < end
+    signum = stop.signum or signal.SIGTERM  # stopped by a peer process's signal: as SIGTERM
     elapsed = time.perf_counter() - t0
     final_eval = math.nan
     if interrupted:  # a preempted job has seconds left: skip the final evaluation
-        log(f"{stop.name}: stopped at step {step}; checkpoint: {saved or 'none'}; run the same "
-            "command again to resume")
+        log(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint: {saved or 'none'}; "
+            "run the same command again to resume")
     else:
         final_eval = _evaluate(state, eval_batches, eval_fn, rows)
         writer.write(step, {"loss": final_eval}, prefix="eval")
@@ -230,5 +255,5 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
     return TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_step=start, final_step=step,
                         losses=losses, initial_eval_loss=initial_eval, final_eval_loss=final_eval,
                         tokens_per_second=tok_s, mfu=mfu, checkpoint=saved, interrupted=interrupted,
-                        stop_signal=stop.name if interrupted else None,
-                        exit_code=128 + stop.signum if interrupted else 0)
+                        stop_signal=signal.Signals(signum).name if interrupted else None,
+                        exit_code=128 + signum if interrupted else 0)

@@ -17,7 +17,8 @@ from lcjax.config import Config
 from lcjax.model import BIAS_COLLECTION, LongCatModel, update_router_bias
 from lcjax.train.state import TrainState
 
-Batch = dict  # inputs, targets, segment_ids, positions [B, S] int32; loss_mask [B, S] float32
+Batch = dict  # inputs, targets, segment_ids, positions [B, S] int32; loss_mask [B, S] float32;
+#               optional stop [B, 1] int32 (the training loop's stop flags, see loop.py)
 
 
 def _masked_xent(logits, targets, mask):
@@ -87,6 +88,8 @@ def train_step(state: TrainState, batch: Batch, *, config: Config,
     # Finite iff the new params and Adam moments are (they are finite before the step): the
     # loop reads this before any save, so a NaN from the optimizer itself is never checkpointed.
     metrics["update_norm"] = optax.tree.norm(updates)
+    if "stop" in batch:  # [B, 1] per-process stop flags -> one value every process reads
+        metrics["stop_requested"] = jnp.max(batch["stop"])
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias)
     return new, metrics
 

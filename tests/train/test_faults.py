@@ -127,6 +127,20 @@ def test_signals_at_every_phase_resume_exactly(straight, corpus, tmp_path, monke
     assert max(shown.values()) == 1, {k: v for k, v in shown.items() if v > 1}
 
 
+def test_processes_stop_after_the_same_step(straight, corpus, tmp_path, monkeypatch):
+    # The multi-process path: a flag travels in the next step's batch and every process reads
+    # it from that step's metrics. Signalled while step 3's batch is read: step 4 carries the
+    # flag, its metrics are read after step 5 is dispatched, so the run stops after step 5.
+    monkeypatch.setattr(loop, "_stop_agreed_in_step", lambda: True)
+    cfg = train_config(corpus, tmp_path / "agree")
+    with monkeypatch.context() as m:
+        _signal_on_call(m, loop.data_setup, "to_global", signal.SIGTERM, on_call=4)  # 1: eval
+        first = loop.train(cfg)
+    assert (first.final_step, first.exit_code) == (5, 143) and first.checkpoint.endswith("5")
+    rest = loop.train(cfg)
+    assert first.losses + rest.losses == straight.losses
+
+
 def test_a_resume_drops_metrics_an_interrupted_run_logged_past_its_checkpoint(
         straight, corpus, tmp_path):
     run = tmp_path / "killed"
