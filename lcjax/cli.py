@@ -50,6 +50,6 @@ def run_main(prog: str, body: Callable[[], int], traceback: bool = False,
         if isinstance(err, user_errors):
             print(f"{prog}: error: {prefix}{one_line(err)}", file=sys.stderr)
             return USAGE_ERROR
-        print(f"{prog}: error: {type(err).__name__}: {prefix}{one_line(err)} (run with "
-              f"--traceback or {TRACEBACK_ENV}=1 for the stack)", file=sys.stderr)
+        print(f"{prog}: error: {type(err).__name__}: {prefix}{one_line(err)} "
+              f"({TRACEBACK_ENV}=1 shows the stack)", file=sys.stderr)
         return 1

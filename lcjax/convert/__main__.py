@@ -13,19 +13,18 @@ training run directory (its newest checkpoint). A failure prints one line
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import tempfile
 import time
 from typing import Optional, Sequence
 
+from lcjax.cli import run_main
 from lcjax.config import Config
 from lcjax.config_io import dump_config, load_config
 from lcjax.convert import hf, orbax_io
 from lcjax.convert.safetensors_io import parse_size
 
-TRACEBACK_ENV = "LCJAX_TRACEBACK"
 
 
 def _with_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -111,16 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage and the error
         return e.code if isinstance(e.code, int) else 2
-    try:
-        return _run(args)
-    except Exception as e:  # noqa: BLE001 (a CLI reports every failure; LCJAX_TRACEBACK shows it)
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-            raise
-        kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
-        message = " ".join(f"{kind}{e}".split()) or type(e).__name__
-        print(f"{parser.prog} {args.command}: error: {message} (set {TRACEBACK_ENV}=1 for the "
-              "traceback)", file=sys.stderr)
-        return 2
+    return run_main(f"{parser.prog} {args.command}", lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from lcjax.cli import run_main
 from lcjax.config_io import load_config, resolve_config_path
@@ -26,7 +28,18 @@ from lcjax.parallel.distributed import add_distributed_flags, initialize_from_fl
 DEFAULT_CONFIGS = ("tiny", "configs/train/stdlib_tiny.yaml")
 
 
+def _exit_on_signal(signum, frame) -> None:
+    """Before training starts there is nothing to save: a signal ends the process at once."""
+    del frame
+    print(f"lcjax.train: {signal.Signals(signum).name} before training started: exiting",
+          file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():  # train() installs its own
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _exit_on_signal)
     parser = argparse.ArgumentParser(prog="python -m lcjax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=None,
                         help="preset name in configs/models or a YAML path; repeat to layer files "
