@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from lcjax.serve.metrics import ServingMetrics
 from lcjax.serve.outputs import EngineStats, RequestOutput
@@ -122,16 +122,20 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._closed
 
     async def add_request(self, prompt_token_ids: Sequence[int], params: Any,
-                          request_id: Optional[str] = None) -> RequestStream:
+                          request_id: Optional[str] = None,
+                          logits_processor: Optional[Callable] = None) -> RequestStream:
         """Queue one request; returns its stream once the engine has accepted it.
 
+        logits_processor: see `lcjax.serve.engine` (called on the engine thread).
         Raises ValueError (from `engine.add_request`: prompt too long, bad params, ...) or
         EngineShutdown.
         """
-        return await self.add_requests([(prompt_token_ids, params, request_id)])
+        return await self.add_requests([(prompt_token_ids, params, request_id, logits_processor)])
 
-    async def add_requests(self, requests: Sequence[tuple[Sequence[int], Any, Optional[str]]]) -> RequestStream:
-        """Queue several (prompt ids, params, request id or None) at once; one shared stream.
+    async def add_requests(self, requests: Sequence[tuple]) -> RequestStream:
+        """Queue several (prompt ids, params, request id or None[, logits processor or None]) at
+        once; one shared stream (n > 1: one processor per sequence, or one shared processor
+        that depends only on the token ids it is given).
 
         All or nothing: if the engine rejects any, the others are aborted and its error raised.
         """
@@ -140,10 +144,12 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         ids, futures = [], []
-        for prompt_token_ids, params, request_id in requests:
+        for prompt_token_ids, params, request_id, *rest in requests:
+            processor = rest[0] if rest else None
             request_id = request_id or uuid.uuid4().hex
             accepted: asyncio.Future = loop.create_future()
-            self._send(("add", request_id, _Stream(loop, queue, list(prompt_token_ids)), params, accepted))
+            self._send(("add", request_id, _Stream(loop, queue, list(prompt_token_ids)), params,
+                        accepted, processor))
             ids.append(request_id)
             futures.append(accepted)
         stream = RequestStream(self, ids, queue)
@@ -235,12 +241,14 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001
                 log.exception("lcjax.serve: engine command %r failed", kind)
 
-    def _add(self, request_id: str, stream: _Stream, params: Any, accepted: asyncio.Future) -> None:
+    def _add(self, request_id: str, stream: _Stream, params: Any, accepted: asyncio.Future,
+             processor: Optional[Callable] = None) -> None:
         if self._stopping:
             _resolve(stream.loop, accepted, EngineShutdown("the engine is shutting down"))
             return
         try:
-            self.engine.add_request(stream.prompt_token_ids, params, request_id=request_id)
+            extra = {} if processor is None else {"logits_processor": processor}
+            self.engine.add_request(stream.prompt_token_ids, params, request_id=request_id, **extra)
         except Exception as err:  # noqa: BLE001 - ValueError for bad input; anything else too
             _resolve(stream.loop, accepted, err)
             return

@@ -11,6 +11,19 @@ from 16 up to `prefill_chunk`), so a workload compiles each step function at mos
 bucket; `stats().num_compilations` counts them. The engine is single-threaded: `AsyncEngine`
 owns it from one thread.
 
+Logits processors: `add_request(..., logits_processor=fn)` (or a `logits_processor` attribute
+on the params) constrains one request's tokens: before each of its tokens is sampled the engine
+calls `fn(generated_token_ids) -> Optional[np.ndarray]` on the host with the tokens that request
+has generated so far (an n > 1 completion is n requests, so each sequence gets its own calls),
+and adds the returned float32 [vocab_size] bias to the logits (-inf bans a token; None = no bias
+this step). The bias is added after the penalties and before temperature / top-k / top-p / min-p
+and the greedy argmax, so greedy and sampled requests both obey it; reported logprobs are those
+of the biased logits. Every step takes a [rows, V] bias input (zeros for rows without a
+processor), so processors add no compiled shapes. A row with a processor never speculates: its
+speculative rounds accept no drafts and emit one token, so the processor sees every token. A
+processor that raises, or returns a wrong shape, NaN or an all -inf bias, finishes only its own
+request (finish_reason "error", `RequestOutput.error` says why).
+
 Page policy: a request reserves pages for min(prompt + max_tokens, max_model_len) + k tokens at
 admission and keeps them until it finishes, so running requests never run out of pages and no
 preemption is needed; a request waits while too few pages are free.
@@ -24,7 +37,7 @@ import math
 import time
 import uuid
 from collections import deque
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +49,8 @@ from lcjax.serve import runner
 from lcjax.serve.kv_cache import PageAllocator
 from lcjax.serve.outputs import EngineStats, RequestOutput, TokenLogprob
 from lcjax.serve.sampling import SamplingParams, sampling_tensors
+
+LogitsProcessor = Callable[[list[int]], Optional[np.ndarray]]  # generated ids -> [V] bias or None
 
 LOGPROB_BUCKETS = (0, 1, 5, 20)  # static top-n sizes the step functions compile for
 
@@ -86,6 +101,8 @@ class _Request:
     first_token_time: Optional[float] = None
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    logits_processor: Optional[LogitsProcessor] = None
+    bias: Optional[np.ndarray] = None  # [V] float32 from the processor for the next token
 
     @property
     def length(self) -> int:
@@ -138,6 +155,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._rng = np.random.default_rng(ec.seed)
         self._compiled: set = set()
+        self._zero_bias: dict[int, jax.Array] = {}
         self._counters = dict(generated=0, prompt=0, draft=0, accepted=0)
         self._row_buckets = _buckets(ec.max_num_seqs)
         self._prefill_rows = _buckets(min(ec.max_prefill_seqs, ec.max_num_seqs))
@@ -155,8 +173,13 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- API
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    request_id: Optional[str] = None, arrival_time: Optional[float] = None) -> str:
-        """Queue a request; ValueError names the bad value (nothing is queued then)."""
+                    request_id: Optional[str] = None, arrival_time: Optional[float] = None,
+                    logits_processor: Optional[LogitsProcessor] = None) -> str:
+        """Queue a request; ValueError names the bad value (nothing is queued then).
+
+        logits_processor: see the module docstring (default: `params.logits_processor` if the
+        params carry one).
+        """
         ec, cfg = self.engine_config, self.model_cfg
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
@@ -172,9 +195,14 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if logits_processor is None:
+            logits_processor = getattr(params, "logits_processor", None)
+        if logits_processor is not None and not callable(logits_processor):
+            raise ValueError(f"logits_processor must be callable; got {logits_processor!r}")
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         req = _Request(id=request_id, prompt=prompt, params=params, seed=seed & 0xFFFFFFFF,
-                       arrival=arrival_time if arrival_time is not None else time.monotonic())
+                       arrival=arrival_time if arrival_time is not None else time.monotonic(),
+                       logits_processor=logits_processor)
         self._requests[request_id] = req
         self._waiting.append(req)
         return request_id
@@ -226,6 +254,13 @@ class Engine:
         outputs: dict[str, RequestOutput] = {}
         prefilling = [r for r in self._running if not r.decoding][: self.engine_config.max_prefill_seqs]
         decoding = [r for r in self._running if r.decoding and r.output]
+        ec = self.engine_config
+        samples_now = decoding + [r for r in prefilling
+                                  if r.prefilled + ec.prefill_chunk >= len(r.prompt)]
+        for out in self._run_processors(samples_now):
+            outputs[out.request_id] = out
+        prefilling = [r for r in prefilling if r.id in self._requests]
+        decoding = [r for r in decoding if r.id in self._requests]
         if prefilling:
             for out in self._run_prefill(prefilling):
                 outputs[out.request_id] = out
@@ -233,6 +268,41 @@ class Engine:
             for out in self._run_decode(decoding):
                 outputs[out.request_id] = out
         return list(outputs.values())
+
+    def _run_processors(self, reqs: Sequence[_Request]) -> list[RequestOutput]:
+        """Set each request's next-token bias from its logits processor; a processor that fails
+        finishes its own request (finish_reason "error"). Returns those requests' outputs."""
+        failed = []
+        v = self.model_cfg.vocab_size
+        for r in reqs:
+            r.bias = None
+            if r.logits_processor is None:
+                continue
+            try:
+                bias = r.logits_processor(list(r.output))
+                if bias is not None:
+                    bias = np.asarray(bias, np.float32)
+                    if bias.shape != (v,):
+                        raise ValueError(f"returned shape {bias.shape}; expected ({v},)")
+                    if np.isnan(bias).any():
+                        raise ValueError("returned NaN")
+                    if np.isneginf(bias).all():
+                        raise ValueError("banned every token (all -inf)")
+                r.bias = bias
+            except Exception as err:  # noqa: BLE001 - a bad processor fails its request only
+                failed.append(self._finish_with_error(r, f"logits_processor failed: {err}"))
+        return failed
+
+    def _finish_with_error(self, req: _Request, message: str) -> RequestOutput:
+        self._requests.pop(req.id, None)
+        self._running.remove(req)
+        self._release(req)
+        return RequestOutput(
+            request_id=req.id, prompt_token_ids=req.prompt, token_ids=list(req.output),
+            new_token_ids=[], text=req.text, delta_text="", finished=True, finish_reason="error",
+            first_token_time=req.first_token_time, arrival_time=req.arrival,
+            num_draft_tokens=req.draft_tokens, num_accepted_tokens=req.accepted_tokens,
+            error=message)
 
     def _pages_needed(self, req: _Request) -> int:
         ec = self.engine_config
@@ -279,7 +349,22 @@ class Engine:
             reset=jnp.asarray(pad(reset, False, bool)),
             seeds=jnp.asarray(pad([r.seed for r in reqs], 0, np.uint32)),
             gen_steps=jnp.asarray(pad([len(r.output) for r in reqs], 0, np.int32)),
-            sampling=sampling_tensors([r.params for r in reqs], rows))
+            sampling=sampling_tensors([r.params for r in reqs], rows),
+            bias=self._bias(reqs, rows),
+            num_draft=jnp.asarray(pad([0 if r.logits_processor else self.engine_config.num_speculative_tokens
+                                       for r in reqs], 0, np.int32)))
+
+    def _bias(self, reqs: Sequence[_Request], rows: int) -> jax.Array:
+        """[rows, V] float32 logit bias (a cached device zeros array when no row has one)."""
+        if all(r.bias is None for r in reqs):
+            if rows not in self._zero_bias:
+                self._zero_bias[rows] = jnp.zeros((rows, self.model_cfg.vocab_size), jnp.float32)
+            return self._zero_bias[rows]
+        bias = np.zeros((rows, self.model_cfg.vocab_size), np.float32)
+        for b, r in enumerate(reqs):
+            if r.bias is not None:
+                bias[b] = r.bias
+        return jnp.asarray(bias)
 
     def _num_top(self, reqs: Sequence[_Request]) -> int:
         wanted = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
@@ -340,7 +425,7 @@ class Engine:
         outs = []
         for b, r in enumerate(reqs):
             count = int(accepted[b]) + 1
-            if k:
+            if k and r.logits_processor is None:
                 r.draft_tokens += k
                 r.accepted_tokens += count - 1
                 self._counters["draft"] += k

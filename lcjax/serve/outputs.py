@@ -31,13 +31,14 @@ class RequestOutput:
     text: str
     delta_text: str
     finished: bool = False
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" once finished
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" once finished
     logprobs: Optional[list[TokenLogprob]] = None  # for new_token_ids, if requested
     stop_reason: Optional[object] = None  # the stop string or token id that ended the request
     first_token_time: Optional[float] = None  # time.monotonic() of the first generated token
     arrival_time: float = 0.0  # time.monotonic() when the request was added
     num_draft_tokens: int = 0  # speculative decoding: draft tokens proposed for this request
     num_accepted_tokens: int = 0  # ... and accepted
+    error: Optional[str] = None  # why a request finished with finish_reason "error"
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -71,6 +71,8 @@ class StepInputs:
     seeds: Any  # [B] uint32: per-request sampling seed
     gen_steps: Any  # [B] int32: tokens the request has generated so far (key index)
     sampling: Any  # sampling.SamplingTensors, rows [B]
+    bias: Any  # [B, V] float32: additive logit bias of each row's next token (0 = none)
+    num_draft: Any  # [B] int32: drafts a speculative round may accept per row (0 = plain decode)
 
 
 def _rows(table: Array, slots: Int[Array, "B"]) -> Array:
@@ -124,13 +126,20 @@ def _mtp(cfg: ModelConfig, variables: Any, mtp_pages: Array, hidden: Float[Array
 
 def _sample(logits: Float[Array, "B S V"], state: EngineState, inp: StepInputs,
             prev_tokens: Int[Array, "B S"], seeds, key_offset: int = 0):
-    """Sampling log-probs of S consecutive positions of each row (penalised), and their keys."""
+    """Sampling log-probs of S consecutive positions of each row (penalised, then biased), and
+    their keys. The bias goes after the penalties so a -inf (banned) entry stays -inf."""
     counts = _rows(state.counts, inp.slots)
     prompt = _rows(state.prompt_mask, inp.slots)
     penalised = sampling.apply_penalties(logits, counts, prompt, prev_tokens, inp.sampling)
+    penalised = _biased(penalised, inp)
     logprobs = sampling.sampling_logprobs(penalised, inp.sampling)
     keys = sampling.request_keys(seeds, inp.gen_steps + key_offset, logits.shape[1])
     return logprobs, keys
+
+
+def _biased(logits: Float[Array, "B S V"], inp: StepInputs) -> Float[Array, "B S V"]:
+    """logits + the rows' logits-processor bias, in float32 (a zero bias is an exact no-op)."""
+    return logits.astype(jnp.float32) + inp.bias[:, None, :].astype(jnp.float32)
 
 
 def _count(state: EngineState, slots, tokens: Int[Array, "B S"], mask) -> Any:
@@ -200,7 +209,7 @@ def prefill_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: Step
             pending_count=_put_rows(state.pending_count, pend_slots, jnp.ones((b,), jnp.int32)),
             pending_start=_put_rows(state.pending_start, pend_slots, inp.starts + last))
     state = state.replace(cache=cache)
-    return state, first, _scores(logits, first[:, None], num_top)
+    return state, first, _scores(_biased(logits, inp), first[:, None], num_top)
 
 
 def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
@@ -216,7 +225,7 @@ def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepI
     tokens = sampling.sample(logprobs, keys)[:, 0]
     state = state.replace(cache=cache, counts=_count(state, inp.slots, tokens[:, None],
                                                      jnp.ones((b, 1), bool)))
-    return state, tokens, _scores(logits, tokens[:, None], num_top)
+    return state, tokens, _scores(_biased(logits, inp), tokens[:, None], num_top)
 
 
 def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
@@ -269,8 +278,10 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
     prev = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     target, _ = _sample(logits, state, inp, prev, inp.seeds)
     accept_keys = sampling.request_keys(inp.seeds, inp.gen_steps, 1)[:, 0]
+    # Rows with num_draft 0 (a logits processor must see every token) take one token from the
+    # verify pass's first position, as a plain decode step would.
     accepted, tokens = sampling.speculative_accept(target, draft_logprobs, drafts,
-                                                   jnp.full((b,), k, jnp.int32), accept_keys)
+                                                   jnp.minimum(inp.num_draft, k), accept_keys)
     emitted = jnp.arange(k1)[None, :] <= accepted[:, None]
     # Only x_n and the accepted drafts were consumed: the n-gram history must not see the rest.
     cache = _update_history(cfg, cache, verify, history, accepted + 1)
@@ -281,4 +292,4 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
         pending_tokens=_put_rows(state.pending_tokens, slots, tokens),
         pending_count=_put_rows(state.pending_count, slots, accepted + 1),
         pending_start=_put_rows(state.pending_start, slots, inp.starts))
-    return state, tokens, accepted, _scores(logits, tokens, num_top)
+    return state, tokens, accepted, _scores(_biased(logits, inp), tokens, num_top)

@@ -213,3 +213,65 @@ def test_abort_and_bad_requests(model):
         engine.add_request([5], SamplingParams(temperature=-1.0))
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         Engine(cfg, variables, None, EngineConfig(num_speculative_tokens=9))
+
+
+def _forcing(target, vocab_size):
+    """A logits processor that bans every token but target[len(generated)]."""
+    calls = []
+
+    def processor(generated):
+        calls.append(list(generated))
+        bias = np.full((vocab_size,), -np.inf, np.float32)
+        bias[target[len(generated)]] = 0.0
+        return bias
+
+    return processor, calls
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_logits_processor_forces_tokens(model, workload, k):
+    cfg, variables = model
+    prompts, want = workload
+    engine = Engine(cfg, variables, None, EngineConfig(  # as above: shares compiled shapes
+        max_num_seqs=4, max_model_len=96, page_size=8, prefill_chunk=16, max_prefill_seqs=2,
+        num_speculative_tokens=k))
+    target = [7, 7, 100, 3, 250, 9, 42, 42, 5, 6]
+    assert target != want[0]
+    runs = []
+    for params in (GREEDY, SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1,
+                                          ignore_eos=True, logprobs=1)):
+        processor, calls = _forcing(target, cfg.vocab_size)
+        forced = engine.add_request(prompts[0], params, logits_processor=processor)
+        free = engine.add_request(prompts[0], GREEDY)  # same prompt, no processor, same batch
+        outs = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.request_id, []).append(out)
+        assert outs[forced][-1].token_ids == target
+        # Called once per token with that sequence's tokens so far (no speculation past it).
+        assert calls == [target[:i] for i in range(len(target))]
+        assert outs[free][-1].token_ids == want[0]
+        runs.append(outs[forced])
+    # Logprobs are those of the biased distribution: the only allowed token has probability 1.
+    lps = [lp for out in runs[1] for lp in out.logprobs]
+    assert [lp.token_id for lp in lps] == target
+    assert all(lp.logprob == 0.0 and lp.top[0] == (lp.token_id, 0.0) for lp in lps)
+    stats = engine.stats()
+    assert stats.free_pages == stats.total_pages
+
+    if k:
+        return
+    # A processor that fails (here: a wrong shape on its third token) finishes only its request.
+    def bad(generated):
+        return np.zeros((3,), np.float32) if len(generated) == 2 else None
+
+    bad_id = engine.add_request(prompts[0], GREEDY, logits_processor=bad)
+    good_id = engine.add_request(prompts[0], GREEDY)
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[bad_id].finish_reason == "error" and "shape (3,)" in finals[bad_id].error
+    assert finals[bad_id].token_ids == want[0][:2]  # bias None: unconstrained greedy tokens
+    assert finals[good_id].token_ids == want[0]
