@@ -10,9 +10,16 @@ client that disconnects (streaming or not) has its requests aborted, freeing the
 
 Streaming follows OpenAI's chunk format: chat streams open with a `{"role": "assistant"}` delta
 per choice; one chunk per engine output (several tokens under speculative decoding); each
-choice's last chunk carries its finish_reason; with `stream_options.include_usage` a final
-chunk with empty `choices` carries `usage` (otherwise the last finish chunk carries it); then
+choice's last chunk carries its finish_reason; only with `stream_options.include_usage` does a
+final chunk with empty `choices` carry `usage` (`continuous_usage_stats`: every chunk); then
 `data: [DONE]`. The bodies and chunks themselves are built in lcjax/serve/responses.py.
+
+Chat extras: `tools` / `tool_choice` (LongCat tool-call blocks, lcjax/serve/tool_parser.py),
+`<longcat_think>` reasoning in `reasoning_content` (`reasoning_parser=False` turns it off),
+`response_format` json_object / json_schema. `logit_bias`, `allowed_token_ids`, the vLLM
+`guided_*` fields, json output and `tool_choice` "required" or a named function are enforced
+by logits processors (lcjax/serve/structured.py) that the engine adds to the logits before
+each sampled token, so a forced tool call always parses against the tool's parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -35,8 +43,11 @@ from lcjax.serve.chat_template import ChatTemplate, resolve_chat_template
 from lcjax.serve.metrics import CONTENT_TYPE
 from lcjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, error_body)
-from lcjax.serve.responses import ChatFormat, CompletionFormat, ResponseFormat, sse
+from lcjax.serve.reasoning import prompt_opens_reasoning
+from lcjax.serve.responses import ChatFormat, ChatParsing, CompletionFormat, ResponseFormat, sse
 from lcjax.serve.sampling import SamplingParams
+from lcjax.serve.structured import (GrammarCompiler, GrammarError, GuidedDecoder, LogitBias, choice_regex,
+                                    combine, json_schema_regex, parse_logit_bias, tool_call_regex)
 
 log = logging.getLogger("lcjax.serve")
 
@@ -45,7 +56,8 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_app(async_engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: Optional[str] = None,
-              chat_template: Optional[ChatTemplate] = None, max_model_len: Optional[int] = None) -> FastAPI:
+              chat_template: Optional[ChatTemplate] = None, max_model_len: Optional[int] = None,
+              reasoning_parser: bool = True) -> FastAPI:
     """A FastAPI app serving `async_engine` under the name `model_name`.
 
     Args:
@@ -53,10 +65,12 @@ def build_app(async_engine: AsyncEngine, tokenizer: Any, model_name: str, api_ke
       api_key: when set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer <key>`.
       chat_template: None = the tokenizer's template, else the built-in default.
       max_model_len: prompt + completion limit (default: the engine's).
+      reasoning_parser: split `<longcat_think>` blocks of chat output into `reasoning_content`
+        (False: they stay in `content`, verbatim).
     """
     serving = _Serving(async_engine, tokenizer, model_name,
                        chat_template or resolve_chat_template(None, tokenizer),
-                       max_model_len or async_engine.engine.engine_config.max_model_len)
+                       max_model_len or async_engine.engine.engine_config.max_model_len, reasoning_parser)
     app = FastAPI(title="lcjax.serve", version=_version())
     app.state.serving = serving
     _install_error_handlers(app)
@@ -79,6 +93,7 @@ def build_app(async_engine: AsyncEngine, tokenizer: Any, model_name: str, api_ke
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
            code: Optional[str] = None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate can't be sent
     return JSONResponse(error_body(message, type, param, code), status_code=status)
 
 
@@ -143,11 +158,13 @@ def _install_auth(app: FastAPI, api_key: str) -> None:
 
 class _Serving:
     def __init__(self, engine: AsyncEngine, tokenizer: Any, model_name: str, template: ChatTemplate,
-                 max_model_len: int):
+                 max_model_len: int, reasoning_parser: bool = True):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.template, self.max_model_len = template, max_model_len
+        self.reasoning_parser = reasoning_parser
         model_config = engine.engine.config.model
         self.vocab_size, self.bos_id = model_config.vocab_size, model_config.bos_token_id
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, tokenizer.eos_id)
         self.created = int(time.time())
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: tokenizer.decode([t]))
 
@@ -166,6 +183,7 @@ class _Serving:
 
     async def tokenize(self, body: TokenizeRequest):
         self._check_model(body.model)
+        _check_text(body.model_dump(exclude_none=True))
         if (body.prompt is None) == (body.messages is None):
             raise APIError("Give exactly one of 'prompt' or 'messages'.", param="prompt")
         if body.prompt is not None:
@@ -181,10 +199,12 @@ class _Serving:
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_request(body)
-        prompts = self._completion_prompts(body.prompt)
+        prompts = [self._adjust_prompt(body, p) for p in self._completion_prompts(body.prompt)]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
-        base, stream = await self._start(body, prompts, max_tokens, body.logprobs, "cmpl")
-        fmt = CompletionFormat(self.model_name, self.token_text, body, base, prompts)
+        processors = await self._processors(body, self._guide_regex(body))
+        base, stream = await self._start(body, prompts, max_tokens, body.logprobs, "cmpl", processors)
+        echo = [self.tokenizer.decode(p) for p in prompts] if body.echo else None
+        fmt = CompletionFormat(self.model_name, self.token_text, body, base, prompts, echo_texts=echo)
         if body.stream:
             return self._sse(stream, fmt)
         return await _unless_disconnected(request, self._collect(stream, fmt), stream)
@@ -193,68 +213,215 @@ class _Serving:
         self._check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-        text = self._render(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
-        prompts = [self._encode_prompt(text)]
+        tool_names = self._check_tools(body)
+        text = self._render(body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.tools)
+        prompts = [self._adjust_prompt(body, self._encode_prompt(text))]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        parsing = ChatParsing(self.reasoning_parser, self.reasoning_parser and prompt_opens_reasoning(text),
+                              tool_names)
         if body.heavy_thinking is not None:
-            return await self._heavy_thinking(body, prompts[0], logprobs, request)
-        base, stream = await self._start(body, prompts, body.completion_limit, logprobs, "chatcmpl")
-        fmt = ChatFormat(self.model_name, self.token_text, body, base, prompts)
+            return await self._heavy_thinking(body, prompts[0], logprobs, request, parsing)
+        processors = await self._processors(body, self._guide_regex(body))
+        base, stream = await self._start(body, prompts, body.completion_limit, logprobs, "chatcmpl", processors)
+        fmt = ChatFormat(self.model_name, self.token_text, body, base, prompts, parsing=parsing)
         if body.stream:
             return self._sse(stream, fmt)
         return await _unless_disconnected(request, self._collect(stream, fmt), stream)
 
+    # -------------------------------------------------------- tools and constrained output
+
+    def _check_tools(self, body: ChatCompletionRequest) -> Optional[tuple[str, ...]]:
+        """Validate tools / tool_choice; the function names to parse calls of (None: don't)."""
+        names = []
+        for i, tool in enumerate(body.tools or ()):
+            function = tool.get("function")
+            if tool.get("type", "function") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str) or not function["name"]:
+                raise APIError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": "
+                               f"...}}}}; got {json.dumps(tool)[:200]}", param=f"tools[{i}]")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise APIError(f"tools[{i}].function.parameters must be a JSON schema object",
+                               param=f"tools[{i}].function.parameters")
+            names.append(function["name"])
+        choice = body.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise APIError(f"tool_choice must be 'none', 'auto', 'required' or {{\"type\": \"function\", "
+                               f"\"function\": {{\"name\": ...}}}}; got {json.dumps(choice)[:200]}",
+                               param="tool_choice")
+            if name not in names:
+                raise APIError(f"tool_choice names function {name!r}, which is not in 'tools' "
+                               f"({names or 'none given'}).", param="tool_choice")
+        elif choice not in (None, "none", "auto", "required"):
+            raise APIError(f"tool_choice must be 'none', 'auto', 'required' or a named function; got "
+                           f"{choice!r}", param="tool_choice")
+        elif choice == "required" and not names:
+            raise APIError("tool_choice 'required' needs 'tools'.", param="tool_choice")
+        return tuple(names) if names and choice != "none" else None
+
+    def _guide_regex(self, body) -> Optional[tuple[str, str]]:
+        """(regex the output must match, the request field it comes from), or None."""
+        try:
+            if body.guided_json is not None:
+                schema = json.loads(body.guided_json) if isinstance(body.guided_json, str) else body.guided_json
+                return json_schema_regex(schema), "guided_json"
+            if body.guided_regex is not None:
+                return body.guided_regex, "guided_regex"
+            if body.guided_choice is not None:
+                return choice_regex(body.guided_choice), "guided_choice"
+            if not isinstance(body, ChatCompletionRequest):
+                return None
+            if body.json_response:
+                fmt = body.response_format
+                if fmt["type"] == "json_object":
+                    return json_schema_regex(None), "response_format"
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                    raise GrammarError("response_format json_schema needs {\"json_schema\": {\"name\": ..., "
+                                       "\"schema\": {...}}}")
+                return json_schema_regex(spec.get("schema", {})), "response_format"
+            if body.forced_tools:
+                name = body.tool_choice["function"]["name"] if isinstance(body.tool_choice, dict) else None
+                parallel = name is None and body.parallel_tool_calls is not False
+                return tool_call_regex(body.tools, name, parallel), "tool_choice"
+        except (GrammarError, ValueError) as err:
+            field = "response_format" if isinstance(body, ChatCompletionRequest) and body.json_response else (
+                "tool_choice" if isinstance(body, ChatCompletionRequest) and body.forced_tools else "guided_json")
+            raise APIError(f"{field}: {err}", param=field) from None
+        return None
+
+    async def _processors(self, body, guide: Optional[tuple[str, str]]) -> Optional[Callable[[], Any]]:
+        """A factory of one logits processor per sequence (None: no processor)."""
+        bias = None
+        if body.logit_bias or body.allowed_token_ids is not None:
+            try:
+                values = parse_logit_bias(body.logit_bias or {}, self.vocab_size)
+            except ValueError as err:
+                raise APIError(str(err), param="logit_bias") from None
+            if body.allowed_token_ids is not None:
+                if not body.allowed_token_ids:
+                    raise APIError("'allowed_token_ids' is empty.", param="allowed_token_ids")
+                self._check_ids(body.allowed_token_ids, "allowed_token_ids")
+            bias = LogitBias(self.vocab_size, values, body.allowed_token_ids)
+        index = None
+        if guide is not None:
+            regex, field = guide
+            try:  # building an index can take a while for a large vocabulary: off the event loop
+                index = await asyncio.to_thread(self.grammars.index, regex)
+            except GrammarError as err:
+                raise APIError(f"{field}: {err}", param=field) from None
+        if bias is None and index is None:
+            return None
+        return lambda: combine([bias, GuidedDecoder(index, self.vocab_size) if index is not None else None])
+
+    def _adjust_prompt(self, body, ids: list[int]) -> list[int]:
+        """vLLM's add_special_tokens (start with bos) and truncate_prompt_tokens (keep the last k)."""
+        if body.add_special_tokens and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if body.truncate_prompt_tokens is not None:
+            ids = ids[-body.truncate_prompt_tokens:]
+        return ids
+
     # -------------------------------------------------------- Heavy Thinking
-    # `heavy_thinking: {"num_traces", "temperature", "return_traces"}` on /v1/chat/completions:
-    # N traces of the conversation, then one summary request (lcjax/serve/heavy_thinking.py).
-    # The summary is the answer; trace tokens count as usage.completion_tokens_details
-    # .reasoning_tokens. Non-streaming, n=1, no logprobs (400 otherwise).
+    # `heavy_thinking: {num_traces, temperature, top_p, trace_max_tokens, summary_max_tokens,
+    # summary_temperature, return_traces, answer_only}` on /v1/chat/completions: N traces of the
+    # conversation, then one summary request (lcjax/serve/heavy_thinking.py, which also says how
+    # the summary prompt is budgeted to fit max_model_len). The summary is the answer, parsed like
+    # any chat output (reasoning, tools, response_format and logit_bias apply to it); trace tokens
+    # count as usage.completion_tokens_details.reasoning_tokens. With stream=true the role chunk
+    # goes out at once, the traces are not streamed (N independent samples would interleave into
+    # one unreadable reasoning_content), then the summary streams. n=1 and no logprobs (400
+    # otherwise); return_traces only without streaming.
     async def _heavy_thinking(self, body: ChatCompletionRequest, prompt_ids: list[int],
-                              logprobs: Optional[int], request: Request):
+                              logprobs: Optional[int], request: Request, parsing: ChatParsing):
         try:
             from lcjax.serve import heavy_thinking
         except ImportError:
             raise APIError("heavy_thinking is not available in this build "
                            "(lcjax.serve.heavy_thinking is missing).", param="heavy_thinking",
                            code="unsupported") from None
-        for field, bad in (("stream", body.stream), ("n", body.n != 1), ("logprobs", logprobs is not None)):
+        options = body.heavy_thinking.model_dump(exclude_none=True)
+        for field, bad in (("n", body.n != 1), ("logprobs", logprobs is not None),
+                           ("stream", body.stream and options.get("return_traces"))):
             if bad:
-                raise APIError(f"heavy_thinking does not support '{field}' yet.", param=field, code="unsupported")
-        config = heavy_thinking.HeavyThinkingConfig(**body.heavy_thinking.model_dump(exclude_none=True))
+                raise APIError(f"heavy_thinking does not support '{field}'"
+                               f"{' with return_traces' if field == 'stream' else ''}.", param=field,
+                               code="unsupported")
         params = self._sampling_params(body, len(prompt_ids), body.completion_limit, None, body.seed)
         users = [m for m in body.messages if m.role == "user"]
         problem = users[-1].text() if users else body.messages[-1].text()
         kwargs = body.chat_template_kwargs
 
-        def render(text: str) -> list[int]:
+        def encode(text: str) -> list[int]:
             message = type(body.messages[0])(role="user", content=text)
             return self._encode_prompt(self._render([message], True, kwargs))
 
-        work = heavy_thinking.heavy_think_async(self.engine.generate, prompt_ids, problem, params, config,
-                                                tokenizer=self.tokenizer, render_summary_prompt=render)
         try:
-            result = await _unless_disconnected(request, work)
+            config = heavy_thinking.HeavyThinkingConfig(**options)
+            params, config = heavy_thinking.budget(params, config, len(prompt_ids), self.max_model_len,
+                                                   max_tokens_given=body.completion_limit is not None)
+            heavy_thinking.check_fits(problem, config, encode, self.max_model_len)
+        except ValueError as err:
+            field = next((f for f in sorted(options, key=len, reverse=True) if f in str(err)), None)
+            raise APIError(str(err), param=f"heavy_thinking.{field}" if field else "heavy_thinking",
+                           code="context_length_exceeded" if "max_model_len" in str(err) else None) from None
+        processors = await self._processors(body, self._guide_regex(body))
+        base = f"chatcmpl-{uuid.uuid4().hex}"
+        fmt = ChatFormat(self.model_name, self.token_text, body, base, [[]], parsing=parsing)
+        state: dict[str, Any] = {}
+
+        async def start_summary() -> RequestStream:
+            traces, permutation, summary_params = await heavy_thinking.run_traces_async(
+                self.engine.generate, prompt_ids, params, config)
+            text, ids = heavy_thinking.fit_summary_prompt(
+                problem, [t.text for t in traces], config, permutation, encode, self.tokenizer,
+                self.max_model_len - summary_params.max_tokens)
+            processor = processors() if processors is not None else None
+            stream = await self.engine.add_requests([(ids, summary_params, f"{base}-0", processor)])
+            state.update(stream=stream, traces=traces, summary_prompt=text)
+            trace_tokens = sum(t.num_generated_tokens for t in traces)
+            fmt.prompts = [ids]
+            fmt.extra_prompt_tokens = len(prompt_ids)
+            fmt.extra_completion_tokens = fmt.reasoning_tokens = trace_tokens
+            return stream
+
+        def close() -> None:
+            if "stream" in state:
+                state["stream"].close()
+
+        if body.stream:
+            async def events() -> AsyncIterator[str]:
+                try:
+                    for chunk in fmt.opening_chunks():
+                        yield sse(chunk)
+                    async for output in await start_summary():
+                        yield sse(fmt.chunk(output))
+                    for chunk in fmt.closing_chunks():
+                        yield sse(chunk)
+                except (EngineError, heavy_thinking.HeavyThinkingAborted) as err:
+                    yield sse(error_body(str(err), "internal_error"))
+                yield "data: [DONE]\n\n"
+
+            return _ClosingStreamingResponse(events(), on_close=close, media_type="text/event-stream",
+                                             headers=_SSE_HEADERS)
+
+        async def work() -> dict:
+            try:
+                response = await self._collect(await start_summary(), fmt)
+            finally:
+                close()
+            if config.return_traces:
+                response["heavy_thinking"] = {
+                    "traces": [{"text": t.text, "finish_reason": t.finish_reason,
+                                "completion_tokens": t.num_generated_tokens} for t in state["traces"]],
+                    "summary_prompt": state["summary_prompt"]}
+            return response
+
+        try:
+            return await _unless_disconnected(request, work())
         except heavy_thinking.HeavyThinkingAborted as err:
             raise EngineShutdown(str(err)) from None
-        if not isinstance(result, heavy_thinking.HeavyThinkingResult):
-            return result  # the client went away, or an engine error response
-        summary = result.summary
-        prompt = len(prompt_ids) + summary.num_prompt_tokens
-        completion = result.trace_tokens + summary.num_generated_tokens
-        response = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": summary.text},
-                         "logprobs": None, "finish_reason": summary.finish_reason}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                      "completion_tokens_details": {"reasoning_tokens": result.trace_tokens}}}
-        if config.return_traces:
-            response["heavy_thinking"] = {
-                "traces": [{"text": t.text, "finish_reason": t.finish_reason,
-                            "completion_tokens": t.num_generated_tokens} for t in result.traces],
-                "summary_prompt": result.summary_prompt}
-        return response
-
 
     # -------------------------------------------------------- request plumbing
 
@@ -265,9 +432,11 @@ class _Serving:
 
     def _check_request(self, body) -> None:
         self._check_model(body.model)
-        field = body.unsupported()
-        if field is not None:
-            raise APIError(f"'{field}' is not supported by this server.", param=field, code="unsupported")
+        _check_text(body.model_dump(exclude_none=True))
+        unsupported = body.unsupported()
+        if unsupported is not None:
+            field, why = unsupported
+            raise APIError(f"'{field}' is not supported by this server: {why}.", param=field, code="unsupported")
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -295,9 +464,10 @@ class _Serving:
             self._check_ids(ids, "prompt")
         return prompts
 
-    def _render(self, messages, add_generation_prompt: bool, kwargs: Optional[dict]) -> str:
+    def _render(self, messages, add_generation_prompt: bool, kwargs: Optional[dict],
+                tools: Optional[list] = None) -> str:
         dicts = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
-        return self.template.render(dicts, add_generation_prompt, kwargs)
+        return self.template.render(dicts, add_generation_prompt, kwargs, tools)
 
     def _sampling_params(self, body, prompt_len: int, max_tokens: Optional[int],
                          logprobs: Optional[int], seed: Optional[int]) -> SamplingParams:
@@ -328,9 +498,11 @@ class _Serving:
         return params
 
     async def _start(self, body, prompts: list[list[int]], max_tokens: Optional[int],
-                     logprobs: Optional[int], prefix: str) -> tuple[str, RequestStream]:
+                     logprobs: Optional[int], prefix: str,
+                     processors: Optional[Callable[[], Any]] = None) -> tuple[str, RequestStream]:
         """Fan out len(prompts) * n engine requests (seed + i for choice i) on one stream.
 
+        processors: makes each request's logits processor (they keep per-sequence state).
         Returns the response id and the stream; engine request ids are `<id>-<choice index>`."""
         base = f"{prefix}-{uuid.uuid4().hex}"
         requests = []
@@ -338,7 +510,8 @@ class _Serving:
             for i in range(body.n):
                 seed = None if body.seed is None else body.seed + i
                 params = self._sampling_params(body, len(ids), max_tokens, logprobs, seed)
-                requests.append((ids, params, f"{base}-{p * body.n + i}"))
+                processor = processors() if processors is not None else None
+                requests.append((ids, params, f"{base}-{p * body.n + i}", processor))
         return base, await self.engine.add_requests(requests)
 
     async def _collect(self, stream: RequestStream, fmt: ResponseFormat) -> dict:
@@ -404,6 +577,23 @@ async def _unless_disconnected(request: Request, work, stream: Optional[RequestS
         return task.result()
     except EngineError as err:
         return _error(500, str(err), "internal_error")
+
+
+def _check_text(value: Any, path: str = "") -> None:
+    """400 naming the field of the first string holding a lone surrogate (JSON `\\ud800`
+    escapes decode to one; it cannot be encoded as UTF-8, so it would fail deep inside)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise APIError(f"'{path}' holds a lone surrogate {value[err.start]!r} at character "
+                           f"{err.start}; send valid Unicode text.", param=path or None) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_text(item, f"{path}[{i}]")
 
 
 def _named_field(message: str, fields: dict) -> Optional[str]:

@@ -11,9 +11,16 @@ Where the template comes from, first match wins:
       Hi
       <|assistant|>         <- with add_generation_prompt, the model continues from here
 
-Templates see the Hugging Face variables: `messages` (dicts with role, content, ...),
-`add_generation_prompt`, `bos_token`, `eos_token`, plus `raise_exception(msg)`,
-`strftime_now(fmt)` and any request `chat_template_kwargs`.
+   With `tools`, a first `<|system|>` block lists them after a `Tools:` line, one JSON function
+   object per line (a model trained on this layout learns the call format from the assistant
+   turns); an assistant message's `tool_calls` follow its content as LongCat
+   `<longcat_tool_call>{"name": ..., "arguments": {...}}</longcat_tool_call>` blocks (the format
+   lcjax/serve/tool_parser.py reads back); a tool result is a `<|tool|>` block.
+
+Templates see the Hugging Face variables: `messages` (dicts with role, content, ...; a tool
+call's `function.arguments` is a dict, parsed from the OpenAI JSON string as vLLM does),
+`tools` (the request's tool list or None), `add_generation_prompt`, `bos_token`, `eos_token`,
+plus `raise_exception(msg)`, `strftime_now(fmt)` and any request `chat_template_kwargs`.
 """
 
 from __future__ import annotations
@@ -28,8 +35,14 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_TEMPLATE = (
+    "{% if tools %}<|system|>\nTools:\n"
+    "{% for tool in tools %}{{ (tool['function'] if tool['function'] is defined else tool) | tojson }}"
+    "{{ '\\n' }}{% endfor %}{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "<longcat_tool_call>{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "</longcat_tool_call>{% endfor %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -75,16 +88,20 @@ class ChatTemplate:
             return cls(f.read(), **tokens)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               extra: Optional[Mapping[str, Any]] = None) -> str:
-        """Prompt text; `extra` holds more template variables (a request's chat_template_kwargs).
+               extra: Optional[Mapping[str, Any]] = None,
+               tools: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
+        """Prompt text; `extra` holds more template variables (a request's chat_template_kwargs),
+        `tools` the request's tool definitions (OpenAI shape).
 
         Raises ChatTemplateError when the template rejects the messages.
         """
         variables = dict(extra or {})
-        reserved = sorted(set(variables) & {"messages", "add_generation_prompt", "bos_token", "eos_token"})
+        reserved = sorted(set(variables) & {"messages", "add_generation_prompt", "bos_token", "eos_token",
+                                            "tools"})
         if reserved:
             raise ChatTemplateError(f"chat_template_kwargs may not set {reserved}")
-        variables.update(messages=list(messages), add_generation_prompt=add_generation_prompt,
+        variables.update(messages=[_with_parsed_arguments(m) for m in messages],
+                         add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None,
                          bos_token=self.bos_token, eos_token=self.eos_token)
         try:
             return self.template.render(**variables)
@@ -92,6 +109,24 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as err:  # includes SecurityError from the sandbox
             raise ChatTemplateError(f"chat template failed: {err}") from err
+
+
+def _with_parsed_arguments(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The message with each tool call's JSON-string `arguments` parsed to a dict (templates
+    write arguments with `tojson`; a string that is not JSON is left as it is)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    parsed = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except ValueError:
+                pass
+        parsed.append({**call, "function": function})
+    return {**message, "tool_calls": parsed}
 
 
 def resolve_chat_template(path: Optional[str], tokenizer: Any) -> ChatTemplate:

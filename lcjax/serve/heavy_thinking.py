@@ -8,9 +8,19 @@ Two stages over one engine:
      and format; its output is what the caller gets back.
 
 `heavy_think` drives a synchronous `Engine` itself (like `Engine.generate`, it must own the
-engine while it runs); `heavy_think_async` takes `AsyncEngine.generate` and is what the HTTP
-layer calls. Both derive every random choice (trace seeds, the order traces are shown in) from
+engine while it runs); `heavy_think_async` takes `AsyncEngine.generate`. The HTTP layer runs
+`run_traces_async` then `fit_summary_prompt` and sends the summary as an ordinary (streamable)
+request. All derive every random choice (trace seeds, the order traces are shown in) from
 `params.seed`, so a seeded request gives the same summary every time.
+
+Context budget (`budget`): with max_model_len L and a prompt of P tokens, each trace may use
+up to L - P tokens; the summary keeps S = summary_max_tokens (else the request's max_tokens;
+else (L - P) // 2) tokens for its answer, and its prompt must fit in L - S tokens.
+`fit_summary_prompt` guarantees that: when the traces' answers do not fit, each answer is cut
+to its last tokens (the conclusion is at the end), longest first, so every answer gets an
+equal share of the room or all of itself if shorter ("water-filling"); a cut answer starts with
+TRIM_MARK. Only the problem and the template's fixed text are never cut: if they alone do not
+fit, that is a ValueError before any trace runs (`check_fits`).
 
 Choices the report leaves open (UNCONFIRMED, see spec §5/§6):
 - N: not stated. Figure 10 draws 3 thinkers (our default); the public demo reportedly shows 8.
@@ -57,6 +67,7 @@ class HeavyThinkingConfig:
 
     num_traces: parallel reasoning traces (N). temperature / top_p: trace sampling.
     trace_max_tokens: per-trace limit (None: the request's max_tokens).
+    summary_max_tokens: the summary's limit (None: the request's max_tokens; see `budget`).
     summary_temperature: summary sampling temperature (None: the request's).
     return_traces: hand the traces back with the summary.
     answer_only: show the summary model only each trace's answer (reasoning blocks stripped).
@@ -66,6 +77,7 @@ class HeavyThinkingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     trace_max_tokens: Optional[int] = None
+    summary_max_tokens: Optional[int] = None
     summary_temperature: Optional[float] = None
     return_traces: bool = False
     answer_only: bool = True
@@ -74,8 +86,9 @@ class HeavyThinkingConfig:
         _check_int("num_traces", self.num_traces, 1, 64)
         _check_real("temperature", self.temperature, 0.0, 100.0)
         _check_real("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        if self.trace_max_tokens is not None:
-            _check_int("trace_max_tokens", self.trace_max_tokens, 1, None)
+        for name in ("trace_max_tokens", "summary_max_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1, None)
         if self.summary_temperature is not None:
             _check_real("summary_temperature", self.summary_temperature, 0.0, 100.0)
         for name in ("return_traces", "answer_only"):
@@ -236,6 +249,102 @@ def heavy_think(engine: Engine, prompt_ids: Sequence[int], problem_text: str, pa
     return _result(cfg, plan, traces, summary, prompt)
 
 
+TRIM_MARK = "[...] "  # starts an answer that was cut to fit the summary prompt
+
+
+def budget(params: SamplingParams, cfg: HeavyThinkingConfig, prompt_len: int, max_model_len: int,
+           max_tokens_given: bool = True) -> tuple[SamplingParams, HeavyThinkingConfig]:
+    """(summary params, cfg) with the token limits of the module docstring's budget filled in.
+
+    max_tokens_given: whether params.max_tokens is the caller's choice (False: it is only the
+    room left after the prompt, too much for both the traces' answers and the summary).
+    ValueError naming the field when a limit cannot fit.
+    """
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise ValueError(f"the prompt has {prompt_len} tokens, leaving no room in max_model_len {max_model_len}")
+    trace = cfg.trace_max_tokens or params.max_tokens
+    if trace > room:
+        raise ValueError(f"heavy_thinking trace_max_tokens {trace} does not fit: the prompt has "
+                         f"{prompt_len} of max_model_len {max_model_len} tokens")
+    summary = cfg.summary_max_tokens or (params.max_tokens if max_tokens_given else max(1, room // 2))
+    if summary >= max_model_len:
+        raise ValueError(f"heavy_thinking summary_max_tokens {summary} leaves no room for the summary "
+                         f"prompt in max_model_len {max_model_len}")
+    cfg = dataclasses.replace(cfg, trace_max_tokens=trace, summary_max_tokens=summary)
+    params = dataclasses.replace(params, max_tokens=summary, min_tokens=min(params.min_tokens, summary))
+    return params, cfg
+
+
+def check_fits(problem_text: str, cfg: HeavyThinkingConfig, encode: Callable[[str], list[int]],
+               max_model_len: int) -> None:
+    """ValueError when the summary prompt with empty answers already overflows its budget."""
+    fixed = len(encode(build_summary_prompt(problem_text, [""] * cfg.num_traces)))
+    if fixed + cfg.summary_max_tokens > max_model_len:
+        raise ValueError(f"the heavy_thinking summary prompt needs {fixed} tokens before any trace "
+                         f"answer, plus summary_max_tokens {cfg.summary_max_tokens}: more than "
+                         f"max_model_len {max_model_len}")
+
+
+def fit_summary_prompt(problem_text: str, traces: Sequence[str], cfg: HeavyThinkingConfig,
+                       permutation: Sequence[int], encode: Callable[[str], list[int]],
+                       tokenizer: Any, limit: int) -> tuple[str, list[int]]:
+    """(summary prompt text, its token ids from `encode`) in at most `limit` tokens, cutting
+    the answers as the module docstring says. `encode` renders and encodes (the chat template);
+    `tokenizer` measures and cuts the answers themselves."""
+    answers = [answer_part(t) if cfg.answer_only else t.strip() for t in traces]
+
+    def render(parts: list[str]) -> tuple[str, list[int]]:
+        text = build_summary_prompt(problem_text, parts, answer_only=False, permutation=permutation)
+        return text, list(encode(text))
+
+    text, ids = render(answers)
+    if len(ids) <= limit:
+        return text, ids
+    room = limit - len(render([""] * len(answers))[1])
+    tokens = [list(tokenizer.encode(a)) for a in answers]
+    mark = len(tokenizer.encode(TRIM_MARK))
+    for _ in range(8):  # re-tokenising cut text can differ by a few tokens: shrink until it fits
+        cap = _water_level([len(t) for t in tokens], max(0, room))
+        cut = [a if len(t) <= cap else (TRIM_MARK + tokenizer.decode(t[len(t) - (cap - mark):])
+                                        if cap > mark else "") for a, t in zip(answers, tokens)]
+        text, ids = render(cut)
+        if len(ids) <= limit:
+            return text, ids
+        room -= len(ids) - limit
+    raise ValueError(f"the heavy_thinking summary prompt does not fit in {limit} tokens")
+
+
+def _water_level(lengths: Sequence[int], room: int) -> int:
+    """The largest cap with sum(min(length, cap)) <= room (everything fits: the longest length)."""
+    if sum(lengths) <= room:
+        return max(lengths, default=0)
+    remaining, left = room, len(lengths)
+    for length in sorted(lengths):
+        share = remaining // left
+        if length > share:
+            return share
+        remaining -= length
+        left -= 1
+    return remaining
+
+
+async def run_traces_async(generate: "GenerateFn", prompt_ids: Sequence[int], params: SamplingParams,
+                           cfg: HeavyThinkingConfig) -> tuple[list[RequestOutput], list[int], SamplingParams]:
+    """Stage 1 over `AsyncEngine.generate`: (the traces in generation order, the permutation to
+    show them in, the summary's sampling params). Cancelling it cancels every trace."""
+    plan = _plan(params, cfg)
+    tasks = [asyncio.ensure_future(_final(generate, list(prompt_ids), p)) for p in plan.trace_params]
+    try:
+        traces = list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return traces, plan.permutation, plan.summary_params
+
+
 GenerateFn = Callable[[list[int], SamplingParams], AsyncIterator[RequestOutput]]
 
 
@@ -264,16 +373,9 @@ async def heavy_think_async(generate: GenerateFn, prompt_ids: Sequence[int], pro
     are cancelled too, which aborts their engine requests.
     """
     plan = _plan(params, cfg)
-    tasks = [asyncio.ensure_future(_final(generate, list(prompt_ids), p)) for p in plan.trace_params]
-    try:
-        traces = list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    traces, permutation, summary_params = await run_traces_async(generate, prompt_ids, params, cfg)
     prompt = build_summary_prompt(problem_text, [t.text for t in traces], answer_only=cfg.answer_only,
-                                  permutation=plan.permutation)
+                                  permutation=permutation)
     token_ids = _summary_ids(prompt, tokenizer, render_summary_prompt)
-    summary = await _final(generate, token_ids, plan.summary_params)
+    summary = await _final(generate, token_ids, summary_params)
     return _result(cfg, plan, traces, summary, prompt)

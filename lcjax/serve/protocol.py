@@ -2,9 +2,13 @@
 
 Request models forbid unknown fields (a typo such as `temprature` is a 400, not silently
 ignored) but declare every field the official `openai` client sends for these endpoints, plus
-vLLM's top-level extras (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`,
-`min_tokens`). Fields we declare but do not implement are rejected by `unsupported()` with a 400
-naming the field, never accepted and ignored. Response bodies are plain dicts built in `responses.py`.
+vLLM's top-level extras (sampling: `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
+`ignore_eos`, `min_tokens`, `allowed_token_ids`; output: `include_stop_str_in_output`,
+`add_special_tokens`, `skip_special_tokens`, `spaces_between_special_tokens`,
+`truncate_prompt_tokens`; guided decoding: `guided_json`, `guided_regex`, `guided_choice`).
+A declared field set to a value we do not implement is rejected by `unsupported()` with a 400
+naming the field and saying why, never accepted and ignored. Response bodies are plain dicts
+built in `responses.py`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ class HeavyThinking(_Strict):
 
     num_traces: Optional[int] = Field(None, ge=1, le=64)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    trace_max_tokens: Optional[int] = Field(None, ge=1)
+    summary_max_tokens: Optional[int] = Field(None, ge=1)
+    summary_temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     return_traces: Optional[bool] = None
+    answer_only: Optional[bool] = None
 
 
 class _SamplingFields(_Strict):
@@ -72,11 +81,33 @@ class _SamplingFields(_Strict):
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    allowed_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: bool = False
+    add_special_tokens: Optional[bool] = None  # True: start the prompt with bos
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=1)
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    priority: int = 0
+    use_beam_search: bool = False
+    prompt_logprobs: Optional[int] = None
 
-    def unsupported(self) -> Optional[str]:
-        """Name of a field set to a value this server does not implement, or None."""
-        if self.logit_bias:
-            return "logit_bias"
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        """(field, why) for a field set to a value this server does not implement, or None."""
+        if not self.skip_special_tokens:
+            return "skip_special_tokens", "special tokens are always left out of the text"
+        if not self.spaces_between_special_tokens:
+            return "spaces_between_special_tokens", "special tokens are always left out of the text"
+        if self.priority:
+            return "priority", "the scheduler is first-come first-served"
+        if self.use_beam_search:
+            return "use_beam_search", "beam search is not implemented (sample with n instead)"
+        if self.prompt_logprobs is not None:
+            return "prompt_logprobs", "prompt log-probabilities are not computed"
+        if sum(x is not None for x in (self.guided_json, self.guided_regex, self.guided_choice)) > 1:
+            return "guided_json", "give at most one of guided_json, guided_regex, guided_choice"
         return None
 
 
@@ -87,13 +118,16 @@ class CompletionRequest(_SamplingFields):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
-    def unsupported(self) -> Optional[str]:
-        if self.echo:
-            return "echo"
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        if self.echo and self.logprobs is not None:
+            return "echo", ("echo with logprobs needs the prompt's log-probabilities, which this "
+                            "server does not compute (echo alone is supported)")
         if self.best_of is not None and self.best_of != self.n:
-            return "best_of"
+            return "best_of", ("best_of > n is not supported (like vLLM's V1 engine): request n "
+                               "samples with logprobs and rank them client-side")
         if self.suffix:
-            return "suffix"
+            return "suffix", ("suffix needs a fill-in-the-middle (insertion) model; LongCat-Flash "
+                              "generates left to right only")
         return super().unsupported()
 
 
@@ -137,14 +171,26 @@ class ChatCompletionRequest(_SamplingFields):
     # lcjax extra: see api.py `_heavy_thinking`
     heavy_thinking: Optional[HeavyThinking] = None
 
-    def unsupported(self) -> Optional[str]:
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice"
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format"
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        if self.response_format and self.response_format.get("type") not in ("text", "json_object", "json_schema"):
+            return "response_format", (f"type {self.response_format.get('type')!r} is not one of "
+                                       "'text', 'json_object', 'json_schema'")
+        constraints = [name for name, on in (("response_format", self.json_response),
+                                             ("guided_json/guided_regex/guided_choice",
+                                              self.guided_json or self.guided_regex or self.guided_choice),
+                                             ("tool_choice", self.forced_tools)) if on]
+        if len(constraints) > 1:
+            return "response_format", f"{' and '.join(constraints)} both constrain the output; give one"
         return super().unsupported()
+
+    @property
+    def json_response(self) -> bool:
+        return bool(self.response_format) and self.response_format.get("type") in ("json_object", "json_schema")
+
+    @property
+    def forced_tools(self) -> bool:
+        """tool_choice asks for a call ("required" or a named function)."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
 
     @property
     def completion_limit(self) -> Optional[int]:

@@ -112,7 +112,11 @@ def test_completion_counts_logprobs_and_multiple_prompts(served):
     assert out.usage.prompt_tokens == 7 and out.usage.completion_tokens == 6
     assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == 6
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
-    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs)
+    # The top-1 entry, plus the sampled token when it is not the top one (as vLLM lists it).
+    for token, logprob, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs,
+                                   choice.logprobs.top_logprobs):
+        assert token in top and 1 <= len(top) <= 2 and max(top.values()) >= logprob
+        assert top[token] == logprob or token == "\ufffd"  # bytes >= 128 all decode to U+FFFD alone
 
     # Token-id prompts, several of them, each with n=2: choice index = prompt * n + i.
     out = client.completions.create(model=served.model, prompt=[[5, 6, 7], [8, 9]], n=2, max_tokens=3,
@@ -169,7 +173,7 @@ def test_chat_non_stream_and_openai_stream(served):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
     assert chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].usage.completion_tokens == 5  # no usage chunk asked for: the last one carries it
+    assert all(c.usage is None for c in chunks)  # usage only with stream_options.include_usage
 
 
 def test_32_concurrent_streams_complete_with_exact_token_counts(served):
@@ -224,8 +228,17 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", ""),
     ("/v1/completions", {"prompt": "x", "n": 10**9}, 400, "n", ""),
     ("/v1/completions", {"prompt": "x", "logprobs": 100}, 400, "logprobs", ""),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 2}}, 400, "logit_bias", "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "echo"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "logit_bias", "200"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias", "99999"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo", "prompt's log-probabilities"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of > n"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "suffix", "fill-in-the-middle"),
+    ("/v1/completions", {"prompt": "x", "skip_special_tokens": False}, 400, "skip_special_tokens", "special"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10**6]}, 400, "allowed_token_ids", "token id"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "("}, 400, "guided_regex", "guided_regex"),
+    ("/v1/completions", '{"prompt": "a\\ud800b"}', 400, "prompt", "lone surrogate"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}', 400,
+     "messages[0].content", "lone surrogate"),
     ("/v1/completions", {"prompt": [10**6]}, 400, "prompt", "token id"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": "x", "stream": True, "temperature": -1}, 400, "temperature", ""),
@@ -236,7 +249,17 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs", "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-     400, "tools", "not supported"),
+     400, "tools[0]", "tools[0] must be"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+     400, "tool_choice", "needs 'tools'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "tool_choice", "'g'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "xml"}}, 400, "response_format", "'xml'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "bogus"}}}}, 400,
+     "response_format", "unsupported JSON schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "chat_template_kwargs": {"messages": []}}, 400, None, "chat_template_kwargs"),
     ("/tokenize", {}, 400, "prompt", ""),
