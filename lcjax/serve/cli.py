@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--num-speculative-tokens", type=int, default=0,
                         help="MTP draft tokens per decode round (0 = off)")
     engine.add_argument("--no-warmup", action="store_true",
-                        help="skip compiling the first prefill/decode before printing ready")
+                        help="skip compiling every step shape before printing ready (requests "
+                             "with a new shape then wait for XLA)")
+    engine.add_argument("--compilation-cache", metavar="DIR",
+                        help="persistent XLA compilation cache, so a second start loads instead of "
+                             "compiling (default: $JAX_COMPILATION_CACHE_DIR, else "
+                             "$XDG_CACHE_HOME/lcjax/xla or ~/.cache/lcjax/xla; 'none' = off)")
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -177,12 +182,48 @@ def engine_config(args: argparse.Namespace, config: Config):
                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed)
 
 
-def warmup(engine) -> None:
-    """Compile the smallest prefill and decode shapes so the first request is not a compile."""
-    from lcjax.serve.sampling import SamplingParams
+def compilation_cache_dir(flag: Optional[str]) -> Optional[pathlib.Path]:
+    """The persistent compilation cache folder for `--compilation-cache` (None = off)."""
+    if flag is not None:
+        return None if flag.lower() == "none" else pathlib.Path(flag).expanduser()
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "lcjax" / "xla"
 
-    bos = engine.config.model.bos_token_id
-    engine.generate([[bos]], SamplingParams(max_tokens=2, ignore_eos=True))
+
+def enable_compilation_cache(directory: Optional[pathlib.Path]) -> None:
+    """Point jax's persistent compilation cache at `directory` (None: leave it off). Every
+    compile is cached (min compile time 0 unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+    says otherwise): the step shapes are what a start spends its time on."""
+    import jax
+
+    if directory is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"--compilation-cache {directory}: cannot create the folder ({err.strerror}); "
+                      "pass another folder or 'none'") from None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    min_secs = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.0))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+
+
+def warmup(engine) -> None:
+    """Compile every step shape the engine can run (`Engine.warmup`), so no request waits for
+    XLA once the server is ready; prints one progress line and the total time."""
+    import time
+
+    start = time.perf_counter()
+    plan = engine.compile_plan()
+    print(f"{PREFIX} compiling {len(plan)} step shapes (prefill rows x lengths, "
+          f"{plan[-1][0]} rows)", flush=True)
+    engine.warmup()
+    print(f"{PREFIX} compiled {len(plan)} step shapes in {time.perf_counter() - start:.1f} s",
+          flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -211,6 +252,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--quant-calib-batches {args.quant_calib_batches}: must be >= 1")
     if args.config and (args.checkpoint or args.hf_model):
         parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model bring their own")
+    try:
+        enable_compilation_cache(compilation_cache_dir(args.compilation_cache))
+    except OSError as err:
+        print(f"{PREFIX} error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         from lcjax.serve.api import build_app
@@ -230,7 +276,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         template = resolve_chat_template(args.chat_template, tokenizer)
         engine = Engine(config, variables, tokenizer, ec)
         if not args.no_warmup:
-            print(f"{PREFIX} compiling (warm-up request)", flush=True)
             warmup(engine)
     except (ValueError, OSError) as err:  # bad flags, files or port: one line, no traceback
         print(f"{PREFIX} error: {err}", file=sys.stderr)

@@ -7,9 +7,13 @@ long prompt never stalls the running requests for more than one chunk), then one
 gained. New requests therefore join the running batch between decode steps.
 
 Shapes are bucketed (rows: powers of two up to `max_num_seqs`; prefill length: powers of two
-from 16 up to `prefill_chunk`), so a workload compiles each step function at most once per
-bucket; `stats().num_compilations` counts them. The engine is single-threaded: `AsyncEngine`
-owns it from one thread.
+from 16 up to `prefill_chunk`), and nothing else a request asks for changes a shape: every step
+computes the top-20 logprobs (a request's `logprobs=k` is picked on the host), n > 1 is n
+requests, and penalties, stop conditions and logits processors are per-row inputs. So
+`warmup()` compiles every shape the engine can ever run (`compile_plan()`: prefill rows x
+prefill lengths, plus decode or speculative rows) and after it no request triggers a compile;
+`stats().num_compilations` counts the shapes compiled. The engine is single-threaded:
+`AsyncEngine` owns it from one thread.
 
 Logits processors: `add_request(..., logits_processor=fn)` (or a `logits_processor` attribute
 on the params) constrains one request's tokens: before each of its tokens is sampled the engine
@@ -40,7 +44,6 @@ from collections import deque
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lcjax.config import Config, ModelConfig
@@ -52,7 +55,6 @@ from lcjax.serve.sampling import SamplingParams, sampling_tensors
 
 LogitsProcessor = Callable[[list[int]], Optional[np.ndarray]]  # generated ids -> [V] bias or None
 
-LOGPROB_BUCKETS = (0, 1, 5, 20)  # static top-n sizes the step functions compile for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +158,7 @@ class Engine:
         self._rng = np.random.default_rng(ec.seed)
         self._compiled: set = set()
         self._zero_bias: dict[int, jax.Array] = {}
-        self._counters = dict(generated=0, prompt=0, draft=0, accepted=0)
+        self._counters = dict(generated=0, prompt=0, draft=0, accepted=0, rounds=0)
         self._row_buckets = _buckets(ec.max_num_seqs)
         self._prefill_rows = _buckets(min(ec.max_prefill_seqs, ec.max_num_seqs))
         self._prefill_lens = _buckets(ec.prefill_chunk, start=min(16, ec.prefill_chunk))
@@ -165,11 +167,11 @@ class Engine:
         donate = () if jax.default_backend() == "cpu" else (1,)
         impl = ec.attention_impl
         self._prefill = jax.jit(functools.partial(runner.prefill_step, cfg, implementation=impl),
-                                static_argnames=("speculative", "num_top"), donate_argnums=donate)
+                                static_argnames=("speculative",), donate_argnums=donate)
         self._decode = jax.jit(functools.partial(runner.decode_step, cfg, implementation=impl),
-                               static_argnames=("num_top",), donate_argnums=donate)
+                               donate_argnums=donate)
         self._spec = jax.jit(functools.partial(runner.speculative_step, cfg, implementation=impl),
-                             static_argnames=("num_draft", "num_top"), donate_argnums=donate)
+                             static_argnames=("num_draft",), donate_argnums=donate)
 
     # ----------------------------------------------------------------------------------- API
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -227,7 +229,7 @@ class Engine:
                            free_pages=self.allocator.num_free, total_pages=self.allocator.num_usable,
                            num_compilations=len(self._compiled), generated_tokens_total=c["generated"],
                            prompt_tokens_total=c["prompt"], draft_tokens_total=c["draft"],
-                           accepted_tokens_total=c["accepted"])
+                           accepted_tokens_total=c["accepted"], spec_rounds_total=c["rounds"])
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: Union[SamplingParams, Sequence[SamplingParams]]) -> list[RequestOutput]:
@@ -334,6 +336,8 @@ class Engine:
 
     def _inputs(self, reqs: Sequence[_Request], rows: int, tokens: np.ndarray, starts, num_valid,
                 reset) -> runner.StepInputs:
+        """Host-built step inputs. device_put, not jnp.asarray: the latter stages each array
+        through a jitted copy, one more compile per new shape."""
         n = len(reqs)
 
         def pad(values, fill, dtype):
@@ -342,36 +346,86 @@ class Engine:
             return out
 
         return runner.StepInputs(
-            tokens=jnp.asarray(tokens), slots=jnp.asarray(pad([r.slot for r in reqs], -1, np.int32)),
-            starts=jnp.asarray(pad(starts, 0, np.int32)),
-            num_valid=jnp.asarray(pad(num_valid, 0, np.int32)),
-            block_tables=jnp.asarray(self._block_tables(reqs, rows)),
-            reset=jnp.asarray(pad(reset, False, bool)),
-            seeds=jnp.asarray(pad([r.seed for r in reqs], 0, np.uint32)),
-            gen_steps=jnp.asarray(pad([len(r.output) for r in reqs], 0, np.int32)),
+            tokens=jax.device_put(tokens), slots=jax.device_put(pad([r.slot for r in reqs], -1, np.int32)),
+            starts=jax.device_put(pad(starts, 0, np.int32)),
+            num_valid=jax.device_put(pad(num_valid, 0, np.int32)),
+            block_tables=jax.device_put(self._block_tables(reqs, rows)),
+            reset=jax.device_put(pad(reset, False, bool)),
+            seeds=jax.device_put(pad([r.seed for r in reqs], 0, np.uint32)),
+            gen_steps=jax.device_put(pad([len(r.output) for r in reqs], 0, np.int32)),
             sampling=sampling_tensors([r.params for r in reqs], rows),
             bias=self._bias(reqs, rows),
-            num_draft=jnp.asarray(pad([0 if r.logits_processor else self.engine_config.num_speculative_tokens
+            num_draft=jax.device_put(pad([0 if r.logits_processor else self.engine_config.num_speculative_tokens
                                        for r in reqs], 0, np.int32)))
 
     def _bias(self, reqs: Sequence[_Request], rows: int) -> jax.Array:
         """[rows, V] float32 logit bias (a cached device zeros array when no row has one)."""
         if all(r.bias is None for r in reqs):
             if rows not in self._zero_bias:
-                self._zero_bias[rows] = jnp.zeros((rows, self.model_cfg.vocab_size), jnp.float32)
+                self._zero_bias[rows] = jax.device_put(
+                    np.zeros((rows, self.model_cfg.vocab_size), np.float32))
             return self._zero_bias[rows]
         bias = np.zeros((rows, self.model_cfg.vocab_size), np.float32)
         for b, r in enumerate(reqs):
             if r.bias is not None:
                 bias[b] = r.bias
-        return jnp.asarray(bias)
-
-    def _num_top(self, reqs: Sequence[_Request]) -> int:
-        wanted = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
-        return -1 if not wanted else _bucket(max(wanted), LOGPROB_BUCKETS)
+        return jax.device_put(bias)
 
     def _note_compile(self, *key) -> None:
         self._compiled.add(key)
+
+    def compile_plan(self) -> list[tuple]:
+        """Every (step, rows[, length]) shape this engine can run, in warm-up order."""
+        plan = [("prefill", rows, length) for rows in self._prefill_rows
+                for length in self._prefill_lens]
+        step = "speculative" if self.engine_config.num_speculative_tokens else "decode"
+        return plan + [(step, rows) for rows in self._row_buckets]
+
+    def warmup(self, progress: Optional[Callable[[int, int, tuple], None]] = None) -> int:
+        """Compile (or load from the persistent compilation cache) every shape in
+        `compile_plan()` by running it once over padding rows only, which touch no slot and only
+        the reserved page 0. Call before serving; returns how many shapes were new.
+        `progress(i, total, shape)` is called before each."""
+        if self._running or self._waiting:
+            raise RuntimeError("warmup() must run before any request is added")
+        before = len(self._compiled)
+        plan = self.compile_plan()
+        for i, shape in enumerate(plan):
+            if progress is not None:
+                progress(i, len(plan), shape)
+            if shape[0] == "prefill":
+                self._prefill_call([], shape[1], np.zeros(shape[1:], np.int32), [],
+                                   np.full((shape[1],), -1, np.int32))
+            else:
+                self._decode_call([], shape[1])
+        jax.block_until_ready(self.state)
+        return len(self._compiled) - before
+
+    def _prefill_call(self, reqs, rows, tokens, chunk_lens, follow):
+        inp = self._inputs(reqs, rows, tokens, [r.prefilled for r in reqs], chunk_lens,
+                           [r.prefilled == 0 for r in reqs])
+        spec = self.engine_config.num_speculative_tokens > 0
+        self._note_compile("prefill", rows, tokens.shape[1], spec)
+        self.state, first, scores = self._prefill(self.variables, self.state, inp,
+                                                  jax.device_put(follow), speculative=spec)
+        return first, scores
+
+    def _decode_call(self, reqs, rows):
+        """One decode step (or speculative round): (tokens [rows, k+1], accepted [rows], scores)."""
+        k = self.engine_config.num_speculative_tokens
+        tokens = np.zeros((rows, 1), np.int32)
+        tokens[: len(reqs), 0] = [r.output[-1] for r in reqs]
+        inp = self._inputs(reqs, rows, tokens, [r.length for r in reqs], [1] * len(reqs),
+                           [False] * len(reqs))
+        if k:
+            self._note_compile("speculative", rows, k)
+            self.state, out, accepted, scores = self._spec(self.variables, self.state, inp,
+                                                           num_draft=k)
+            return out, accepted, scores
+        self._note_compile("decode", rows)
+        self.state, out, scores = self._decode(self.variables, self.state, inp)
+        # numpy from here: slicing the device array would dispatch (and compile) an op per shape
+        return np.asarray(out)[:, None], np.zeros((rows,), np.int32), scores
 
     def _run_prefill(self, reqs: list[_Request]) -> list[RequestOutput]:
         ec = self.engine_config
@@ -385,14 +439,7 @@ class Engine:
             end = r.prefilled + len(c)
             if end < len(r.prompt):
                 follow[b] = r.prompt[end]
-        inp = self._inputs(reqs, rows, tokens, [r.prefilled for r in reqs],
-                           [len(c) for c in chunks], [r.prefilled == 0 for r in reqs])
-        num_top = self._num_top(reqs)
-        spec = ec.num_speculative_tokens > 0
-        self._note_compile("prefill", rows, length, num_top, spec)
-        self.state, first, scores = self._prefill(self.variables, self.state, inp,
-                                                  jnp.asarray(follow), speculative=spec,
-                                                  num_top=num_top)
+        first, scores = self._prefill_call(reqs, rows, tokens, [len(c) for c in chunks], follow)
         first = np.asarray(first)
         scores = jax.tree.map(np.asarray, scores)
         outs = []
@@ -407,20 +454,8 @@ class Engine:
         ec = self.engine_config
         k = ec.num_speculative_tokens
         rows = _bucket(len(reqs), self._row_buckets)
-        tokens = np.zeros((rows, 1), np.int32)
-        tokens[: len(reqs), 0] = [r.output[-1] for r in reqs]
-        inp = self._inputs(reqs, rows, tokens, [r.length for r in reqs], [1] * len(reqs),
-                           [False] * len(reqs))
-        num_top = self._num_top(reqs)
-        if k:
-            self._note_compile("speculative", rows, k, num_top)
-            self.state, out, accepted, scores = self._spec(self.variables, self.state, inp,
-                                                           num_draft=k, num_top=num_top)
-            out, accepted = np.asarray(out), np.asarray(accepted)
-        else:
-            self._note_compile("decode", rows, num_top)
-            self.state, out, scores = self._decode(self.variables, self.state, inp, num_top=num_top)
-            out, accepted = np.asarray(out)[:, None], np.zeros((rows,), np.int32)
+        out, accepted, scores = self._decode_call(reqs, rows)
+        out, accepted = np.asarray(out), np.asarray(accepted)
         scores = jax.tree.map(np.asarray, scores)
         outs = []
         for b, r in enumerate(reqs):
@@ -429,6 +464,7 @@ class Engine:
                 r.draft_tokens += k
                 r.accepted_tokens += count - 1
                 self._counters["draft"] += k
+                self._counters["rounds"] += 1
                 self._counters["accepted"] += count - 1
             outs.append(self._emit(r, [int(t) for t in out[b, :count]], scores, b, count))
         return [o for o in outs if o is not None]

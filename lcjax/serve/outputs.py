@@ -62,3 +62,4 @@ class EngineStats:
     prompt_tokens_total: int
     draft_tokens_total: int = 0
     accepted_tokens_total: int = 0
+    spec_rounds_total: int = 0  # speculative rounds, one per request per round

@@ -3,7 +3,7 @@
 Each is a pure function of (variables, EngineState, step inputs) -> (EngineState, outputs) with
 static shapes: the host pads every step to a (batch, length) bucket, so a workload compiles each
 function once per bucket it uses, never once per request. Sampling happens on device; only the
-chosen tokens (and requested logprobs) come back to the host.
+chosen tokens and their top-20 logprobs come back to the host.
 
 Rows of a step are engine slots (`slots[b]`, -1 = padding). Per-slot state (sparse-layer rings,
 n-gram history, penalty counts, MTP pending inputs) lives in EngineState arrays indexed by slot;
@@ -150,19 +150,20 @@ def _count(state: EngineState, slots, tokens: Int[Array, "B S"], mask) -> Any:
     return state.counts.at[jnp.where(slots < 0, state.counts.shape[0], slots)].add(add, mode="drop")
 
 
-def _scores(logits, tokens, num_top: int):
-    if num_top < 0:
-        return None
+def _scores(logits: Float[Array, "B S V"], tokens: Int[Array, "B S"]):
+    """(chosen logprob [B, S], top ids [B, S, N], top logprobs [B, S, N]) with N the most any
+    request may ask for: always computed, so the number a request asks for picks on the host
+    and never adds a compiled shape."""
+    num_top = min(sampling.MAX_LOGPROBS, logits.shape[-1])
     return sampling.token_logprobs(logits, tokens, num_top)
 
 
 def prefill_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs,
-                 next_tokens: Int[Array, "B"], *, speculative: bool, num_top: int,
-                 implementation=None):
+                 next_tokens: Int[Array, "B"], *, speculative: bool, implementation=None):
     """One chunk per row. Rows whose prompt ends in this chunk (next_tokens[b] < 0) sample their
     first token; the others pass the prompt token that follows the chunk (for the MTP cache).
 
-    Returns (state, first tokens [B], logprob scores or None).
+    Returns (state, first tokens [B], logprob scores (see `_scores`)).
     """
     variables = nn.unbox(variables)
     b, s = inp.tokens.shape
@@ -209,11 +210,11 @@ def prefill_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: Step
             pending_count=_put_rows(state.pending_count, pend_slots, jnp.ones((b,), jnp.int32)),
             pending_start=_put_rows(state.pending_start, pend_slots, inp.starts + last))
     state = state.replace(cache=cache)
-    return state, first, _scores(_biased(logits, inp), first[:, None], num_top)
+    return state, first, _scores(_biased(logits, inp), first[:, None])
 
 
 def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
-                num_top: int, implementation=None):
+                implementation=None):
     """One token per row (the previous step's sample). Returns (state, tokens [B], scores)."""
     variables = nn.unbox(variables)
     b = inp.tokens.shape[0]
@@ -225,11 +226,11 @@ def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepI
     tokens = sampling.sample(logprobs, keys)[:, 0]
     state = state.replace(cache=cache, counts=_count(state, inp.slots, tokens[:, None],
                                                      jnp.ones((b, 1), bool)))
-    return state, tokens, _scores(_biased(logits, inp), tokens[:, None], num_top)
+    return state, tokens, _scores(_biased(logits, inp), tokens[:, None])
 
 
 def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
-                     num_draft: int, num_top: int, implementation=None):
+                     num_draft: int, implementation=None):
     """One MTP round per row: k drafts, one verify pass of k+1 tokens, the standard acceptance rule.
 
     inp.tokens [B, 1] holds each row's last sampled token x_n (position n = starts). The drafts
@@ -237,7 +238,7 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
     so the MTP cache always holds entries computed from main-model hidden states; later drafts
     of a round feed the MTP's own features back (one MTP layer, applied k times).
 
-    Returns (state, tokens [B, k+1] (first accepted+1 valid), accepted [B], scores or None).
+    Returns (state, tokens [B, k+1] (first accepted+1 valid), accepted [B], scores).
     """
     variables = nn.unbox(variables)
     params = variables["params"]
@@ -292,4 +293,4 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
         pending_tokens=_put_rows(state.pending_tokens, slots, tokens),
         pending_count=_put_rows(state.pending_count, slots, accepted + 1),
         pending_start=_put_rows(state.pending_start, slots, inp.starts))
-    return state, tokens, accepted, _scores(_biased(logits, inp), tokens, num_top)
+    return state, tokens, accepted, _scores(_biased(logits, inp), tokens)

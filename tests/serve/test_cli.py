@@ -249,3 +249,18 @@ def test_engine_config_from_flags(tiny_model):
     assert (ec.max_num_seqs, ec.page_size, ec.prefill_chunk, ec.max_model_len) == (3, 8, 32, 512)
     small = dataclasses.replace(config, model=dataclasses.replace(config.model, max_position_embeddings=256))
     assert cli.engine_config(parse(), small).max_model_len == 256
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli.compilation_cache_dir(None) == tmp_path / "xdg" / "lcjax" / "xla"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))  # a set env var wins
+    assert cli.compilation_cache_dir(None) == tmp_path / "env"
+    assert cli.compilation_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"  # the flag wins
+    assert cli.compilation_cache_dir("none") is None
+    assert parse("--compilation-cache", "none").compilation_cache == "none"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=r"--compilation-cache .*file/sub: cannot create the folder"):
+        cli.enable_compilation_cache(blocker / "sub")
