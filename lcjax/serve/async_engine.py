@@ -105,6 +105,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stats: Optional[EngineStats] = None
+        self._unapplied_adds = 0  # sent by coroutines, not yet taken by the engine thread
+        self._adds_lock = threading.Lock()
         self._stopping = False  # set by the engine thread on "stop"
         self._closed = False  # set by shutdown(): add_request refuses from then on
         self.num_step_errors = 0
@@ -179,8 +181,14 @@ class AsyncEngine:
         self._send(("abort", request_id))
 
     def stats(self) -> Optional[EngineStats]:
-        """The engine's stats as of its last step or command (None before the thread ran)."""
-        return self._stats
+        """The engine's stats as of its last step or command (None before the thread ran), with
+        requests sent but not yet taken by the engine thread (it is inside a step) counted as
+        waiting, so /metrics is current while a long step runs."""
+        with self._adds_lock:
+            stats, unapplied = self._stats, self._unapplied_adds
+        if stats is None:
+            return None
+        return dataclasses.replace(stats, num_waiting=stats.num_waiting + unapplied)
 
     def shutdown(self, drain: bool = True, timeout: Optional[float] = None) -> None:
         """Stop the thread. drain=True lets running requests finish (up to `timeout` seconds,
@@ -195,6 +203,9 @@ class AsyncEngine:
             self._thread.join()
 
     def _send(self, command: tuple) -> None:
+        if command[0] == "add":
+            with self._adds_lock:
+                self._unapplied_adds += 1
         self._commands.append(command)
         self._wake.set()
 
@@ -230,7 +241,12 @@ class AsyncEngine:
             kind = command[0]
             try:
                 if kind == "add":
-                    self._add(*command[1:])
+                    try:
+                        self._add(*command[1:])
+                    finally:
+                        with self._adds_lock:  # the engine's count replaces ours atomically
+                            self._refresh_stats()
+                            self._unapplied_adds -= 1
                 elif kind == "abort":
                     self._abort(command[1])
                 elif kind == "stop":
