@@ -359,12 +359,15 @@ class _Serving:
 
         try:
             config = heavy_thinking.HeavyThinkingConfig(**options)
-            params, config = heavy_thinking.budget(params, config, len(prompt_ids), self.max_model_len,
+            fixed = heavy_thinking.summary_fixed_tokens(problem, config.num_traces, encode)
+            params, config = heavy_thinking.budget(params, config, len(prompt_ids), self.max_model_len, fixed,
                                                    max_tokens_given=body.completion_limit is not None)
-            heavy_thinking.check_fits(problem, config, encode, self.max_model_len)
         except ValueError as err:
-            field = next((f for f in sorted(options, key=len, reverse=True) if f in str(err)), None)
-            raise APIError(str(err), param=f"heavy_thinking.{field}" if field else "heavy_thinking",
+            field = next((f for f in sorted(options, key=len, reverse=True) if f in str(err)),
+                         "max_tokens" if "max_tokens" in str(err) else None)
+            param = "heavy_thinking" if field is None else (
+                field if field == "max_tokens" else f"heavy_thinking.{field}")
+            raise APIError(str(err), param=param,
                            code="context_length_exceeded" if "max_model_len" in str(err) else None) from None
         processors = await self._processors(body, self._guide_regex(body))
         base = f"chatcmpl-{uuid.uuid4().hex}"

@@ -14,8 +14,10 @@ request. All derive every random choice (trace seeds, the order traces are shown
 `params.seed`, so a seeded request gives the same summary every time.
 
 Context budget (`budget`): with max_model_len L and a prompt of P tokens, each trace may use
-up to L - P tokens; the summary keeps S = summary_max_tokens (else the request's max_tokens;
-else (L - P) // 2) tokens for its answer, and its prompt must fit in L - S tokens.
+up to L - P tokens; the summary prompt costs F tokens before any trace answer (template,
+problem: `summary_fixed_tokens`); the summary keeps S = summary_max_tokens (else the request's
+max_tokens; else (L - F) // 2, half of what the answers and the summary share) tokens for its
+answer, and its prompt must fit in L - S tokens.
 `fit_summary_prompt` guarantees that: when the traces' answers do not fit, each answer is cut
 to its last tokens (the conclusion is at the end), longest first, so every answer gets an
 equal share of the room or all of itself if shorter ("water-filling"); a cut answer starts with
@@ -252,12 +254,17 @@ def heavy_think(engine: Engine, prompt_ids: Sequence[int], problem_text: str, pa
 TRIM_MARK = "[...] "  # starts an answer that was cut to fit the summary prompt
 
 
+def summary_fixed_tokens(problem_text: str, num_traces: int, encode: Callable[[str], list[int]]) -> int:
+    """Tokens of the summary prompt with every answer empty (`encode` renders and encodes)."""
+    return len(encode(build_summary_prompt(problem_text, [""] * num_traces)))
+
+
 def budget(params: SamplingParams, cfg: HeavyThinkingConfig, prompt_len: int, max_model_len: int,
-           max_tokens_given: bool = True) -> tuple[SamplingParams, HeavyThinkingConfig]:
+           fixed_tokens: int, max_tokens_given: bool = True) -> tuple[SamplingParams, HeavyThinkingConfig]:
     """(summary params, cfg) with the token limits of the module docstring's budget filled in.
 
-    max_tokens_given: whether params.max_tokens is the caller's choice (False: it is only the
-    room left after the prompt, too much for both the traces' answers and the summary).
+    fixed_tokens: F, from `summary_fixed_tokens`. max_tokens_given: whether params.max_tokens
+    is the caller's choice (False: it is only the room left after the prompt).
     ValueError naming the field when a limit cannot fit.
     """
     room = max_model_len - prompt_len
@@ -267,23 +274,16 @@ def budget(params: SamplingParams, cfg: HeavyThinkingConfig, prompt_len: int, ma
     if trace > room:
         raise ValueError(f"heavy_thinking trace_max_tokens {trace} does not fit: the prompt has "
                          f"{prompt_len} of max_model_len {max_model_len} tokens")
-    summary = cfg.summary_max_tokens or (params.max_tokens if max_tokens_given else max(1, room // 2))
-    if summary >= max_model_len:
-        raise ValueError(f"heavy_thinking summary_max_tokens {summary} leaves no room for the summary "
-                         f"prompt in max_model_len {max_model_len}")
+    summary = cfg.summary_max_tokens or (params.max_tokens if max_tokens_given
+                                         else max(1, (max_model_len - fixed_tokens) // 2))
+    if fixed_tokens + summary > max_model_len:
+        name = "summary_max_tokens" if cfg.summary_max_tokens else "max_tokens"
+        raise ValueError(f"the heavy_thinking summary prompt needs {fixed_tokens} tokens before any "
+                         f"trace answer; with {name} {summary} that is more than max_model_len "
+                         f"{max_model_len}")
     cfg = dataclasses.replace(cfg, trace_max_tokens=trace, summary_max_tokens=summary)
     params = dataclasses.replace(params, max_tokens=summary, min_tokens=min(params.min_tokens, summary))
     return params, cfg
-
-
-def check_fits(problem_text: str, cfg: HeavyThinkingConfig, encode: Callable[[str], list[int]],
-               max_model_len: int) -> None:
-    """ValueError when the summary prompt with empty answers already overflows its budget."""
-    fixed = len(encode(build_summary_prompt(problem_text, [""] * cfg.num_traces)))
-    if fixed + cfg.summary_max_tokens > max_model_len:
-        raise ValueError(f"the heavy_thinking summary prompt needs {fixed} tokens before any trace "
-                         f"answer, plus summary_max_tokens {cfg.summary_max_tokens}: more than "
-                         f"max_model_len {max_model_len}")
 
 
 def fit_summary_prompt(problem_text: str, traces: Sequence[str], cfg: HeavyThinkingConfig,

@@ -15,7 +15,9 @@ such processors:
 - `combine`: several processors summed.
 
 Constrained output can still be cut short by `max_tokens` (finish_reason "length"); a complete
-output always matches the regex.
+output always matches the regex. The constraint holds from the first generated token, so a
+constrained reply has no `<longcat_think>` block (a thinking model answers without reasoning).
+Needs the `outlines-core` package (only when a request asks for a constraint).
 """
 
 from __future__ import annotations
@@ -98,9 +100,19 @@ def combine(processors: Sequence[Optional[LogitsProcessor]]) -> Optional[LogitsP
 # ---------------------------------------------------------------- regexes
 
 
+def _outlines():
+    try:
+        import outlines_core
+        import outlines_core.json_schema
+    except ImportError:
+        raise GrammarError("constrained decoding needs the outlines-core package "
+                           "(pip install 'outlines-core>=0.2.14')") from None
+    return outlines_core
+
+
 def json_schema_regex(schema: Any) -> str:
     """The regex of JSON text valid under `schema` (a dict, or True/{} for any object)."""
-    from outlines_core.json_schema import build_regex_from_schema
+    build_regex_from_schema = _outlines().json_schema.build_regex_from_schema
 
     if schema is True or schema == {} or schema is None:
         schema = {"type": "object"}
@@ -216,7 +228,7 @@ class GrammarCompiler:
         self.index = functools.lru_cache(maxsize=cache_size)(self._build_index)
 
     def vocabulary(self):
-        from outlines_core import Vocabulary
+        Vocabulary = _outlines().Vocabulary
 
         with self._lock:
             if self._vocabulary is None:
@@ -228,7 +240,7 @@ class GrammarCompiler:
             return self._vocabulary
 
     def _build_index(self, regex: str):
-        from outlines_core import Index
+        Index = _outlines().Index
 
         try:
             return Index(regex, self.vocabulary())

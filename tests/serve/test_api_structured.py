@@ -209,6 +209,13 @@ def test_heavy_thinking_budget_fits_and_streams(served):
     assert chunks[-1]["usage"]["completion_tokens"] == 2 * 5 + 3
     assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 10}
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    # No limits at all: traces fill the context, the summary keeps half the room and still fits.
+    out = chat(served, seed=2, extra_body={"ignore_eos": True, "heavy_thinking": {"num_traces": 2}})
+    prompt_len = len(post(served, "/tokenize", {"messages": USER}).json()["tokens"])
+    summary_prompt_tokens = out.usage.prompt_tokens - prompt_len
+    summary_tokens = out.usage.completion_tokens - 2 * (MAX_MODEL_LEN - prompt_len)
+    assert summary_tokens >= 1 and summary_prompt_tokens + summary_tokens <= MAX_MODEL_LEN
+    assert out.choices[0].finish_reason == "length"
     bad = post(served, "/v1/chat/completions", {"model": served.model, "messages": USER,
                                                 "heavy_thinking": {"summary_max_tokens": MAX_MODEL_LEN}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "heavy_thinking.summary_max_tokens"

@@ -193,3 +193,45 @@ def test_async_variant_matches_sync_and_cleans_up(engine, prompt_ids, first_run)
     assert result.summary.token_ids == first_run.summary.token_ids
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0 and stats.free_pages == stats.total_pages
+
+
+# ------------------------------------------------------------------------------ context budget
+def test_budget_fills_limits_and_names_the_field_that_cannot_fit():
+    from lcjax.serve.heavy_thinking import budget
+
+    params = SamplingParams(max_tokens=400)
+    # No max_tokens from the caller: traces may use all the room, the summary half of it.
+    # No max_tokens from the caller: traces may use all the room, the summary half of what is
+    # left after the summary prompt's fixed part (here 312 tokens).
+    summary, cfg = budget(params, HeavyThinkingConfig(), 112, 512, 312, max_tokens_given=False)
+    assert (cfg.trace_max_tokens, cfg.summary_max_tokens, summary.max_tokens) == (400, 100, 100)
+    summary, cfg = budget(params, HeavyThinkingConfig(trace_max_tokens=50, summary_max_tokens=9), 112, 512, 312)
+    assert (cfg.trace_max_tokens, summary.max_tokens) == (50, 9)
+    with pytest.raises(ValueError, match="trace_max_tokens 500"):
+        budget(params, HeavyThinkingConfig(trace_max_tokens=500), 112, 512, 312)
+    with pytest.raises(ValueError, match="needs 312 tokens before any trace answer; with summary_max_tokens 201"):
+        budget(params, HeavyThinkingConfig(summary_max_tokens=201), 112, 512, 312)
+    with pytest.raises(ValueError, match="with max_tokens 400"):  # the request's own max_tokens
+        budget(params, HeavyThinkingConfig(), 112, 512, 312)
+
+
+def test_fit_summary_prompt_cuts_long_answers_to_equal_shares_and_keeps_their_ends():
+    from lcjax.serve.heavy_thinking import TRIM_MARK, _water_level, fit_summary_prompt, summary_fixed_tokens
+
+    assert _water_level([5, 50, 100], 1000) == 100  # everything fits
+    assert _water_level([5, 50, 100], 65) == 30  # 5 + 30 + 30
+    assert _water_level([5, 50, 100], 10) == 3
+    tok = Latin1Tokenizer()
+    cfg = HeavyThinkingConfig(num_traces=3, summary_max_tokens=10)
+    traces = ["short", "x" * 300 + " END1", "<longcat_think>" + "r" * 999 + "</longcat_think>" + "y" * 500 + " END2"]
+    fixed = len(tok.encode(build_summary_prompt(PROBLEM, ["", "", ""])))
+    for limit in (fixed + 5 + 100, fixed + 40, fixed):
+        text, ids = fit_summary_prompt(PROBLEM, traces, cfg, [0, 1, 2], tok.encode, tok, limit)
+        assert len(ids) <= limit and ids == tok.encode(text)
+        assert "r" * 20 not in text  # answer_only: the reasoning is never shown
+        if limit == fixed + 5 + 100:  # 5 for "short", the rest split evenly, ends kept
+            assert "short" in text and text.count(TRIM_MARK) == 2 and "END1" in text and "END2" in text
+            assert len(ids) >= limit - 3
+    untouched, _ = fit_summary_prompt(PROBLEM, ["a", "b"], cfg, [1, 0], tok.encode, tok, 10_000)
+    assert untouched == build_summary_prompt(PROBLEM, ["a", "b"], permutation=[1, 0])
+    assert summary_fixed_tokens(PROBLEM, 3, tok.encode) == fixed
