@@ -310,27 +310,27 @@ def test_openai_client_raises_bad_request(served):
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_pages(served):
-    before = metric(served, "lcjax_request_success_total", finished_reason="abort")
+    before = metric(served, "vllm:request_success_total", finished_reason="abort")
     body = {"model": served.model, "prompt": "long", "max_tokens": 100, "stream": True, "ignore_eos": True}
     with patched_step(served, slow_step(0.01)):
         with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
         deadline = time.monotonic() + 60
-        while metric(served, "lcjax_request_success_total", finished_reason="abort") < before + 1:
+        while metric(served, "vllm:request_success_total", finished_reason="abort") < before + 1:
             assert time.monotonic() < deadline, "the request was not aborted"
             time.sleep(0.05)
     wait_idle(served)
 
 
 def test_client_disconnect_non_stream_aborts(served):
-    before = metric(served, "lcjax_request_success_total", finished_reason="abort")
+    before = metric(served, "vllm:request_success_total", finished_reason="abort")
     body = {"model": served.model, "prompt": "long", "max_tokens": 100, "ignore_eos": True}
     with patched_step(served, slow_step(0.01)):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(served.url + "/v1/completions", json=body, timeout=0.3)
         deadline = time.monotonic() + 60
-        while metric(served, "lcjax_request_success_total", finished_reason="abort") < before + 1:
+        while metric(served, "vllm:request_success_total", finished_reason="abort") < before + 1:
             assert time.monotonic() < deadline, "the request was not aborted"
             time.sleep(0.05)
     wait_idle(served)
@@ -365,13 +365,13 @@ def test_engine_error_fails_the_request_and_the_server_keeps_serving(served):
 
 def test_metrics(served):
     served.client().completions.create(model=served.model, prompt="m", max_tokens=3, extra_body=IGNORE_EOS)
-    for name in ("lcjax_time_to_first_token_seconds_count", "lcjax_time_per_output_token_seconds_count",
-                 "lcjax_e2e_request_latency_seconds_count", "lcjax_prompt_tokens_total",
-                 "lcjax_generation_tokens_total"):
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:time_per_output_token_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total"):
         assert metric(served, name) > 0, name
     text = httpx.get(served.url + "/metrics").text
-    for gauge in ("lcjax_num_requests_waiting", "lcjax_num_requests_running", "lcjax_kv_cache_usage_perc",
-                  "lcjax_generation_tokens_per_second"):
+    for gauge in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:gpu_cache_usage_perc",
+                  "vllm:avg_generation_throughput_toks_per_s"):
         assert f"\n{gauge}{{" in text, gauge
 
 
