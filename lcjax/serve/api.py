@@ -189,7 +189,7 @@ class _Serving:
         if body.prompt is not None:
             tokens = self.tokenizer.encode(body.prompt)
         else:
-            tokens = self.tokenizer.encode(self._render(body.messages, body.add_generation_prompt, None))
+            tokens = self.tokenizer.encode(self._render_chat(body))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_model_len}
 
     async def detokenize(self, body: DetokenizeRequest):
@@ -214,7 +214,7 @@ class _Serving:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
         tool_names = self._check_tools(body)
-        text = self._render(body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.tools)
+        text = self._render_chat(body)
         prompts = [self._adjust_prompt(body, self._encode_prompt(text))]
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         parsing = ChatParsing(self.reasoning_parser, self.reasoning_parser and prompt_opens_reasoning(text),
@@ -466,6 +466,22 @@ class _Serving:
                 raise APIError("'prompt' holds an empty token list.", param="prompt")
             self._check_ids(ids, "prompt")
         return prompts
+
+    def _render_chat(self, body) -> str:
+        """The prompt text of a chat (or chat /tokenize) request. continue_final_message (vLLM):
+        no generation prompt, and the text ends right after the last message's content."""
+        if not body.continue_final_message:
+            return self._render(body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.tools)
+        if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
+            raise APIError("'continue_final_message' and 'add_generation_prompt' cannot both be true.",
+                           param="continue_final_message")
+        last = body.messages[-1].text()
+        text = self._render(body.messages, False, body.chat_template_kwargs, body.tools)
+        at = text.rfind(last) if last else -1
+        if at < 0:
+            raise APIError("continue_final_message: the chat template does not show the last message's "
+                           "content verbatim.", param="continue_final_message")
+        return text[:at + len(last)]
 
     def _render(self, messages, add_generation_prompt: bool, kwargs: Optional[dict],
                 tools: Optional[list] = None) -> str:

@@ -5,7 +5,8 @@ ignored) but declare every field the official `openai` client sends for these en
 vLLM's top-level extras (sampling: `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
 `ignore_eos`, `min_tokens`, `allowed_token_ids`; output: `include_stop_str_in_output`,
 `add_special_tokens`, `skip_special_tokens`, `spaces_between_special_tokens`,
-`truncate_prompt_tokens`; guided decoding: `guided_json`, `guided_regex`, `guided_choice`).
+`truncate_prompt_tokens`; guided decoding: `guided_json`, `guided_regex`, `guided_choice`;
+chat: `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`).
 A declared field set to a value we do not implement is rejected by `unsupported()` with a 400
 naming the field and saying why, never accepted and ignored. Response bodies are plain dicts
 built in `responses.py`.
@@ -167,6 +168,7 @@ class ChatCompletionRequest(_SamplingFields):
     service_tier: Optional[str] = None
     # vLLM extras
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the reply continues the last (assistant) message
     chat_template_kwargs: Optional[dict[str, Any]] = None
     # lcjax extra: see api.py `_heavy_thinking`
     heavy_thinking: Optional[HeavyThinking] = None
@@ -202,7 +204,10 @@ class TokenizeRequest(_Strict):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[dict[str, Any]]] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(_Strict):

@@ -259,6 +259,20 @@ def test_vllm_extras_accepted(served):
     assert out.usage.completion_tokens == 1
 
 
+def test_continue_final_message_and_tokenize_with_tools(served):
+    messages = USER + [{"role": "assistant", "content": "It is"}]
+    body = {"messages": messages, "continue_final_message": True, "add_generation_prompt": False}
+    text = served.tokenizer.decode(post(served, "/tokenize", body).json()["tokens"])
+    assert text == "<|user|>\nWeather in Oslo?\n<|assistant|>\nIt is"
+    out = chat(served, messages=messages, max_tokens=2, extra_body={**body, **IGNORE_EOS})
+    assert out.usage.prompt_tokens == len(text)
+    bad = post(served, "/v1/chat/completions", {"messages": messages, "continue_final_message": True,
+                                                "add_generation_prompt": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continue_final_message"
+    tools = post(served, "/tokenize", {"messages": USER, "tools": [WEATHER]}).json()["tokens"]
+    assert served.tokenizer.decode(tools).startswith("<|system|>\nTools:\n{\"name\": \"get_weather\"")
+
+
 def test_usage_in_streams_only_when_asked(served):
     body = {"model": served.model, "prompt": "u", "max_tokens": 3, "stream": True, "ignore_eos": True}
     chunks = [json.loads(line[6:]) for line in sse_lines(served, "/v1/completions", body)[:-1]]
