@@ -60,6 +60,17 @@ class Tokenizer:
         """Text of `ids`; special tokens (padding, bos, eos) are dropped."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def token_bytes(self) -> Int[np.ndarray, "V"]:
+        """UTF-8 bytes each id stands for (0 for the special tokens), for bits per byte.
+
+        Byte-level BPE spells every byte as one alphabet character, so a token's byte count is
+        the length of its string; summed over an encoding it is the text's byte length.
+        """
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(len(SPECIAL_TOKENS), self.vocab_size):
+            out[i] = len(self.hf.id_to_token(i) or "")
+        return out
+
     def to_json(self) -> str:
         """The whole tokenizer as the `tokenizer.json` text (for checkpoints)."""
         return self.hf.to_str()

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-only", action="store_true",
                         help="print the model summary (params, one forward) and exit")
     add_distributed_flags(parser)
+    parser.add_argument("--no-samples", action="store_true",
+                        help="skip the completions of fixed Python prompts printed after training")
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, show the Python stack instead of one line")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config)
         if primary:
             print(summary.table())
+            if not args.no_samples and not summary.interrupted and summary.checkpoint:
+                from lcjax.train.samples import print_completions
+                print_completions(summary.run_dir)
         return summary.exit_code
 
     from lcjax.train.loop import NonFiniteLoss

@@ -47,33 +47,49 @@ class TrainSummary:
     start_step: int
     final_step: int
     losses: list  # training loss per step run in this process, in order
-    initial_eval_loss: float
+    initial_eval_loss: float  # held-out cross-entropy, nats per token
     final_eval_loss: float
     tokens_per_second: float
     mfu: Optional[float]
     checkpoint: Optional[str]
     interrupted: bool = False
+    initial_eval_bpb: float = math.nan  # the same in bits per utf-8 byte (tokenizer-independent)
+    final_eval_bpb: float = math.nan
     stop_signal: Optional[str] = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
     exit_code: int = 0  # 0, or 128 + the signal number (130 / 143) when a signal stopped it
 
     def table(self) -> str:
         mfu = "-" if self.mfu is None else f"{100 * self.mfu:.1f}%"
-        loss = lambda x: f"{x:.4f}" if math.isfinite(x) else "-"  # noqa: E731
+        def loss(nats, bpb):
+            if not math.isfinite(nats):
+                return "-"
+            return f"{nats:.4f} nats/token" + (f", {bpb:.3f} bits/byte" if math.isfinite(bpb) else "")
         rows = [("run directory", self.run_dir), ("steps", f"{self.start_step} -> {self.final_step}"),
-                ("held-out loss, start", loss(self.initial_eval_loss)),
-                ("held-out loss, end", loss(self.final_eval_loss)),
+                ("held-out loss, start", loss(self.initial_eval_loss, self.initial_eval_bpb)),
+                ("held-out loss, end", loss(self.final_eval_loss, self.final_eval_bpb)),
                 ("train loss, last", f"{self.losses[-1]:.4f}" if self.losses else "-"),
                 ("tokens / s", f"{self.tokens_per_second:,.0f}"), ("MFU", mfu),
                 ("checkpoint", self.checkpoint or "-")]
         return "\n".join(f"{k:<22}{v}" for k, v in rows)
 
 
-def _evaluate(state, batches, eval_fn, sharding) -> float:
-    total, count = 0.0, 0.0
+def _evaluate(state, batches, eval_fn, sharding) -> dict:
+    """Held-out cross-entropy in nats per token and, when batches carry target_bytes, bits per byte."""
+    total, count, nbytes = 0.0, 0.0, 0.0
     for batch in batches:
         out = jax.device_get(eval_fn(state, data_setup.to_global(batch, sharding)))
         total, count = total + float(out["ce_sum"]), count + float(out["tokens"])
-    return total / max(count, 1.0)
+        nbytes += float(out.get("bytes", 0.0))
+    result = {"loss": total / max(count, 1.0)}
+    if nbytes > 0:
+        result["bits_per_byte"] = total / (nbytes * math.log(2.0))
+    return result
+
+
+def with_target_bytes(batches: list, token_bytes) -> list:
+    """Eval batches plus [b, S] float32 `target_bytes`: the utf-8 bytes of each target token."""
+    return [{**b, "target_bytes": token_bytes[np.asarray(b["targets"])].astype(np.float32)}
+            for b in batches]
 
 
 def _initial_state(config, tx, mesh, shardings):
@@ -126,7 +142,8 @@ def train(config: Config, stop_after: Optional[int] = None) -> TrainSummary:
                 data_setup.restore_iterator(iterator, data_state)
             else:
                 state = _initial_state(config, tx, mesh, shardings)
-            eval_batches = data_setup.eval_batches(config, tokenizer, rows)
+            eval_batches = with_target_bytes(data_setup.eval_batches(config, tokenizer, rows),
+                                             tokenizer.token_bytes())
         except BaseException:
             ckpt.close()
             raise
@@ -169,7 +186,7 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
     # `saved`: the newest checkpoint known complete and finite; `saved_step`: the step whose
     # state needs no save on a stop (the restored checkpoint, or a fresh init the seed recreates).
     losses, pending, saved, saved_step = [], None, restored, start
-    initial_eval = math.nan
+    initial_eval = final_eval = {"loss": math.nan}
     # The bar shows on terminals; logs and CI get the periodic `step ...` lines instead.
     bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=None if primary else True)
@@ -214,7 +231,7 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
     try:
         if not stop_now():
             initial_eval = _evaluate(state, eval_batches, eval_fn, rows)
-            writer.write(start, {"loss": initial_eval}, prefix="eval")
+            writer.write(start, initial_eval, prefix="eval")
         for next_step in range(start + 1, end + 1):
             if stop_now():  # a step boundary: state, optimizer and iterator agree here
                 break
@@ -230,7 +247,7 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
                 pending = None
                 save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != end and not stop_now():
-                writer.write(step, {"loss": _evaluate(state, eval_batches, eval_fn, rows)}, "eval")
+                writer.write(step, _evaluate(state, eval_batches, eval_fn, rows), "eval")
         if pending is not None:
             read(*pending)
         if stop_now() and saved_step != step:
@@ -241,19 +258,21 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
     interrupted = stop_now() and step < end
     signum = stop.signum or signal.SIGTERM  # stopped by a peer process's signal: as SIGTERM
     elapsed = time.perf_counter() - t0
-    final_eval = math.nan
     if interrupted:  # a preempted job has seconds left: skip the final evaluation
         log(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint: {saved or 'none'}; "
             "run the same command again to resume")
     else:
         final_eval = _evaluate(state, eval_batches, eval_fn, rows)
-        writer.write(step, {"loss": final_eval}, prefix="eval")
+        writer.write(step, final_eval, prefix="eval")
     writer.close()
     tok_s = tokens_per_step * (step - timed_from) / max(elapsed, 1e-9)
     mfu = None if not peak else (train_flops_per_token(config.model, config.data.seq_len, zero_share)
                                  * tok_s / (peak * jax.device_count()))
     return TrainSummary(run_dir=os.path.abspath(cfg.run_dir), start_step=start, final_step=step,
-                        losses=losses, initial_eval_loss=initial_eval, final_eval_loss=final_eval,
+                        losses=losses, initial_eval_loss=initial_eval["loss"],
+                        final_eval_loss=final_eval["loss"],
+                        initial_eval_bpb=initial_eval.get("bits_per_byte", math.nan),
+                        final_eval_bpb=final_eval.get("bits_per_byte", math.nan),
                         tokens_per_second=tok_s, mfu=mfu, checkpoint=saved, interrupted=interrupted,
                         stop_signal=signal.Signals(signum).name if interrupted else None,
                         exit_code=128 + signum if interrupted else 0)

@@ -97,4 +97,7 @@ def train_step(state: TrainState, batch: Batch, *, config: Config,
 def eval_step(state: TrainState, batch: Batch, *, config: Config) -> dict:
     """Held-out cross-entropy sums for one batch (summed across batches by the caller)."""
     _, (metrics, _) = loss_fn(state.params, state.router_bias, batch, config)
-    return {"ce_sum": metrics["ce"] * metrics["tokens"], "tokens": metrics["tokens"]}
+    out = {"ce_sum": metrics["ce"] * metrics["tokens"], "tokens": metrics["tokens"]}
+    if "target_bytes" in batch:  # [B, S] utf-8 bytes of each target token: for bits per byte
+        out["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"])
+    return out

@@ -110,6 +110,7 @@ def test_signals_at_every_phase_resume_exactly(straight, corpus, tmp_path, monke
 
     s = loop.train(cfg)
     assert (s.start_step, s.final_step, s.interrupted, s.exit_code) == (3, 6, False, 0)
+    assert math.isclose(s.final_eval_bpb, straight.final_eval_bpb) and 0 < s.final_eval_bpb < 20
     done += s.losses
     assert done == straight.losses  # exact, not approximate
     assert sorted(os.listdir(run / "checkpoints")) == ["2", "3", "6"]

@@ -28,6 +28,13 @@ def test_router_bias_moves_and_params_restore(corpus, tmp_path):
     assert np.all(bias[:, e:] == 0.0) and np.any(bias[:, :e] != 0.0)  # zero experts untouched
     assert int(state.step) == 3 and "iterator" in data
 
+    # What `python -m lcjax.train` prints after training: completions from this checkpoint.
+    from lcjax.train.samples import PROMPTS, completions
+    rows = completions(str(tmp_path / "r"), max_tokens=3)
+    assert [r[0] for r in rows] == list(PROMPTS)
+    assert all(isinstance(g, str) and isinstance(s, str) for _, g, s in rows)
+    assert rows == completions(str(tmp_path / "r"), max_tokens=3)  # greedy and seeded: repeatable
+
 
 @pytest.mark.slow  # trains a checkpoint first
 def test_growth_stacks_a_shallower_checkpoint(corpus, tmp_path):
@@ -102,3 +109,20 @@ def test_eight_host_devices_match_one_device(corpus, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     eight = json.loads(out.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(eight, one.losses, rtol=2e-4)
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_heldout_text(corpus, tmp_path):
+    cfg = train_config(corpus, tmp_path / "bpb")
+    tokenizer = loop.data_setup.run_tokenizer(cfg)
+    text = "déjà vu: naïve café — 東京 ✓ def f(x): return x"
+    assert tokenizer.token_bytes()[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+    batches = loop.with_target_bytes(loop.data_setup.eval_batches(cfg, tokenizer),
+                                     tokenizer.token_bytes())
+    counted = 0
+    for batch in batches:
+        for targets, mask, nbytes in zip(batch["targets"], batch["loss_mask"], batch["target_bytes"]):
+            real = np.asarray(mask) > 0
+            expected = len(tokenizer.decode(np.asarray(targets)[real]).encode("utf-8"))
+            assert float(np.sum(np.asarray(nbytes)[real])) == expected
+            counted += expected
+    assert counted > 0
