@@ -27,7 +27,7 @@ class TestSegmentsRowByRow(GmmContract):
 
 
 class TestSegmentsLoop(GmmContract):
-    """The same tiles run one by one in a lax.scan, weights sliced in place."""
+    """The same tiles run one by one in a while loop, rows and weights read in place."""
 
     implementation = "segments"
     config = segments.Config(tile_rows=16, loop=True)
@@ -74,25 +74,33 @@ def test_tile_heuristic_decode_copies_few_weights_training_pads_little():
         segments.Config(tile_rows=0)
 
 
-def test_loop_runs_the_batched_forms_tiles_one_per_step():
-    """The loop form does the batched form's FLOPs: a scan of num_tiles steps, each one
-    [tile_rows, K] x [K, N] product (its cost is checked on the batched form, below)."""
+def test_loop_runs_the_batched_forms_used_tiles_one_per_step():
+    """The loop form does the batched form's FLOPs on its used tiles: a while loop whose trip
+    count is the number of used tiles (sum of ceil(group size / tile_rows)), each step one
+    [tile_rows, K] x [K, N] product read in place (no padded copy of the rows)."""
     rows, groups, k, n = 8192, 32, 64, 32
     config = segments.default_config(rows, k, n, groups, jnp.float32)
     assert config.loop == (jax.default_backend() == "cpu")
     config = segments.Config(config.tile_rows, loop=True)
     jaxpr = jax.make_jaxpr(lambda a, b, s: segments.gmm(a, b, s, config=config))(
         jnp.zeros((rows, k)), jnp.zeros((groups, k, n)), jnp.zeros((groups,), jnp.int32))
-    (scan,) = [e for e in jaxpr.jaxpr.eqns if str(e.primitive) == "scan"]
-    assert scan.params["length"] == segments.num_tiles(rows, groups, config.tile_rows)
-    # One step: a cond whose taken branch is the tile's product and whose other branch (tiles
-    # of no group, e.g. MoE slots routed to zero experts) does no matmul at all.
-    (cond,) = [e for e in scan.params["jaxpr"].jaxpr.eqns if str(e.primitive) == "cond"]
-    skip, run = cond.params["branches"]
-    assert not [e for e in skip.jaxpr.eqns if str(e.primitive) == "dot_general"]
-    dots = [e for e in run.jaxpr.eqns if str(e.primitive) == "dot_general"]
+    (loop,) = [e for e in jaxpr.jaxpr.eqns if str(e.primitive) == "while"]
+    assert not [e for e in jaxpr.jaxpr.eqns if str(e.primitive) in ("gather", "dot_general")]
+    dots = [e for e in loop.params["body_jaxpr"].jaxpr.eqns if str(e.primitive) == "dot_general"]
     assert [tuple(e.invars[0].aval.shape) + tuple(e.outvars[0].aval.shape) for e in dots] == [
         (config.tile_rows, k, config.tile_rows, n)]
+    t = 4
+    sizes = jnp.asarray([7, 0, 20, 3, 9], jnp.int32)
+    windows = segments._windows(sizes, 96, t)
+    assert int(windows[3]) == 2 + 0 + 5 + 1 + 3  # the batched form's used tiles
+    owned = np.zeros(96, int)
+    for i in range(int(windows[3])):
+        g, at, own = segments._window(i, windows, 96, t)
+        rows_i = int(at) + np.flatnonzero(np.asarray(own))
+        owned[rows_i] += 1
+        ends = np.cumsum(np.asarray(sizes))
+        assert np.all((rows_i >= ends[int(g)] - int(sizes[int(g)])) & (rows_i < ends[int(g)]))
+    np.testing.assert_array_equal(owned, (np.arange(96) < 39).astype(int))  # each row once
 
 
 def test_loop_skips_tiles_of_no_group_and_matches_the_batched_form():
