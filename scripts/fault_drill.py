@@ -52,7 +52,7 @@ def write_corpus(root: pathlib.Path) -> str:
 
 
 def train_args(corpus: str, run_dir: pathlib.Path, steps: int, workers: int, *extra: str) -> list:
-    return [sys.executable, "-m", "lcjax.train", "--config", "tiny", "data.source=text",
+    return [sys.executable, "-m", "lcjax.train", "--no-samples", "--config", "tiny", "data.source=text",
             f"data.path={corpus}", "data.seq_len=32", "data.global_batch=4",
             "data.heldout_fraction=0.1", f"data.num_workers={workers}", "model.vocab_size=320",
             "model.num_layers=1", "model.loza.layer_pattern=01", f"train.run_dir={run_dir}",

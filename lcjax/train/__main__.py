@@ -29,9 +29,10 @@ DEFAULT_CONFIGS = ("tiny", "configs/train/stdlib_tiny.yaml")
 
 
 def _exit_on_signal(signum, frame) -> None:
-    """Before training starts there is nothing to save: a signal ends the process at once."""
+    """Outside the training loop (set-up, the samples after it) nothing needs saving: a signal
+    ends the process at once."""
     del frame
-    print(f"lcjax.train: {signal.Signals(signum).name} before training started: exiting",
+    print(f"lcjax.train: {signal.Signals(signum).name}: exiting (no training step in progress)",
           file=sys.stderr)
     raise SystemExit(128 + signum)
 
