@@ -50,6 +50,9 @@ import numpy as np
 import lcjax
 from lcjax.config_io import PRESET_DIR, load_config, resolve_config_path
 
+# The checks below compare two computations exactly; TPUs and GPUs round float32 matmuls by default.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 print("presets:", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 config = load_config(resolve_config_path("tiny"), ["model.num_layers=4",
                                                    "model.loza.layer_pattern=01100110"])
