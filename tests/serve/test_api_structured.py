@@ -282,3 +282,24 @@ def test_usage_in_streams_only_when_asked(served):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert all("usage" not in c for c in chunks[:-1])
     assert httpx.get(served.url + "/health").status_code == 200
+
+
+def test_heavy_thinking_stream_disconnect_during_traces_aborts_them(served):
+    import time
+
+    from tests.serve.test_api import metric, patched_step, slow_step
+
+    aborted = metric(served, "vllm:request_success_total", finished_reason="abort")
+    generated = served.async_engine.stats().generated_tokens_total
+    body = {"model": served.model, "messages": USER, "stream": True, "ignore_eos": True,
+            "heavy_thinking": {"num_traces": 2, "trace_max_tokens": 300, "summary_max_tokens": 4}}
+    with patched_step(served, slow_step(0.01)):
+        with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()  # kept: dropping the iterator closes the connection
+            assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"
+            deadline = time.monotonic() + 120  # a cold engine compiles its steps first
+            while served.async_engine.stats().generated_tokens_total < generated + 4:  # traces are generating
+                assert time.monotonic() < deadline, "the traces never started"
+                time.sleep(0.02)
+        wait_idle(served, timeout=60)  # both traces aborted, their pages freed, no summary started
+    assert metric(served, "vllm:request_success_total", finished_reason="abort") == aborted + 2
