@@ -13,10 +13,17 @@ once), at most `--max-concurrency` in flight. Per request: TTFT (first streamed 
 ((latency - TTFT) / (output tokens - 1)), ITL (gaps between chunks) and end-to-end latency.
 Prints vLLM's result table and writes `--json`.
 
-XLA compiles the engine's step functions per batch-size bucket on first use (a stall of seconds),
-so untimed warm-up bursts of up to `--num-warmups` simultaneous requests (the workload's own
-prompts, at most 8 output tokens; see `warmup_sizes`) run first: set it to the server's
-`--max-num-seqs` so the buckets the timed run meets are compiled before it starts.
+The server compiles every step shape before its ready line, so no warm-up is needed; untimed
+warm-up bursts of up to `--num-warmups` simultaneous requests (the workload's own prompts, at
+most 8 output tokens; see `warmup_sizes`) still run first by default, for servers started with
+`--no-warmup`.
+
+`--mixed` rotates the requests through the kinds real traffic sends (see `MIXED_KINDS`): plain,
+n = 2-4, logprobs 0-20, stop strings, penalties, and chat requests with `response_format`
+json_object and with `tools` (tool_choice "required"); kinds that may stop early are not held to
+their output length. It runs no warm-up bursts and reports the server's compiled step shapes
+(`lcjax_compiled_step_shapes` on /metrics) before and after the run: a server that compiled
+every shape before ready shows 0 new compilations.
 """
 
 from __future__ import annotations
@@ -41,11 +48,17 @@ SERVING = re.compile(r"lcjax\.serve: serving (?P<model>\S+) at (?P<url>\S+)")
 
 
 # ------------------------------------------------------------------------------ workload
+MIXED_KINDS = ("plain", "n", "logprobs", "stop", "penalties", "json", "tools")
+CHAT_MAX_TOKENS = 32  # the json and tools kinds' max_tokens at most
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     prompt: list[int]
     output_len: int
     arrival: float  # seconds after the start
+    kind: str = "plain"  # one of MIXED_KINDS
+    option: int = 0  # n for "n", top logprobs for "logprobs"
 
 
 def lengths(rng: np.random.Generator, mean: int, ratio: float, n: int) -> np.ndarray:
@@ -54,9 +67,9 @@ def lengths(rng: np.random.Generator, mean: int, ratio: float, n: int) -> np.nda
 
 
 def workload(num: int, input_len: int, output_len: int, range_ratio: float, token_range: Sequence[int],
-             request_rate: float, seed: int) -> list[Request]:
+             request_rate: float, seed: int, mixed: bool = False) -> list[Request]:
     """The same requests for the same arguments; arrivals come from their own stream, so the
-    request rate changes only the timing."""
+    request rate changes only the timing. mixed: request i has kind MIXED_KINDS[i % 7]."""
     rng = np.random.default_rng(seed)
     ins = lengths(rng, input_len, range_ratio, num)
     outs = lengths(rng, output_len, range_ratio, num)
@@ -66,7 +79,62 @@ def workload(num: int, input_len: int, output_len: int, range_ratio: float, toke
     else:
         gaps = np.random.default_rng([seed, 1]).exponential(1.0 / request_rate, size=num)
         arrivals = np.cumsum(gaps) - gaps[0]
-    return [Request(p, int(o), float(a)) for p, o, a in zip(prompts, outs, arrivals)]
+    reqs = [Request(p, int(o), float(a)) for p, o, a in zip(prompts, outs, arrivals)]
+    if mixed:
+        options = np.random.default_rng([seed, 2]).integers(0, 21, size=num)
+        reqs = [dataclasses.replace(r, kind=MIXED_KINDS[i % len(MIXED_KINDS)],
+                                    option=int(2 + o % 3) if i % len(MIXED_KINDS) == 1 else int(o))
+                for i, (r, o) in enumerate(zip(reqs, options))]
+    return reqs
+
+
+def _text(prompt: list[int]) -> str:
+    return " ".join("".join(chr(97 + t % 26) for t in prompt[i: i + 5]) for i in range(0, len(prompt), 5))
+
+
+_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def request_call(client, model: str, req: Request, temperature: float):
+    """(create coroutine, exact): the streaming call for `req`'s kind; exact = the server must
+    return exactly req.output_len tokens per choice (kinds that may stop early are not)."""
+    common = dict(model=model, max_tokens=req.output_len, temperature=temperature, stream=True,
+                  stream_options={"include_usage": True})
+    ignore = {"ignore_eos": True}
+    if req.kind in ("json", "tools"):
+        # A short message and at most CHAT_MAX_TOKENS: the chat template and the tool schema
+        # add ~200 tokens of their own (the byte-level tiny tokenizer).
+        common["max_tokens"] = min(req.output_len, CHAT_MAX_TOKENS)
+        chat = dict(messages=[{"role": "user", "content": _text(req.prompt[:8])}], **common)
+        if req.kind == "json":
+            chat["response_format"] = {"type": "json_object"}
+        else:
+            chat.update(tools=[_TOOL], tool_choice="required")
+        return client.chat.completions.create(**chat), False
+    kw = dict(prompt=req.prompt, **common)
+    if req.kind == "n":
+        kw.update(n=req.option, temperature=max(temperature, 0.8), seed=req.option)
+    elif req.kind == "logprobs":
+        kw.update(logprobs=req.option)
+    elif req.kind == "stop":
+        return client.completions.create(stop=["a", "xy"], extra_body=ignore, **kw), False
+    elif req.kind == "penalties":
+        kw.update(presence_penalty=1.0, frequency_penalty=0.5, extra_body={**ignore,
+                                                                         "repetition_penalty": 1.2})
+        return client.completions.create(**kw), True
+    return client.completions.create(extra_body=ignore, **kw), True
+
+
+def _has_output(choice) -> bool:
+    """A streamed choice that carries generated output (not just the opening role delta)."""
+    if hasattr(choice, "text"):
+        return bool(choice.text) or choice.finish_reason is not None
+    d = choice.delta
+    return bool(d.content or d.tool_calls or getattr(d, "reasoning_content", None)
+                or choice.finish_reason is not None)
 
 
 # ------------------------------------------------------------------------------ client
@@ -88,12 +156,12 @@ async def one_request(client, model: str, req: Request, temperature: float) -> R
     result = Result(prompt_len=len(req.prompt))
     start = last = time.perf_counter()
     try:
-        stream = await client.completions.create(
-            model=model, prompt=req.prompt, max_tokens=req.output_len, temperature=temperature,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        call, exact = request_call(client, model, req, temperature)
+        stream = await call
         async for chunk in stream:
             now = time.perf_counter()
-            if chunk.choices:  # one chunk per engine step that advanced this request
+            # one chunk per engine step that advanced this request (per choice when n > 1)
+            if chunk.choices and any(_has_output(c) for c in chunk.choices):
                 if not result.ttft:
                     result.ttft = now - start
                 else:
@@ -102,8 +170,9 @@ async def one_request(client, model: str, req: Request, temperature: float) -> R
             if chunk.usage is not None:
                 result.output_len = chunk.usage.completion_tokens
         result.latency = time.perf_counter() - start
-        if result.output_len != req.output_len:
-            result.error = f"got {result.output_len} tokens, asked for {req.output_len}"
+        want = req.output_len * (req.option if req.kind == "n" else 1)
+        if exact and result.output_len != want:
+            result.error = f"{req.kind}: got {result.output_len} tokens, asked for {want}"
     except Exception as err:  # noqa: BLE001 - a failed request is counted, not fatal
         result.error = f"{type(err).__name__}: {err}"
     return result
@@ -166,6 +235,13 @@ def table(m: dict) -> str:
         for stat in ("mean", "median", "p99"):
             lines.append(row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {label} (ms):",
                              m[f"{stat}_{key}_ms"]))
+    lines.append("{s:{c}^50}".format(s="Compilations", c="-"))
+    if "compilations_during_run" in m:
+        lines.append(row("Step shapes compiled at start:", m["compiled_shapes_at_start"], "{}"))
+        lines.append(row("Compilations during the run:", m["compilations_during_run"], "{}"))
+    lines.append(row("P99 / median TTFT:", m["p99_ttft_ms"] / max(m["median_ttft_ms"], 1e-9)))
+    for kind, (median, p99) in m.get("ttft_by_kind_ms", {}).items():
+        lines.append(row(f"TTFT median / P99 (ms), {kind}:", f"{median:.0f} / {p99:.0f}", "{}"))
     lines.append("=" * 50)
     return "\n".join(lines)
 
@@ -245,6 +321,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--launch", action="store_true", help="start python -m lcjax.serve, benchmark, stop it")
     p.add_argument("--launch-timeout", type=float, default=900.0, help="seconds to wait for its ready line")
     p.add_argument("--quiet-server", action="store_true", help="echo only the server's lcjax.serve lines")
+    p.add_argument("--mixed", action="store_true",
+                   help="rotate through n, logprobs, stop, penalties, JSON and tool requests; no "
+                        "warm-up bursts; report compilations after the server's ready line")
     p.add_argument("--smoke", action="store_true",
                    help="32 requests of 32 + 32 tokens at concurrency 4 (warm-up bursts of 1-4); with "
                         "--launch and no server flags, a small random tiny server")
@@ -255,7 +334,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
             server_args = ["--config", "tiny", "--max-num-seqs", "4", "--max-model-len", "128",
                            "--prefill-chunk", "32"]
     if args.num_warmups is None:
-        args.num_warmups = args.max_concurrency or 16
+        args.num_warmups = 0 if args.mixed else args.max_concurrency or 16
     if server_args and not args.launch:
         p.error("arguments after `--` are server flags: they need --launch")
     return args, server_args
@@ -283,7 +362,8 @@ async def bench(args: argparse.Namespace, base_url: str, model: Optional[str]) -
         if model is None:
             model = (await client.models.list()).data[0].id
         requests = workload(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
-                            args.token_range, args.request_rate, args.seed)
+                            args.token_range, args.request_rate, args.seed, args.mixed)
+        compiled_before = await compiled_shapes(base_url)
         sizes = warmup_sizes(args.num_warmups)
         if sizes:
             print(f"warm-up: untimed bursts of {sizes} requests, twice", flush=True)
@@ -298,9 +378,41 @@ async def bench(args: argparse.Namespace, base_url: str, model: Optional[str]) -
         print(f"benchmark: {len(requests)} requests to {model} at {base_url}, request rate "
               f"{args.request_rate}, max concurrency {args.max_concurrency}", flush=True)
         results, duration = await replay(client, model, requests, args.max_concurrency, args.temperature)
+        compiled_after = await compiled_shapes(base_url)
     finally:
         await client.close()
-    return {"model": model, **summarize(results, duration)}, results
+    extra = {}
+    if args.mixed:
+        extra["ttft_by_kind_ms"] = ttft_by_kind(requests, results)
+    if compiled_before is not None and compiled_after is not None:
+        extra.update(compiled_shapes_at_start=compiled_before,
+                     compilations_during_run=compiled_after - compiled_before)
+    return {"model": model, **summarize(results, duration), **extra}, results
+
+
+def ttft_by_kind(requests: list[Request], results: list[Result]) -> dict:
+    """{kind: [median, P99] TTFT in ms} over the kind's successful requests. A streamed tool
+    call reaches the client whole, so a "tools" request's TTFT is its whole latency."""
+    out = {}
+    for kind in MIXED_KINDS:
+        xs = [1000 * r.ttft for q, r in zip(requests, results) if q.kind == kind and not r.error]
+        if xs:
+            out[kind] = [float(np.median(xs)), float(np.percentile(xs, 99))]
+    return out
+
+
+async def compiled_shapes(base_url: str) -> Optional[int]:
+    """The server's `lcjax_compiled_step_shapes` (None if its /metrics does not say)."""
+    import httpx
+
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    try:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(root + "/metrics", timeout=30)).text
+    except httpx.HTTPError:
+        return None
+    match = re.search(r"^lcjax_compiled_step_shapes\{[^}]*\} (\S+)$", text, re.M)
+    return int(float(match.group(1))) if match else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
     engine.add_argument("--num-pages", type=int, help="KV pages in the pool (default: enough for all seqs)")
     engine.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step")
+    engine.add_argument("--max-prefill-seqs", type=int, default=4,
+                        help="requests prefilled together in one step (default 4; more drains a "
+                             "burst of arrivals sooner, at one more compiled shape per power of two)")
     engine.add_argument("--num-speculative-tokens", type=int, default=0,
                         help="MTP draft tokens per decode round (0 = off)")
     engine.add_argument("--no-warmup", action="store_true",
@@ -179,6 +182,7 @@ def engine_config(args: argparse.Namespace, config: Config):
     max_len = args.max_model_len or min(512, config.model.max_position_embeddings)
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_len, page_size=args.page_size,
                         num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
+                        max_prefill_seqs=args.max_prefill_seqs,
                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed)
 
 
@@ -214,15 +218,18 @@ def enable_compilation_cache(directory: Optional[pathlib.Path]) -> None:
 
 def warmup(engine) -> None:
     """Compile every step shape the engine can run (`Engine.warmup`), so no request waits for
-    XLA once the server is ready; prints one progress line and the total time."""
+    XLA once the server is ready; prints a line per shape and the total time."""
     import time
 
     start = time.perf_counter()
-    plan = engine.compile_plan()
-    print(f"{PREFIX} compiling {len(plan)} step shapes (prefill rows x lengths, "
-          f"{plan[-1][0]} rows)", flush=True)
-    engine.warmup()
-    print(f"{PREFIX} compiled {len(plan)} step shapes in {time.perf_counter() - start:.1f} s",
+
+    def progress(i, total, shape):
+        what = f"{shape[1]} rows x {shape[2]} tokens" if shape[0] == "prefill" else f"{shape[1]} rows"
+        print(f"{PREFIX} compiling step shape {i + 1}/{total}: {shape[0]} {what}", flush=True)
+
+    total = len(engine.compile_plan())
+    engine.warmup(progress)
+    print(f"{PREFIX} compiled {total} step shapes in {time.perf_counter() - start:.1f} s",
           flush=True)
 
 

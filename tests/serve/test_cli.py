@@ -245,8 +245,10 @@ def test_quant_group_size_error_is_one_line_with_a_hint(tiny_model, capsys):
 
 def test_engine_config_from_flags(tiny_model):
     config, _, _ = tiny_model
-    ec = cli.engine_config(parse("--max-num-seqs", "3", "--page-size", "8", "--prefill-chunk", "32"), config)
+    ec = cli.engine_config(parse("--max-num-seqs", "3", "--page-size", "8", "--prefill-chunk", "32",
+                                 "--max-prefill-seqs", "2"), config)
     assert (ec.max_num_seqs, ec.page_size, ec.prefill_chunk, ec.max_model_len) == (3, 8, 32, 512)
+    assert ec.max_prefill_seqs == 2
     small = dataclasses.replace(config, model=dataclasses.replace(config.model, max_position_embeddings=256))
     assert cli.engine_config(parse(), small).max_model_len == 256
 
