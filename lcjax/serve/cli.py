@@ -2,8 +2,10 @@
 
 With no model flag it serves the newest checkpoint of the default training run
 (`python -m lcjax.train`, run directory runs/stdlib_tiny) if there is one, else a randomly
-initialised tiny model (with a warning). Prints the URL and `lcjax.serve: ready` once it takes
-requests; Ctrl-C (or SIGTERM) stops accepting, drains running requests and exits 0.
+initialised tiny model (with a warning). Before it prints the URL and `lcjax.serve: ready` it
+compiles every step shape the engine can run (so no request ever waits for XLA), into jax's
+persistent compilation cache (`--compilation-cache`), which makes a second start load instead of
+compile. Ctrl-C (or SIGTERM) stops accepting, drains running requests and exits 0.
 
 `--quant RECIPE` quantizes the loaded weights (lcjax.quant.quantize_model) before serving, e.g.
 `--quant w8a8` or `--quant fptq_w4a8:group_size=8`. Recipes with static activation scales,
