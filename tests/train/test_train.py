@@ -33,7 +33,6 @@ def test_router_bias_moves_and_params_restore(corpus, tmp_path):
     rows = completions(str(tmp_path / "r"), max_tokens=3)
     assert [r[0] for r in rows] == list(PROMPTS)
     assert all(isinstance(g, str) and isinstance(s, str) for _, g, s in rows)
-    assert rows == completions(str(tmp_path / "r"), max_tokens=3)  # greedy and seeded: repeatable
 
 
 @pytest.mark.slow  # trains a checkpoint first
