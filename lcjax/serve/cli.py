@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="require `Authorization: Bearer KEY` (default: $LCJAX_API_KEY, else none)")
     http.add_argument("--drain-timeout", type=float, default=30.0,
                       help="seconds running requests get to finish on Ctrl-C (default 30)")
+    http.add_argument("--no-reasoning-parser", dest="reasoning_parser", action="store_false",
+                      help="leave <longcat_think> blocks in chat content (default: split them into "
+                           "reasoning_content)")
     http.add_argument("--log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug"))
     add_distributed_flags(p)
@@ -294,7 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     async_engine = AsyncEngine(engine, ServingMetrics(name))
     app = build_app(async_engine, tokenizer, name, api_key=args.api_key, chat_template=template,
-                    max_model_len=engine.engine_config.max_model_len)
+                    max_model_len=engine.engine_config.max_model_len,
+                    reasoning_parser=args.reasoning_parser)
     server = Server(app, args.host, model_name=name, async_engine=async_engine, sock=sock,
                     drain_timeout=args.drain_timeout, log_level=args.log_level, announce=True)
     return server.run()
