@@ -38,6 +38,7 @@ def test_greedy_stream_matches_the_forward_pass(capsys):
     assert "[6 tokens, finish: length]" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a second engine
 def test_stdin_prompt_and_several_samples():
     out = io.StringIO()
     args = generate.build_parser().parse_args(

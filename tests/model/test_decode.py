@@ -17,7 +17,7 @@ def _tokens(cfg, batch, total, seed=0):
     return jnp.asarray(ids, jnp.int32)
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 20])  # 20 > the sparse ring of 24 - 8 local slots
+@pytest.mark.parametrize("chunk", [1, pytest.param(8, marks=pytest.mark.slow), 20])  # 20 > the sparse ring of 24 - 8 local slots
 def test_prefill_and_decode_match_full_forward(tiny, chunk):
     cfg, variables = tiny
     lengths = np.array([5, 17, 26])

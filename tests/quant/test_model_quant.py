@@ -90,6 +90,7 @@ def test_orbax_round_trip(tiny, tmp_path):
         save_quantized(tmp_path / "ckpt", q)
 
 
+@pytest.mark.slow  # the unrolled layout; the scanned one is quantized in the default pass
 def test_unrolled_layers_quantize_too():
     cfg = tiny_config("model.scan_layers=false")
     variables = init_variables(cfg)

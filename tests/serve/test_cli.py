@@ -216,6 +216,7 @@ def test_serve_process_ready_serves_and_drains_on_ctrl_c(tmp_path):
     assert "lcjax.serve: stopped" in out and "RANDOMLY INITIALISED tiny + small.yaml" in err
 
 
+@pytest.mark.slow  # a second server process; quantized serving runs in-process in tests/quant
 def test_serve_process_with_quant(tmp_path):
     """--quant with a calibrating recipe (FPTQ W4A8: random-token calibration, int4 groups,
     static and per-token int8 activations) serves completions through the openai client."""

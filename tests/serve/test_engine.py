@@ -87,7 +87,7 @@ def _run_staggered(engine, prompts, params):
     return [finals[i] for i in ids]
 
 
-@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("k", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_greedy_under_mixed_load_equals_single_request(model, workload, k):
     cfg, variables = model
     prompts, want = workload

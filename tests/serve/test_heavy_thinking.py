@@ -118,6 +118,7 @@ def first_run(engine, prompt_ids):
     return heavy_think(engine, prompt_ids, PROBLEM, PARAMS, CFG)
 
 
+@pytest.mark.slow  # N traces through the engine; the HTTP tests run a smaller heavy-thinking request
 def test_traces_run_in_parallel_at_the_set_temperature(engine, prompt_ids, monkeypatch):
     spy = Spy(engine, monkeypatch)
     result = heavy_think(engine, prompt_ids, PROBLEM, PARAMS, CFG)

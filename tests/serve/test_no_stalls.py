@@ -51,7 +51,7 @@ def _mixed_requests(vocab_size, rng):
     return out
 
 
-@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("k", [0, pytest.param(2, marks=pytest.mark.slow)])  # k=2: a second warm-up
 def test_no_compilation_after_warmup(tiny_model, k):
     config, variables, tokenizer = tiny_model
     engine = Engine(config, variables, tokenizer, EngineConfig(

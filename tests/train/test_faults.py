@@ -128,6 +128,7 @@ def test_signals_at_every_phase_resume_exactly(straight, corpus, tmp_path, monke
     assert max(shown.values()) == 1, {k: v for k, v in shown.items() if v > 1}
 
 
+@pytest.mark.slow  # the multi-process path; two more training runs
 def test_processes_stop_after_the_same_step(straight, corpus, tmp_path, monkeypatch):
     # The multi-process path: a flag travels in the next step's batch and every process reads
     # it from that step's metrics. Signalled while step 3's batch is read: step 4 carries the
@@ -142,6 +143,7 @@ def test_processes_stop_after_the_same_step(straight, corpus, tmp_path, monkeypa
     assert first.losses + rest.losses == straight.losses
 
 
+@pytest.mark.slow  # two more training runs; the chain test covers the common case
 def test_a_resume_drops_metrics_an_interrupted_run_logged_past_its_checkpoint(
         straight, corpus, tmp_path):
     run = tmp_path / "killed"
