@@ -7,7 +7,7 @@ are unrestricted):
                lcjax/parallel/context.py documents; never lcjax.quant nor lcjax.serve
   ops          lcjax.ops: base and pallas_kernels
   kernels      pallas_kernels: nothing from lcjax
-  base         lcjax.config, lcjax.config_io, lcjax.data, lcjax.lazy
+  base         lcjax.config (+ config_checks, config_run), lcjax.config_io, lcjax.data, lcjax.lazy
 No module imports another package's private (underscore) names, and the lm_head projection is
 written once (lcjax/model/model.py `project_logits`).
 """
@@ -20,7 +20,8 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BASE = ("lcjax.config", "lcjax.config_io", "lcjax.data", "lcjax.lazy")
+BASE = ("lcjax.config", "lcjax.config_checks", "lcjax.config_run", "lcjax.config_io", "lcjax.data",
+        "lcjax.lazy")
 OPS = BASE + ("lcjax.ops", "pallas_kernels")
 # Package or module (dotted prefix) -> first-party prefixes it may import from.
 ALLOWED = {

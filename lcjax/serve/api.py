@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import time
@@ -34,12 +33,18 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response, StreamingResponse
 
 from lcjax.serve.async_engine import AsyncEngine, EngineError, EngineShutdown, RequestStream
 from lcjax.serve.chat_template import ChatTemplate, resolve_chat_template
+from lcjax.serve.http_plumbing import ClosingStreamingResponse as _ClosingStreamingResponse
+from lcjax.serve.http_plumbing import check_text as _check_text
+from lcjax.serve.http_plumbing import error as _error
+from lcjax.serve.http_plumbing import install_auth as _install_auth
+from lcjax.serve.http_plumbing import named_field as _named_field
+from lcjax.serve.http_plumbing import package_version as _version
+from lcjax.serve.http_plumbing import install_error_handlers as _install_error_handlers
+from lcjax.serve.http_plumbing import unless_disconnected as _unless_disconnected
 from lcjax.serve.metrics import CONTENT_TYPE
 from lcjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, error_body)
@@ -51,7 +56,6 @@ from lcjax.serve.structured import (GrammarCompiler, GrammarError, GuidedDecoder
 
 log = logging.getLogger("lcjax.serve")
 
-_AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -86,71 +90,6 @@ def build_app(async_engine: AsyncEngine, tokenizer: Any, model_name: str, api_ke
     app.post("/v1/completions")(serving.completions)
     app.post("/v1/chat/completions")(serving.chat_completions)
     return app
-
-
-# ---------------------------------------------------------------- errors and auth
-
-
-def _error(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-           code: Optional[str] = None) -> JSONResponse:
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate can't be sent
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
-
-
-def _validation_message(err: dict) -> tuple[str, Optional[str]]:
-    loc = [str(part) for part in err.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    if err.get("type") == "json_invalid":
-        return f"Malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    if err.get("type") == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
-    if err.get("type") == "missing":
-        return f"Missing required parameter: '{param}'.", param
-    return f"Invalid value for '{param}': {err.get('msg')} (got {err.get('input')!r}).", param
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def validation(_: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        message, param = _validation_message(errors[0]) if errors else ("Invalid request.", None)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return _error(400, message, param=param)
-
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-    @app.exception_handler(ValueError)
-    async def value_error(_: Request, exc: ValueError):
-        return _error(400, str(exc))
-
-    @app.exception_handler(EngineShutdown)
-    async def shutting_down(_: Request, exc: EngineShutdown):
-        return _error(503, str(exc), "service_unavailable")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
-                      else "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception):
-        log.error("lcjax.serve: request failed", exc_info=exc)
-        return _error(500, f"Internal server error: {type(exc).__name__}: {exc}", "internal_error")
-
-
-def _install_auth(app: FastAPI, api_key: str) -> None:
-    expected = f"Bearer {api_key}".encode()
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.url.path.startswith(_AUTH_PREFIXES) and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _error(401, "Incorrect API key provided.", code="invalid_api_key")
-        return await call_next(request)
 
 
 # ---------------------------------------------------------------- the endpoints
@@ -553,78 +492,3 @@ class _Serving:
 
         return _ClosingStreamingResponse(events(), on_close=stream.close, media_type="text/event-stream",
                                          headers=_SSE_HEADERS)
-
-
-class _ClosingStreamingResponse(StreamingResponse):
-    """Runs `on_close` however the response ends, even if the body was never iterated (a
-    client gone before the first byte), so the engine requests are always released."""
-
-    def __init__(self, content, on_close: Callable[[], None], **kwargs):
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
-async def _unless_disconnected(request: Request, work, stream: Optional[RequestStream] = None):
-    """Await `work`, cancelling it (and aborting `stream`) if the client disconnects first.
-
-    Used for non-streaming responses, where Starlette itself does not watch the connection."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            if stream is not None:
-                stream.close()
-    if not task.done():  # the client left: let the work clean up (abort its requests), then stop
-        await asyncio.wait({task})
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    try:
-        return task.result()
-    except EngineError as err:
-        return _error(500, str(err), "internal_error")
-
-
-def _check_text(value: Any, path: str = "") -> None:
-    """400 naming the field of the first string holding a lone surrogate (JSON `\\ud800`
-    escapes decode to one; it cannot be encoded as UTF-8, so it would fail deep inside)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise APIError(f"'{path}' holds a lone surrogate {value[err.start]!r} at character "
-                           f"{err.start}; send valid Unicode text.", param=path or None) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_text(item, f"{path}[{i}]")
-
-
-def _named_field(message: str, fields: dict) -> Optional[str]:
-    """The request field an error message names (SamplingParams errors name their field)."""
-    names = sorted((k for k in fields if k in message), key=len, reverse=True)
-    return names[0] if names else None
-
-
-@functools.lru_cache(maxsize=1)
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("lcjax")
-    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
-        return "0.1.0"

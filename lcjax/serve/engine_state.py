@@ -1,0 +1,89 @@
+"""The engine's configuration, per-request scheduling state and shape buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from lcjax.serve.sampling import SamplingParams
+
+LogitsProcessor = Callable[[list[int]], Optional[np.ndarray]]  # generated ids -> [V] bias or None
+
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving capacity and scheduling knobs."""
+
+    max_num_seqs: int = 8  # concurrent requests (engine slots)
+    max_model_len: int = 512  # prompt + generated tokens per request
+    page_size: int = 16  # tokens per KV page
+    num_pages: Optional[int] = None  # pool size; default: every slot can hold max_model_len
+    prefill_chunk: int = 64  # most prompt tokens one request feeds per step
+    max_prefill_seqs: int = 4  # requests prefilled together in one step
+    num_speculative_tokens: int = 0  # k MTP drafts per round; 0 = plain decoding
+    seed: int = 0  # seeds requests that bring none
+    attention_impl: Optional[str] = None  # paged decode backend; None = platform default
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "page_size", "prefill_chunk",
+                     "max_prefill_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine {name}={getattr(self, name)} must be >= 1")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be >= 0")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 2")
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Block-table width: pages one request may hold."""
+        return math.ceil((self.max_model_len + self.num_speculative_tokens) / self.page_size)
+
+
+@dataclasses.dataclass
+class RequestState:
+    """One request's scheduling state inside the engine (slot, pages, progress, output)."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: float
+    slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    prefilled: int = 0  # prompt tokens consumed so far
+    output: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    emitted_text: int = 0  # characters of `text` already streamed
+    first_token_time: Optional[float] = None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    logits_processor: Optional[LogitsProcessor] = None
+    bias: Optional[np.ndarray] = None  # [V] float32 from the processor for the next token
+
+    @property
+    def length(self) -> int:
+        """Tokens the main model has consumed (the last sampled token is not yet consumed)."""
+        return self.prefilled + max(len(self.output) - 1, 0)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from `start` below `limit`, then `limit`: the padded sizes steps compile for."""
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `n`."""
+    return next(b for b in buckets if b >= n)
