@@ -14,15 +14,8 @@ import pytest
 
 from tests.serve.conftest import MAX_MODEL_LEN
 from tests.serve.test_api import IGNORE_EOS, post, sse_lines, wait_idle
+from tests.serve.test_structured import SCHEMA, WEATHER
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"},
-    "color": {"enum": ["red", "green", "blue"]},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3}},
-    "required": ["name", "age", "color", "tags"]}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"]}}}
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"tz": {"enum": ["utc", "cet"]}}, "required": ["tz"]}}}
 USER = [{"role": "user", "content": "Weather in Oslo?"}]
