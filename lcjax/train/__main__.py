@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config)
         if primary:
             print(summary.table())
-            if not args.no_samples and not summary.interrupted and summary.checkpoint:
+            import jax
+            # One process only: with several, the others would reach the shutdown barrier
+            # while process 0 still samples, and the coordination service aborts them.
+            if (not args.no_samples and not summary.interrupted and summary.checkpoint
+                    and jax.process_count() == 1):
                 from lcjax.train.samples import print_completions
                 print_completions(summary.run_dir)
         return summary.exit_code
