@@ -2,6 +2,11 @@
 
     python scripts/bench_train.py                      # small, bf16, batch 8 x 2048, on the GPU
     python scripts/bench_train.py --smoke              # tiny shapes on CPU (checks the script)
+    python scripts/bench_train.py --cpu-default        # the embedded default run's step on CPU
+
+--cpu-default also reports the fraction of the FLOPs the step executes that are useful model
+FLOPs (lcjax.train.flops: activated experts only, causal attention), from XLA's cost analysis
+(see lcjax/train/cost.py for how loops are counted).
 
 Synthetic token batches (the data pipeline is not what is measured); the real jitted
 `train_step` with its sharded state, timed over many steps with one sync per window after a
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax.config_io import load_config, resolve_config_path
+from lcjax.train.__main__ import DEFAULT_CONFIGS
 from lcjax.parallel import make_mesh, rules_for, use_parallelism
 from lcjax.train.flops import device_peak_flops, train_flops_per_token
 from lcjax.train.state import batch_sharding, create_optimizer, init_state, state_shardings
@@ -34,14 +40,16 @@ def synthetic_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) 
             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
 
 
-def measure(preset: str, batch_size: int, seq: int, steps: int, windows: int, dtype: str,
+def measure(preset, batch_size: int, seq: int, steps: int, windows: int, dtype: str,
             remat: str, extra_overrides=()) -> dict:
-    """Compile the sharded train step for `preset`, then time `windows` windows of `steps` steps
-    (one sync per window); the median step time gives tokens/s and MFU."""
+    """Compile the sharded train step for `preset` (a name or a tuple of layered configs), then
+    time `windows` windows of `steps` steps (one sync per window); the median step time gives
+    tokens/s and MFU."""
     overrides = [f"model.dtype={dtype}", f"model.remat_policy={remat}",
                  f"data.seq_len={seq}", f"data.global_batch={batch_size}",
                  "train.steps=1000", *extra_overrides]
-    config = load_config(resolve_config_path(preset), overrides)
+    presets = (preset,) if isinstance(preset, str) else tuple(preset)
+    config = load_config([resolve_config_path(p) for p in presets], overrides)
     mesh = make_mesh(config.mesh)
     tx = create_optimizer(config)
     shardings = state_shardings(config, tx, mesh)
@@ -70,7 +78,7 @@ def measure(preset: str, batch_size: int, seq: int, steps: int, windows: int, dt
     peak = device_peak_flops()
     tok_s = tokens / step_s
     mfu = None if peak is None else flops_tok * tok_s / (peak * jax.device_count())
-    return {"preset": preset, "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+    return {"preset": "+".join(presets), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "jax": jax.__version__, "python": platform.python_version(), "batch": batch_size,
             "seq": seq, "dtype": dtype, "remat": remat, "compile_s": compile_s,
             "step_s": step_s, "tokens_per_s": tok_s, "model_flops_per_token": flops_tok,
@@ -87,15 +95,31 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--cpu-default", action="store_true",
+                        help="the default run's model, batch and shapes (float32, no remat) and "
+                             "its useful-FLOPs fraction")
     parser.add_argument("--json", default="bench_train.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.batch, args.seq, args.steps, args.windows = "tiny", 2, 64, 3, 1
         args.dtype = "float32"
+    keys = ["preset", "device", "batch", "seq", "dtype", "step_s", "tokens_per_s",
+            "model_flops_per_token", "mfu"]
+    if args.cpu_default:
+        default = load_config([resolve_config_path(p) for p in DEFAULT_CONFIGS], args.overrides)
+        args.preset, args.dtype, args.remat = DEFAULT_CONFIGS, "float32", "none"
+        args.batch, args.seq = default.data.global_batch, default.data.seq_len
     result = measure(args.preset, args.batch, args.seq, args.steps, args.windows, args.dtype,
                      args.remat, args.overrides)
-    for key in ("preset", "device", "batch", "seq", "dtype", "step_s", "tokens_per_s", "model_flops_per_token", "mfu"):
+    if args.cpu_default:
+        from lcjax.train.cost import train_step_cost
+        rng = np.random.default_rng(0)
+        result.update(train_step_cost(default, synthetic_batch(rng, args.batch, args.seq,
+                                                               default.model.vocab_size)))
+        keys += ["zero_share", "executed_flops_per_token", "useful_flops_per_token",
+                 "useful_fraction"]
+    for key in keys:
         value = result[key]
         text = f"{value:,.4g}" if isinstance(value, float) else str(value)
         print(f"{key:<24}{text}")

@@ -19,7 +19,7 @@ PEAK_FLOPS = {
 def attended_tokens(seq_len: int, sparse: bool, model: ModelConfig) -> float:
     """Average keys per query in a causal row of seq_len: S/2, or capped by the LoZA window."""
     full = (seq_len + 1) / 2
-    return min(full, model.loza.window_tokens) if sparse else full
+    return float(min(full, model.loza.window_tokens)) if sparse else full
 
 
 def train_flops_per_token(model: ModelConfig, seq_len: int, zero_share: float = 0.0) -> float:
