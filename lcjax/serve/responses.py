@@ -8,7 +8,8 @@ lcjax/serve/api.py for the stream's framing), each encoded by `sse()`.
 Chat output is split as vLLM's parsers do (`ChatParsing`): `<longcat_think>` text goes to
 `reasoning_content` (lcjax/serve/reasoning.py) and, when the request declared tools, LongCat
 tool-call blocks become `tool_calls` (lcjax/serve/tool_parser.py); a choice that made calls and
-stopped normally finishes with "tool_calls". In a stream a call arrives whole in one delta.
+stopped normally finishes with "tool_calls". In a stream a call arrives as vLLM sends it: a
+delta with its index, id, type and name (arguments ""), then deltas of arguments fragments.
 
 Completion logprobs list the sampled token among `top_logprobs` even when it is not in the top k
 (so `logprobs=0` gives the sampled token alone), as vLLM does; chat `top_logprobs` are the k best.
@@ -24,7 +25,7 @@ from typing import Callable, Optional, Sequence, Union
 from lcjax.serve.outputs import RequestOutput, TokenLogprob
 from lcjax.serve.protocol import ChatCompletionRequest, CompletionRequest
 from lcjax.serve.reasoning import ReasoningSplitter
-from lcjax.serve.tool_parser import ToolCallParser, openai_tool_call
+from lcjax.serve.tool_parser import ToolCallParser, openai_tool_call, openai_tool_call_deltas
 
 
 def sse(payload: dict) -> str:
@@ -46,13 +47,13 @@ class ChatParsing:
 class _ChatText:
     """One choice's text, split into reasoning, content and tool calls as it streams."""
 
-    def __init__(self, parsing: ChatParsing):
+    def __init__(self, parsing: ChatParsing, stream: bool = False):
         self.splitter = ReasoningSplitter(parsing.starts_in_reasoning) if parsing.reasoning else None
-        self.tools = ToolCallParser(parsing.tool_names) if parsing.tool_names is not None else None
+        self.tools = ToolCallParser(parsing.tool_names, stream) if parsing.tool_names is not None else None
         self.had_reasoning = parsing.reasoning and parsing.starts_in_reasoning
 
     def feed(self, text: str, final: bool) -> tuple[str, str, list[dict]]:
-        """(reasoning, content, new tool calls) that `text` completes."""
+        """(reasoning, content, tool-call events) that `text` completes (see ToolCallParser)."""
         reasoning, content = self.splitter.feed(text) if self.splitter else ("", text)
         if final and self.splitter:
             more_r, more_c = self.splitter.finish()
@@ -218,7 +219,7 @@ class ChatFormat(ResponseFormat):
         super().__init__(*args, **kwargs)
         self.parsing = parsing
         for choice in self.choices:
-            choice.chat = _ChatText(parsing)
+            choice.chat = _ChatText(parsing, stream=self.body.stream)
 
     def _finish_reason(self, choice: Choice, output: Optional[RequestOutput]) -> str:
         if output is None:
@@ -250,7 +251,6 @@ class ChatFormat(ResponseFormat):
         return chunk
 
     def _choice_delta(self, choice: Choice, output: RequestOutput) -> dict:
-        first = choice.chat.num_calls
         reasoning, content, calls = choice.chat.feed(self.delta_text(output), output.finished)
         delta: dict = {}
         if reasoning:
@@ -258,7 +258,7 @@ class ChatFormat(ResponseFormat):
         if content or not (output.finished or reasoning or calls):
             delta["content"] = content
         if calls:
-            delta["tool_calls"] = [openai_tool_call(c, first + k) for k, c in enumerate(calls)]
+            delta["tool_calls"] = openai_tool_call_deltas(calls)
         return {"index": choice.index, "delta": delta, "logprobs": self._logprobs(output.logprobs or []),
                 "finish_reason": None}
 
