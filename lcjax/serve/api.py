@@ -19,7 +19,8 @@ Chat extras: `tools` / `tool_choice` (LongCat tool-call blocks, lcjax/serve/tool
 `response_format` json_object / json_schema. `logit_bias`, `allowed_token_ids`, the vLLM
 `guided_*` fields, json output and `tool_choice` "required" or a named function are enforced
 by logits processors (lcjax/serve/structured.py) that the engine adds to the logits before
-each sampled token, so a forced tool call always parses against the tool's parameters.
+each sampled token, so a forced tool call always parses against the tool's parameters. With
+the reasoning parser on, a chat constraint starts after the `<longcat_think>` block (AfterReasoning).
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ from lcjax.serve.http_plumbing import unless_disconnected as _unless_disconnecte
 from lcjax.serve.metrics import CONTENT_TYPE
 from lcjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, error_body)
-from lcjax.serve.reasoning import prompt_opens_reasoning
+from lcjax.serve.reasoning import THINK_END, THINK_START, prompt_opens_reasoning, tag_token_id
 from lcjax.serve.responses import ChatFormat, ChatParsing, CompletionFormat, ResponseFormat, sse
 from lcjax.serve.sampling import SamplingParams
-from lcjax.serve.structured import (GrammarCompiler, GrammarError, GuidedDecoder, LogitBias, choice_regex,
-                                    combine, json_schema_regex, parse_logit_bias, tool_call_regex)
+from lcjax.serve.structured import (GrammarCompiler, GrammarError, LogitBias, choice_regex, combine,
+                                    guided_processor, json_schema_regex, parse_logit_bias, tool_call_regex)
 
 log = logging.getLogger("lcjax.serve")
 
@@ -106,6 +107,7 @@ class _Serving:
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, tokenizer.eos_id)
         self.created = int(time.time())
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: tokenizer.decode([t]))
+        self.think_ids = tuple(tag_token_id(tokenizer, tag) for tag in (THINK_START, THINK_END))
 
     async def health(self):
         if not self.engine.is_running:
@@ -160,7 +162,7 @@ class _Serving:
                               tool_names)
         if body.heavy_thinking is not None:
             return await self._heavy_thinking(body, prompts[0], logprobs, request, parsing)
-        processors = await self._processors(body, self._guide_regex(body))
+        processors = await self._processors(body, self._guide_regex(body), parsing)
         base, stream = await self._start(body, prompts, body.completion_limit, logprobs, "chatcmpl", processors)
         fmt = ChatFormat(self.model_name, self.token_text, body, base, prompts, parsing=parsing)
         if body.stream:
@@ -230,8 +232,10 @@ class _Serving:
             raise APIError(f"{field}: {err}", param=field) from None
         return None
 
-    async def _processors(self, body, guide: Optional[tuple[str, str]]) -> Optional[Callable[[], Any]]:
-        """A factory of one logits processor per sequence (None: no processor)."""
+    async def _processors(self, body, guide: Optional[tuple[str, str]],
+                          parsing: Optional[ChatParsing] = None) -> Optional[Callable[[], Any]]:
+        """A factory of one logits processor per sequence (None: no processor). With `parsing`
+        of a chat reply whose reasoning is parsed, the constraint starts after reasoning."""
         bias = None
         if body.logit_bias or body.allowed_token_ids is not None:
             try:
@@ -246,13 +250,15 @@ class _Serving:
         index = None
         if guide is not None:
             regex, field = guide
-            try:  # building an index can take a while for a large vocabulary: off the event loop
-                index = await asyncio.to_thread(self.grammars.index, regex)
+            try:  # a build can take seconds for a large vocabulary: on the compiler's threads
+                index = await asyncio.wrap_future(self.grammars.index_future(regex))
             except GrammarError as err:
                 raise APIError(f"{field}: {err}", param=field) from None
         if bias is None and index is None:
             return None
-        return lambda: combine([bias, GuidedDecoder(index, self.vocab_size) if index is not None else None])
+        reasons = parsing is not None and parsing.reasoning
+        gate = (self.token_text, parsing.starts_in_reasoning, *self.think_ids) if reasons else None
+        return lambda: combine([bias, guided_processor(index, self.vocab_size, gate)])
 
     def _adjust_prompt(self, body, ids: list[int]) -> list[int]:
         """vLLM's add_special_tokens (start with bos) and truncate_prompt_tokens (keep the last k)."""
@@ -308,7 +314,7 @@ class _Serving:
                 field if field == "max_tokens" else f"heavy_thinking.{field}")
             raise APIError(str(err), param=param,
                            code="context_length_exceeded" if "max_model_len" in str(err) else None) from None
-        processors = await self._processors(body, self._guide_regex(body))
+        processors = await self._processors(body, self._guide_regex(body), parsing)
         base = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(self.model_name, self.token_text, body, base, [[]], parsing=parsing)
         state: dict[str, Any] = {}

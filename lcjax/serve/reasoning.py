@@ -32,6 +32,12 @@ def prompt_opens_reasoning(prompt_text: str) -> bool:
     return tail.endswith(THINK_START)
 
 
+def tag_token_id(tokenizer, tag: str) -> Optional[int]:
+    """The id of `tag` when the tokenizer spells it as one token, else None."""
+    ids = tokenizer.encode(tag)
+    return ids[0] if len(ids) == 1 else None
+
+
 class ReasoningSplitter:
     """Splits streamed output text into (reasoning, content) pieces."""
 

@@ -12,16 +12,22 @@ such processors:
   host (cached), and each step is one table lookup that writes a bitmask, so the jitted step
   only sees an ordinary additive bias. Its `build_regex_from_schema` turns a JSON schema into
   the regex (whitespace between tokens limited to one optional space, as it defaults to).
+- `AfterReasoning`: a constraint held off while the reply is inside a `<longcat_think>` block
+  (chat with the reasoning parser on), so a thinking model reasons freely and the constraint
+  holds from the token after `</longcat_think>`; its docstring gives the rule;
 - `combine`: several processors summed.
 
 Constrained output can still be cut short by `max_tokens` (finish_reason "length"); a complete
-output always matches the regex. The constraint holds from the first generated token, so a
-constrained reply has no `<longcat_think>` block (a thinking model answers without reasoning).
-Needs the `outlines-core` package (only when a request asks for a constraint).
+output always matches the regex. `GrammarCompiler` builds each regex's index once: on its own
+threads (never the event loop or the engine's step thread), shared by every request asking
+for the same regex while the build runs, then kept in an LRU cache. Needs the `outlines-core`
+package (only when a request asks for a constraint).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import json
 import re
@@ -29,6 +35,8 @@ import threading
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from lcjax.serve.reasoning import THINK_END
 
 LogitsProcessor = Callable[[list], Optional[np.ndarray]]
 
@@ -255,18 +263,27 @@ def _bytes_to_unicode() -> dict[int, str]:
 class GrammarCompiler:
     """Builds (and caches) token-level indexes of regexes for one tokenizer and model.
 
-    `vocab_size` is the model's (the logits' width; ids past the tokenizer's are banned)."""
+    `vocab_size` is the model's (the logits' width; ids past the tokenizer's are banned).
+    Builds run on `build_workers` threads of their own; a regex asked for while its build runs
+    waits for that build (one build per regex), and `cache_size` built indexes are kept.
+    """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_id: int, cache_size: int = 64):
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_id: int, cache_size: int = 64,
+                 build_workers: int = 4):
         self.tokenizer, self.vocab_size, self.eos_id = tokenizer, vocab_size, eos_id
+        self.cache_size = cache_size
         self._vocabulary = None
-        self._lock = threading.Lock()
-        self.index = functools.lru_cache(maxsize=cache_size)(self._build_index)
+        self._vocabulary_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two maps below; never held across a build
+        self._built: collections.OrderedDict[str, Any] = collections.OrderedDict()  # LRU order
+        self._building: dict[str, concurrent.futures.Future] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(build_workers, thread_name_prefix="lcjax-grammar")
+        self.num_builds = 0
 
     def vocabulary(self):
         Vocabulary = _outlines().Vocabulary
 
-        with self._lock:
+        with self._vocabulary_lock:
             if self._vocabulary is None:
                 by_bytes: dict[bytes, list[int]] = {}
                 for token, data in token_bytes(self.tokenizer).items():
@@ -274,6 +291,40 @@ class GrammarCompiler:
                         by_bytes.setdefault(data, []).append(token)
                 self._vocabulary = Vocabulary(self.eos_id, by_bytes)
             return self._vocabulary
+
+    def index_future(self, regex: str) -> concurrent.futures.Future:
+        """The index of `regex` as a future: done at once when cached, else the running (or a
+        newly started) build's. A failed build (GrammarError) is not cached."""
+        with self._lock:
+            if regex in self._built:
+                self._built.move_to_end(regex)
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                done.set_result(self._built[regex])
+                return done
+            future = self._building.get(regex)
+            if future is None:
+                future = self._building[regex] = self._pool.submit(self._build_and_keep, regex)
+            return future
+
+    def index(self, regex: str):
+        """The index of `regex` (blocks while it is built)."""
+        return self.index_future(regex).result()
+
+    def _build_and_keep(self, regex: str):
+        with self._lock:
+            self.num_builds += 1
+        try:
+            index = self._build_index(regex)
+        except BaseException:
+            with self._lock:
+                del self._building[regex]
+            raise
+        with self._lock:
+            del self._building[regex]
+            self._built[regex] = index
+            while len(self._built) > self.cache_size:
+                self._built.popitem(last=False)
+        return index
 
     def _build_index(self, regex: str):
         Index = _outlines().Index
@@ -327,3 +378,77 @@ class GuidedDecoder:
     @property
     def finished(self) -> bool:
         return self.guide.is_finished()
+
+
+def guided_processor(index: Any, vocab_size: int, after_reasoning: Optional[tuple] = None
+                     ) -> Optional[LogitsProcessor]:
+    """A GuidedDecoder over `index` (None when there is no index); with `after_reasoning`,
+    wrapped in `AfterReasoning(decoder, *after_reasoning)`."""
+    if index is None:
+        return None
+    decoder = GuidedDecoder(index, vocab_size)
+    return decoder if after_reasoning is None else AfterReasoning(decoder, *after_reasoning)
+
+
+# ---------------------------------------------------------------- constraints after reasoning
+
+
+class AfterReasoning:
+    """A constraint (`inner`, e.g. a GuidedDecoder) held off while the reply reasons.
+
+    The rule, the same one lcjax/serve/reasoning.py splits the reply's text by:
+    - the reply starts inside a `<longcat_think>` block when the prompt opens it
+      (`starts_in_reasoning`: the rendered chat prompt ends with `<longcat_think>`), or when
+      its first generated token is `think_start_id` (given when the tokenizer spells
+      `<longcat_think>` as one token; the first step then allows that token besides the
+      constraint's own, so a model whose template does not open the block may still think);
+    - inside the block no mask applies; the block ends with the token that completes
+      `</longcat_think>` (`think_end_id`, or its text through `token_text`), and `inner` sees
+      the tokens after it, from its start state (text sharing that token is outside both);
+    - otherwise `inner` holds from the first token, as without the reasoning parser (a
+      grammar that itself spells out `<longcat_think>...` constrains the block too).
+
+    Like GuidedDecoder it follows the generated ids and replays them after a rewind.
+    """
+
+    def __init__(self, inner: LogitsProcessor, token_text: Callable[[int], str],
+                 starts_in_reasoning: bool = False, think_start_id: Optional[int] = None,
+                 think_end_id: Optional[int] = None):
+        self.inner, self.token_text = inner, token_text
+        self.starts_in_reasoning = starts_in_reasoning
+        self.think_start_id, self.think_end_id = think_start_id, think_end_id
+        self._reset()
+
+    def _reset(self) -> None:
+        self.state = ("thinking" if self.starts_in_reasoning else
+                      "undecided" if self.think_start_id is not None else "constrained")
+        self.start = 0  # index of the first generated token the constraint sees
+        self._seen: list[int] = []
+        self._tail = ""  # the block's latest text, enough to find THINK_END across tokens
+        self._start_banned = True  # the constraint itself bans think_start_id at the first step
+
+    def __call__(self, generated: list) -> Optional[np.ndarray]:
+        n = len(self._seen)
+        if len(generated) < n or (n and int(generated[n - 1]) != self._seen[-1]):
+            self._reset()
+        for token in generated[len(self._seen):]:
+            self._advance(int(token))
+        if self.state == "thinking":
+            return None
+        bias = self.inner(list(generated[self.start:]))
+        if self.state == "undecided":
+            self._start_banned = bias is not None and bool(np.isneginf(bias[self.think_start_id]))
+            if bias is not None and self._start_banned:
+                bias = bias.copy()
+                bias[self.think_start_id] = 0.0
+        return bias
+
+    def _advance(self, token: int) -> None:
+        position = len(self._seen)
+        self._seen.append(token)
+        if self.state == "undecided":
+            self.state = "thinking" if token == self.think_start_id and self._start_banned else "constrained"
+        elif self.state == "thinking":
+            self._tail = (self._tail + self.token_text(token))[-2 * len(THINK_END):]
+            if token == self.think_end_id or THINK_END in self._tail:
+                self.state, self.start = "constrained", position + 1
