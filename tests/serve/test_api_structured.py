@@ -142,6 +142,19 @@ def test_auto_tool_call_parsed_malformed_kept_as_content(served):
     assert out.choices[0].message.content == FORCED_CALL and not out.choices[0].message.tool_calls
 
 
+def test_streamed_tool_call_arguments_arrive_piece_by_piece(served):
+    regex = FORCED_CALL.replace("{", "\\{").replace("}", "\\}")
+    deltas = [call for chunk in chat(served, stream=True, tools=[WEATHER], max_tokens=200,
+                                     extra_body={"guided_regex": regex})
+              for c in chunk.choices for call in c.delta.tool_calls or []]
+    first, rest = deltas[0], deltas[1:]
+    assert (first.index, first.type, first.function.name, first.function.arguments) == (
+        0, "function", "get_weather", "")
+    assert first.id.startswith("call_")
+    assert len(rest) > 5 and all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    assert "".join(d.function.arguments for d in rest) == '{"city": "Oslo", "unit": "c"}'
+
+
 def test_tool_messages_are_rendered(served):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     messages = USER + [{"role": "assistant", "content": None, "tool_calls": [call]},
@@ -179,6 +192,31 @@ def test_reasoning_content_split_streamed_and_switchable(served):
             off.choices[0].message.model_extra or {})
     finally:
         server.stop()
+
+
+def test_constraint_starts_after_the_think_block_over_http(served):
+    from lcjax.serve.api import build_app
+    from lcjax.serve.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+    from lcjax.serve.server import Server
+
+    opens_block = ChatTemplate(DEFAULT_TEMPLATE.replace("<|assistant|>\n{% endif %}",
+                                                        "<|assistant|>\n<longcat_think>{% endif %}"))
+    x = served.tokenizer.encode("x")[0]
+    for reasoning_parser in (True, False):
+        app = build_app(served.async_engine, served.tokenizer, served.model, max_model_len=MAX_MODEL_LEN,
+                        chat_template=opens_block, reasoning_parser=reasoning_parser)
+        server = Server(app, "127.0.0.1", 0).start()  # shares the engine
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            out = client.chat.completions.create(model=served.model, messages=USER, max_tokens=6, temperature=0,
+                                                 logit_bias={str(x): 100}, response_format={"type": "json_object"})
+            message = out.choices[0].message
+            if reasoning_parser:  # inside the block no mask applies: the bias alone picks the tokens
+                assert message.model_extra["reasoning_content"] == "xxxxxx" and not message.content
+            else:  # the mask holds from the first token: "x" cannot start a JSON object
+                assert message.content.startswith("{"), message.content
+        finally:
+            server.stop()
 
 
 # ---------------------------------------------------------------- Heavy Thinking over HTTP

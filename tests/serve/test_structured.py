@@ -1,7 +1,10 @@
 """Logits processors (logit bias, guided decoding), the tool-call parser and reasoning splitter,
 each fed token ids or text directly (no engine)."""
 
+import concurrent.futures
 import json
+import threading
+import time
 
 import jsonschema
 import numpy as np
@@ -9,9 +12,9 @@ import pytest
 
 from lcjax.serve.loading import ByteTokenizer
 from lcjax.serve.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
-from lcjax.serve.structured import (GrammarCompiler, GrammarError, LogitBias, choice_regex, combine,
-                                    json_schema_regex, parse_logit_bias, token_bytes, tool_call_regex)
-from lcjax.serve.tool_parser import ToolCallParser, parse_tool_calls
+from lcjax.serve.structured import (AfterReasoning, GrammarCompiler, GrammarError, LogitBias, choice_regex,
+                                    combine, json_schema_regex, parse_logit_bias, token_bytes, tool_call_regex)
+from lcjax.serve.tool_parser import ToolCallParser, openai_tool_call_deltas, parse_tool_calls
 
 TOK = ByteTokenizer()
 VOCAB = 272  # wider than the tokenizer, as a model's padded vocabulary is
@@ -141,17 +144,49 @@ def test_tool_parser_whole_and_malformed():
     assert [c["name"] for c in parse_tool_calls(unclosed, ["noop"])[1]] == ["noop"]
 
 
-def test_tool_parser_streaming_matches_whole():
-    text = 'ok <longcat_tool_call>{"name": "noop", "arguments": {"x": 1}}</longcat_tool_call> <longcat_tool'
-    parser = ToolCallParser(["noop"])
+def stream_events(text, names, pieces=1):
+    """Feed `text` to a streaming parser `pieces` characters at a time; its events."""
+    parser = ToolCallParser(names, stream=True)
     events = []
-    for ch in text:  # one character at a time: tags split at every point
-        events += parser.feed(ch)
-    events += parser.finish()
+    for at in range(0, len(text), pieces):
+        events += parser.feed(text[at:at + pieces])
+    return events + parser.finish()
+
+
+def test_tool_parser_streams_arguments_piece_by_piece():
+    text = ('ok <longcat_tool_call>\n{"name": "noop", "arguments": {"x": 1, "s": "}</longcat_tool"}}\n'
+            '</longcat_tool_call>\n<longcat_tool_call>{"arguments": {}, "name": "noop"}</longcat_tool_call>'
+            '<longcat_tool_call>{"name": "rm", "arguments": {}}</longcat_tool_call> <longcat_tool')
     content, calls = parse_tool_calls(text, ["noop"])
-    assert content == "".join(e for e in events if isinstance(e, str)) == "ok <longcat_tool"
-    assert [json.loads(e["arguments"]) for e in events if isinstance(e, dict)] == [{"x": 1}]
-    assert [c["arguments"] for c in calls] == ['{"x": 1}']
+    assert [json.loads(c["arguments"]) for c in calls] == [{"x": 1, "s": "}</longcat_tool"}, {}]
+    for pieces in (1, 3, len(text)):  # tags and the arguments split at every point
+        events = stream_events(text, ["noop"], pieces)
+        assert "".join(e for e in events if isinstance(e, str)) == content == (
+            'ok <longcat_tool_call>{"name": "rm", "arguments": {}}</longcat_tool_call> <longcat_tool')
+        starts = [e for e in events if isinstance(e, dict) and "id" in e]
+        assert [(e["index"], e["name"]) for e in starts] == [(0, "noop"), (1, "noop")]
+        for index, call in enumerate(calls):
+            fragments = [e["arguments"] for e in events if isinstance(e, dict) and e["index"] == index
+                         and "id" not in e]
+            assert "".join(fragments) == call["arguments"]  # the arguments as written, both ways
+            first = events.index(starts[index])
+            assert all(not isinstance(e, dict) or e["index"] != index for e in events[:first])
+        if pieces == 1:  # the first call's arguments arrive as they are written
+            assert len([e for e in events if isinstance(e, dict) and e["index"] == 0]) > 10
+    # A call cut off mid-arguments: streamed, it keeps what it sent; whole, it is content.
+    cut = '<longcat_tool_call>{"name": "noop", "arguments": {"x": [1'
+    events = stream_events(cut, ["noop"])
+    assert "".join(e.get("arguments", "") for e in events if isinstance(e, dict)) == '{"x": [1'
+    assert parse_tool_calls(cut, ["noop"]) == (cut, [])
+
+
+def test_openai_deltas_of_streamed_calls():
+    events = stream_events('<longcat_tool_call>{"name": "noop", "arguments": {"x": 1}}</longcat_tool_call>',
+                           ["noop"])
+    deltas = openai_tool_call_deltas([e for e in events if isinstance(e, dict)])
+    assert deltas[0]["function"] == {"name": "noop", "arguments": ""} and deltas[0]["type"] == "function"
+    assert deltas[0]["id"].startswith("call_")
+    assert deltas[1:] == [{"index": 0, "function": {"arguments": '{"x": 1}'}}]  # joined fragments
 
 
 def test_reasoning_splitter():
@@ -184,3 +219,67 @@ def test_any_object_is_bounded_and_parses(compiler):
             assert isinstance(value, dict)
             if schema:
                 jsonschema.validate(value, nested)
+
+
+# ---------------------------------------------------------------- constraints after reasoning
+
+
+def one_token_text(token):
+    return TOK.decode([token])
+
+
+def test_constraint_starts_after_the_think_block(compiler):
+    regex = json_schema_regex(SCHEMA)
+    rng = np.random.default_rng(3)
+    think = TOK.encode("free <text> {{ ] not json </longcat_thin")
+    # The prompt opened the block: no mask while thinking, however un-JSON the text.
+    gate = AfterReasoning(compiler.processor(regex), one_token_text, starts_in_reasoning=True)
+    assert all(gate(think[:i]) is None for i in range(len(think) + 1))
+    generated = think + TOK.encode("k>")  # the end tag arrives across tokens
+    first = gate(generated)
+    assert set(np.flatnonzero(first == 0)) == {TOK.encode("{")[0]}  # the JSON starts from scratch
+    noise = rng.normal(0, 3, (400, VOCAB)).astype(np.float32)
+    for _ in range(5):
+        gate = AfterReasoning(compiler.processor(regex), one_token_text, starts_in_reasoning=True)
+        reply = TOK.decode(generated) + sample(lambda ids: gate(generated + ids), rng, lambda i: noise[i])
+        reasoning, content = split_reasoning(reply, starts_in_reasoning=True)
+        assert reasoning == "free <text> {{ ] not json "
+        jsonschema.validate(json.loads(content), SCHEMA)
+    # No block opened: the constraint holds from the first token, as without a reasoning parser.
+    gate = AfterReasoning(compiler.processor(regex), TOK.decode)
+    assert set(np.flatnonzero(gate([]) == 0)) == {TOK.encode("{")[0]}
+
+
+def test_a_one_token_think_start_may_open_the_block(compiler):
+    start, end = 260, 261  # past the byte vocabulary, as special tokens are
+    text = {start: "<longcat_think>", end: "</longcat_think>"}.get
+    regex = choice_regex(["yes", "no"])
+    gate = AfterReasoning(compiler.processor(regex), lambda t: text(t) or one_token_text(t), False, start, end)
+    allowed = set(np.flatnonzero(gate([]) == 0))
+    assert allowed == {TOK.encode("y")[0], TOK.encode("n")[0], start}
+    assert gate([start]) is None and gate([start] + TOK.encode("hmm, <maybe>")) is None
+    after = gate([start] + TOK.encode("hmm") + [end])
+    assert set(np.flatnonzero(after == 0)) == {TOK.encode("y")[0], TOK.encode("n")[0]}
+    gate = AfterReasoning(compiler.processor(regex), one_token_text, False, start, end)
+    assert list(np.flatnonzero(gate(TOK.encode("n")) == 0)) == [TOK.encode("o")[0]]  # no block: constrained
+
+
+def test_grammar_builds_are_shared_while_in_flight(monkeypatch):
+    fresh = GrammarCompiler(TOK, VOCAB, TOK.eos_id)
+    build, threads = fresh._build_index, []
+
+    def slow_build(regex):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return build(regex)
+
+    monkeypatch.setattr(fresh, "_build_index", slow_build)
+    regexes = [choice_regex(["a", "b"])] * 6 + [choice_regex(["c"])] * 2
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        indexes = list(pool.map(fresh.index, regexes))
+    assert fresh.num_builds == 2 and all(i is indexes[0] for i in indexes[:6])
+    assert all(name.startswith("lcjax-grammar") for name in threads)
+    assert fresh.index_future(regexes[0]).done() and fresh.num_builds == 2  # cached
+    with pytest.raises(GrammarError):  # a failed build is raised to every waiter, not cached
+        fresh.index("(")
+    assert fresh.num_builds == 3
