@@ -40,6 +40,7 @@ from lcjax.serve.structured import TOOL_CALL_END, TOOL_CALL_START
 Event = Union[str, dict]
 
 # The head of a block in the model card's key order, up to where the arguments value starts.
+_HEAD_WINDOW = 512  # characters a head may take (OpenAI function names have at most 64)
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(arguments|parameters)"\s*:\s*')
 
 
@@ -160,6 +161,8 @@ class ToolCallParser:
         """Start the open block's call once its head is complete; then emit what has arrived of
         its arguments object (all of it when the block is `complete`)."""
         if self._started is None:
+            if len(body) > _HEAD_WINDOW:
+                return  # not the usual head: the block is parsed whole at its end
             head = _HEAD.match(body)
             if head is None or body[head.end():head.end() + 1] != "{":
                 return
