@@ -23,16 +23,21 @@ def attended_tokens(seq_len: int, sparse: bool, model: ModelConfig) -> float:
 
 
 def train_flops_per_token(model: ModelConfig, seq_len: int, zero_share: float = 0.0) -> float:
-    """6 x activated matmul params + attention (QK^T and PV: 12 x H x D x keys, fwd+bwd)."""
+    """6 x activated matmul params + attention (QK^T and PV: 6 x H x (Dqk + Dv) x keys, fwd+bwd),
+    MTP head included (its layer and the shared lm_head applied to its hidden states)."""
     counts = count_params(model)
     expert = (counts.activated_max - counts.activated_min) / (model.num_layers * model.moe.top_k)
     ffn_slots = model.num_layers * model.moe.top_k * (1.0 - zero_share)
     matmul = counts.activated_min + ffn_slots * expert
     if model.mtp_layers:
-        matmul += counts.mtp - model.vocab_size * model.hidden_size  # its embedding is a lookup
+        # Its embedding [V, M] is a lookup, but the shared lm_head [M, V] is applied again to
+        # its hidden states: the two cancel in the matmul count. Its MLA attends causally.
+        matmul += model.mtp_layers * counts.mtp
     a = model.mla
     per_key = a.num_heads * (a.qk_head_dim + a.v_head_dim)
-    attn = sum(attended_tokens(seq_len, s, model) for s in model.sparse_layers) * per_key
+    attended = [attended_tokens(seq_len, s, model) for s in model.sparse_layers]
+    attended += [attended_tokens(seq_len, False, model)] * model.mtp_layers
+    attn = sum(attended) * per_key
     return 6.0 * matmul + 6.0 * attn
 
 
