@@ -166,6 +166,17 @@ def load_lcjax_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
     return config, jax.tree.map(np.asarray, loaded)
 
 
+def load_lcjax_onto(path: str | os.PathLike, targets: dict) -> dict:
+    """The variables of a checkpoint (see `locate_checkpoint`) restored onto `targets`: a
+    {"params", "router_bias"} tree of ShapeDtypeStructs with shardings. Each leaf comes back as
+    a jax Array with that sharding; each process reads only its own devices' slices."""
+    source = locate_checkpoint(path)
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    with context:
+        return ocp.load(source.root, targets, **source.orbax_kwargs())
+
+
 def read_lcjax_config(path: str | os.PathLike) -> Config:
     """The Config of a checkpoint (see `locate_checkpoint`); errors name the config.yaml."""
     config_file = locate_checkpoint(path).config_file
