@@ -14,6 +14,16 @@ when serving a training run directory (the held-out split stays unseen, as in
 scripts/eval_quant.py), else uniform random token ids (FPTQ reports random-token calibration
 works; pass a run directory for real data). Weight-only and per-token dynamic recipes need none.
 
+Sharded serving: dotted `key=value` overrides after the flags set the serving mesh and how the
+model is split over it, layered on `--config` as in `python -m lcjax.train`: `mesh.tensor=2
+mesh.expert=4 parallel.rules=ep_fsdp_tp` runs one engine over 8 of the host's devices, params
+(float or `--quant`) placed by the rule table, steps jitted with in/out shardings, the paged
+latent cache replicated (lcjax.serve.sharding). The mesh defaults to one device (`mesh.data=1`);
+sizes whose product is below the device count use the first devices. With a checkpoint or a
+HF model only `mesh.*` and `parallel.*` keys are accepted (the model is the checkpoint's).
+`--quantized-tp-comm int8|int6|int4` reduces the o_proj / down_proj partial sums with Flash
+Communication's quantized all-reduce (float weights; `parallel.quantized_tp_comm`).
+
 Multi-host serving of one model is not supported yet: the multi-host flags (and LCJAX_*/JAX_*
 env vars) are read as in `python -m lcjax.train`, and a launch that joins more than one process
 exits with an error; `--distributed off` serves a full replica on each host's own devices.
@@ -28,7 +38,7 @@ import pathlib
 import sys
 from typing import Any, NamedTuple, Optional, Sequence
 
-from lcjax.config import Config
+from lcjax.config import TP_COMM_MODES, Config
 from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
 
 PREFIX = "lcjax.serve:"
@@ -88,8 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
                            "reasoning_content)")
     http.add_argument("--log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug"))
+    par = p.add_argument_group("sharding (over this host's devices)")
+    par.add_argument("--quantized-tp-comm", choices=TP_COMM_MODES,
+                     help="tensor-parallel all-reduce of o_proj / down_proj partial sums: none "
+                          "(exact) or quantized (Flash Communication); sets parallel.quantized_tp_comm")
+    par.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted config overrides, e.g. mesh.tensor=2 mesh.expert=4 "
+                          "parallel.rules=fsdp_tp (random models: any key, e.g. model.num_layers=1)")
     add_distributed_flags(p)
     return p
+
+
+SHARDING_SECTIONS = ("mesh.", "parallel.")
+
+
+def serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(MeshConfig, ParallelConfig) of the flags: the `mesh` / `parallel` sections of the
+    `--config` files and the overrides, on a one-device default (`mesh.data=1`). ValueError
+    names a bad key or value."""
+    import yaml
+
+    from lcjax.config_io import load_config, resolve_config_path
+
+    files = [resolve_config_path(c) for c in (args.config or [])]
+    sets_data = any("data" in ((yaml.safe_load(f.read_text()) or {}).get("mesh") or {}) for f in files)
+    overrides = [o for o in args.overrides if o.startswith(SHARDING_SECTIONS)]
+    if args.quantized_tp_comm is not None:
+        overrides.append(f"parallel.quantized_tp_comm={args.quantized_tp_comm}")
+    config = load_config(files, ([] if sets_data else ["mesh.data=1"]) + overrides)
+    return config.mesh, config.parallel
 
 
 def _recipe_names() -> list[str]:
@@ -135,7 +172,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     names = args.config or ["tiny"]
     print(f"{PREFIX} WARNING: serving a RANDOMLY INITIALISED {' + '.join(names)} model with a byte-level "
           "tokenizer: its output is noise", file=sys.stderr, flush=True)
-    config = load_config([resolve_config_path(c) for c in names])
+    config = load_config([resolve_config_path(c) for c in names], args.overrides)
     return LoadedModel(*loading.random_model(config, args.seed), f"lcjax-random-{pathlib.Path(names[0]).stem}")
 
 
@@ -238,6 +275,25 @@ def warmup(engine) -> None:
           flush=True)
 
 
+def sharded(mesh_cfg, parallel) -> dict:
+    """Engine keyword arguments for the serving mesh ({} on one device); prints the layout."""
+    import jax
+
+    from lcjax.serve.sharding import serving_mesh
+
+    mesh = serving_mesh(mesh_cfg)
+    if mesh.size == 1:
+        if parallel.quantized_tp_comm != "none":
+            print(f"{PREFIX} WARNING: --quantized-tp-comm {parallel.quantized_tp_comm} has no "
+                  "effect on one device (set mesh.tensor > 1)", file=sys.stderr, flush=True)
+        return {}
+    axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
+    print(f"{PREFIX} sharding over {mesh.size} of {jax.device_count()} devices: {axes} (rules "
+          f"{parallel.rules}, expert dispatch {parallel.expert_dispatch}, TP comm "
+          f"{parallel.quantized_tp_comm})", flush=True)
+    return dict(mesh=mesh, parallel=parallel)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -264,6 +320,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--quant-calib-batches {args.quant_calib_batches}: must be >= 1")
     if args.config and (args.checkpoint or args.hf_model):
         parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model bring their own")
+    foreign = [o for o in args.overrides if not o.startswith(SHARDING_SECTIONS)]
+    if foreign and (args.checkpoint or args.hf_model):
+        parser.error(f"override {foreign[0]!r}: with --checkpoint / --hf-model only mesh.* and "
+                     "parallel.* keys apply (the model is the checkpoint's)")
+    try:
+        mesh_cfg, parallel = serving_settings(args)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         enable_compilation_cache(compilation_cache_dir(args.compilation_cache))
     except OSError as err:
@@ -286,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config, variables, tokenizer = model.config, model.variables, model.tokenizer
         name = args.served_model_name or model.name
         template = resolve_chat_template(args.chat_template, tokenizer)
-        engine = Engine(config, variables, tokenizer, ec)
+        engine = Engine(config, variables, tokenizer, ec, **sharded(mesh_cfg, parallel))
         if not args.no_warmup:
             warmup(engine)
     except (ValueError, OSError) as err:  # bad flags, files or port: one line, no traceback

@@ -45,9 +45,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from lcjax.config import Config, ModelConfig
+from jax.sharding import Mesh
+
+from lcjax.config import Config, ModelConfig, ParallelConfig
 from lcjax.model.model import model_config
-from lcjax.serve import runner
+from lcjax.serve import runner, sharding
 from lcjax.serve.kv_cache import PageAllocator
 from lcjax.serve.outputs import EngineStats, RequestOutput, TokenLogprob
 from lcjax.serve.sampling import SamplingParams, sampling_tensors
@@ -62,7 +64,10 @@ class Engine:
     """Continuous batching over slots and pages; see the module docstring."""
 
     def __init__(self, config: Union[Config, ModelConfig], variables: Any, tokenizer=None,
-                 engine_config: EngineConfig = EngineConfig()):
+                 engine_config: EngineConfig = EngineConfig(), mesh: Optional[Mesh] = None,
+                 parallel: Optional[ParallelConfig] = None):
+        """`mesh` (with `parallel`: rule table, expert dispatch, TP comm) shards the engine over
+        its devices (lcjax.serve.sharding); None runs on the default device."""
         self.config = config
         self.model_cfg = cfg = model_config(config)
         self.engine_config = ec = engine_config
@@ -96,12 +101,19 @@ class Engine:
         # XLA:CPU cannot donate, and would warn on every call.
         donate = () if jax.default_backend() == "cpu" else (1,)
         impl = ec.attention_impl
-        self._prefill = jax.jit(functools.partial(runner.prefill_step, cfg, implementation=impl),
-                                static_argnames=("speculative",), donate_argnums=donate)
-        self._decode = jax.jit(functools.partial(runner.decode_step, cfg, implementation=impl),
-                               donate_argnums=donate)
-        self._spec = jax.jit(functools.partial(runner.speculative_step, cfg, implementation=impl),
-                             static_argnames=("num_draft",), donate_argnums=donate)
+        steps = ((runner.prefill_step, 4, ("speculative",)), (runner.decode_step, 3, ()),
+                 (runner.speculative_step, 3, ("num_draft",)))
+        self.parallelism = None
+        if mesh is None:
+            jit = [jax.jit(functools.partial(fn, cfg, implementation=impl), static_argnames=static,
+                           donate_argnums=donate) for fn, _, static in steps]
+        else:
+            self.parallelism = par = sharding.parallelism(mesh, parallel or ParallelConfig(), variables)
+            self.variables, self.state, var_sh = sharding.place(cfg, variables, self.state, par)
+            jit = [sharding.ShardedStep(functools.partial(fn, cfg, implementation=impl), par, var_sh,
+                                        num_args=n, donate_argnums=donate)
+                   for fn, n, static in steps]
+        self._prefill, self._decode, self._spec = jit
 
     # ----------------------------------------------------------------------------------- API
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
