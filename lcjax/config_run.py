@@ -14,7 +14,7 @@ from lcjax.config_checks import check_positive as _check_positive
 from lcjax.config_checks import finite as _finite
 
 
-DATA_SOURCES = ("stdlib", "text", "jsonl", "parquet", "arrayrecord")
+DATA_SOURCES = ("stdlib", "text", "jsonl", "chat", "parquet", "arrayrecord")
 
 
 def check_data(cond: bool, key: str, value, expected: str) -> None:
@@ -28,10 +28,16 @@ class DataConfig:
     """A corpus, its held-out split, and the packed batch shape.
 
     source: "stdlib" (the Python standard library's own .py files, no path needed), "text" (one
-        document per file), "jsonl" (one JSON object per line), "parquet", "arrayrecord" (one
-        utf-8 document per record).
+        document per file), "jsonl" (one JSON object per line), "chat" (supervised fine-tuning:
+        one conversation per JSONL line, `{"messages": [{"role", "content"}, ...], "tools": [...]}`
+        in the OpenAI / Hugging Face layout, rendered with the serving chat template and trained
+        on assistant tokens only; see lcjax/data/chat.py), "parquet", "arrayrecord" (one utf-8
+        document per record).
     path: a file or a glob (`**` recurses) for every source but "stdlib".
-    text_field: the JSONL key / Parquet column holding the document text.
+    text_field: the JSONL key / Parquet column holding the document text; for "chat", the key
+        holding the message list (default "messages" when left at "text").
+    chat_template: for "chat", a Jinja2 chat template file; "" takes the tokenizer's own, else
+        the server's default (lcjax.serve.chat_template), so training and serving render alike.
     seq_len: tokens per packed row S.
     global_batch: rows per step summed over hosts; each host yields global_batch / host_count.
     shuffle_seed: document order (reshuffled every epoch) and packed-row order.
@@ -40,7 +46,9 @@ class DataConfig:
     tokenizer_train_bytes: at most this much train-split text trains the BPE tokenizer.
     num_workers: grain worker processes that read and tokenize; 0 = in this process. The batches
         are the same for every value.
-    skip_bad_records: what a malformed JSONL line or unreadable Parquet row does. JSONL and
+    skip_bad_records: what a malformed JSONL line (for "chat": also a conversation with no
+        messages, a message without a string role or with content of the wrong type) or
+        unreadable Parquet row does. JSONL and
         Parquet files are checked when the source opens, each file up to its first 100,000
         records or 256 MiB (`lcjax.data.sources.SCAN_RECORDS` / `SCAN_BYTES`); records past that
         are checked when read. False: raise `ValueError("<file>:<line>: ...")` (Parquet: file,
@@ -58,6 +66,7 @@ class DataConfig:
     tokenizer_train_bytes: int = 4_000_000
     num_workers: int = 0
     skip_bad_records: bool = False
+    chat_template: str = ""
 
     def __post_init__(self):
         check_data(self.source in DATA_SOURCES, "source", self.source, f"one of {list(DATA_SOURCES)}")
@@ -68,7 +77,9 @@ class DataConfig:
         else:
             check_data(self.path != "", "path", self.path,
                   f"a file or glob pattern of {self.source} files for source={self.source!r}")
-        if self.source in ("jsonl", "parquet"):
+        check_data(self.chat_template == "" or self.source == "chat", "chat_template",
+                   self.chat_template, "'' unless source='chat'")
+        if self.source in ("jsonl", "parquet", "chat"):
             check_data(self.text_field != "", "text_field", self.text_field,
                   "the name of the field/column holding the document text")
         for key, low in (("seq_len", 2), ("global_batch", 1), ("tokenizer_train_bytes", 1),

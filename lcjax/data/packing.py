@@ -39,7 +39,10 @@ class Tokenize(grain.transforms.Map):
 class Chunk(grain.experimental.FlatMapTransform):
     """int32 [n] ids -> chunks {inputs, targets, loss_mask} of at most `seq_len` tokens each.
 
-    Chunks without a single target (an empty document: just eos) are dropped. On a repeating
+    A document may also be {"ids", "trained"} (int32 [n] each, lcjax.data.chat): then only the
+    targets of trained tokens count (loss_mask[t] = trained[t + 1]), and the mask is cut and
+    packed with its tokens. Chunks without a single target (an empty document: just eos; a chat
+    chunk with no assistant token) are dropped. On a repeating
     stream, `num_documents` consecutive empty documents (a whole epoch) raise instead of looping
     forever.
     """
@@ -49,16 +52,19 @@ class Chunk(grain.experimental.FlatMapTransform):
         self.max_fan_out = 1 << 30  # documents of any length; grain only checks this for MapDataset
         self._empty_run = 0
 
-    def flat_map(self, ids: Int[np.ndarray, "N"]) -> list[dict[str, Int[np.ndarray, "C"]]]:
+    def flat_map(self, ids) -> list[dict[str, Int[np.ndarray, "C"]]]:
+        trained = None
+        if isinstance(ids, dict):
+            ids, trained = ids["ids"], ids["trained"]
         n = len(ids)
-        self._empty_run = self._empty_run + 1 if n < 2 else 0
-        if self.num_documents is not None and self._empty_run >= self.num_documents:
-            raise ValueError(f"data: all {self.num_documents} documents are empty: nothing to train "
-                             "on; check data.path and data.text_field")
         targets = np.zeros(n, np.int32)
         targets[:-1] = ids[1:]
         mask = np.zeros(n, np.int32)  # int until packed: grain pads every feature with zeros
-        mask[:-1] = 1
+        mask[:-1] = 1 if trained is None else trained[1:]
+        self._empty_run = self._empty_run + 1 if not mask.any() else 0
+        if self.num_documents is not None and self._empty_run >= self.num_documents:
+            raise ValueError(f"data: all {self.num_documents} documents are empty: nothing to train "
+                             "on; check data.path and data.text_field")
         return [{"inputs": ids[s:s + self.seq_len], "targets": targets[s:s + self.seq_len],
                  "loss_mask": mask[s:s + self.seq_len]}
                 for s in range(0, n, self.seq_len) if mask[s:s + self.seq_len].any()]

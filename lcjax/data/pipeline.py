@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from lcjax.data import chat
 from lcjax.data.packing import Chunk, Tokenize, pack
 from lcjax.data.sources import document_source
 from lcjax.data.spec import DataSpec, check
@@ -70,7 +71,8 @@ class DataIterator(grain.DatasetIterator):
 
 
 def make_iterator(spec: DataSpec, tokenizer: Tokenizer, split: str = "train",
-                  host_index: int | None = None, host_count: int | None = None) -> DataIterator:
+                  host_index: int | None = None, host_count: int | None = None,
+                  template=None) -> DataIterator:
     """Shuffled, repeating batches of `split` for one host.
 
     Args:
@@ -79,13 +81,15 @@ def make_iterator(spec: DataSpec, tokenizer: Tokenizer, split: str = "train",
       split: "train" or "heldout".
       host_index, host_count: this host and the number of hosts; default `jax.process_index()`
         and `jax.process_count()`.
+      template: for data.source="chat", the chat template conversations are rendered with
+        (`lcjax.serve.chat_template.resolve_chat_template`); only assistant tokens are trained.
     Returns a DataIterator of dicts: inputs, targets, segment_ids, positions int32
       [global_batch / host_count, seq_len] and loss_mask float32 of the same shape.
     """
     host_index, host_count = _hosts(host_index, host_count)
     per_host = spec.per_host_batch(host_count)
     source = document_source(spec, split)
-    docs = shuffled_documents(source, spec.shuffle_seed).map(Tokenize(tokenizer))
+    docs = shuffled_documents(source, spec.shuffle_seed).map(_tokenize(spec, tokenizer, template))
     ds = docs.to_iter_dataset(_READ_OPTIONS)
     if spec.num_workers:  # before packing: the document order, hence every batch, stays the same
         _absl_flags_parsed()
@@ -99,7 +103,8 @@ def make_iterator(spec: DataSpec, tokenizer: Tokenizer, split: str = "train",
             "num_documents": len(source),
             **{k: getattr(spec, k) for k in ("source", "path", "text_field", "seq_len",
                                             "global_batch", "shuffle_seed", "heldout_fraction",
-                                            "num_workers")}}
+                                            "num_workers")},
+            **({"chat_template": _template_source(template)} if spec.source == "chat" else {})}
     return DataIterator(iter(batches), meta, spec, host_index, host_count)
 
 
@@ -109,7 +114,8 @@ def shuffled_documents(source, seed: int) -> grain.MapDataset:
 
 
 def make_eval_batches(spec: DataSpec, tokenizer: Tokenizer, num_batches: int,
-                      host_index: int | None = None, host_count: int | None = None) -> list[Batch]:
+                      host_index: int | None = None, host_count: int | None = None,
+                      template=None) -> list[Batch]:
     """The first `num_batches` batches of the held-out split: in file order, one pass, no shuffle.
 
     Fewer batches come back when the split runs out; the last one is padded with empty rows
@@ -119,7 +125,8 @@ def make_eval_batches(spec: DataSpec, tokenizer: Tokenizer, num_batches: int,
           "a positive integer")
     host_index, host_count = _hosts(host_index, host_count)
     per_host = spec.per_host_batch(host_count)
-    ds = grain.MapDataset.source(document_source(spec, "heldout")).map(Tokenize(tokenizer))
+    ds = grain.MapDataset.source(document_source(spec, "heldout")).map(
+        _tokenize(spec, tokenizer, template))
     rows = pack(grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(_READ_OPTIONS),
                                                       Chunk(spec.seq_len)),
                 spec.seq_len, _num_bins(spec), seed=None)
@@ -145,21 +152,43 @@ def restore_iterator_from_json(it: grain.DatasetIterator, text: str) -> grain.Da
     return it
 
 
-def tokenizer_training_texts(spec: DataSpec) -> Iterator[str]:
+def tokenizer_training_texts(spec: DataSpec, template=None) -> Iterator[str]:
     """Train-split documents in a fixed pseudo-random order (seed 0, not `shuffle_seed`: the
-    tokenizer should not change with the data order), read lazily."""
+    tokenizer should not change with the data order), read lazily; conversations rendered."""
     docs = grain.MapDataset.source(document_source(spec, "train")).shuffle(seed=0)
     for i in range(len(docs)):
-        yield docs[i]
+        yield chat.render_text(docs[i], _need_template(spec, template)) if spec.source == "chat" else docs[i]
 
 
-def tokenizer_for(spec: DataSpec, directory: str | os.PathLike, vocab_size: int) -> Tokenizer:
+def tokenizer_for(spec: DataSpec, directory: str | os.PathLike, vocab_size: int,
+                  template=None) -> Tokenizer:
     """Load `directory/tokenizer.json`, or train it on `spec`'s train split and save it there."""
-    return train_or_load_tokenizer(directory, vocab_size, tokenizer_training_texts(spec),
+    return train_or_load_tokenizer(directory, vocab_size, tokenizer_training_texts(spec, template),
                                    max_bytes=spec.tokenizer_train_bytes)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _need_template(spec: DataSpec, template):
+    if template is None:
+        raise ValueError("data: source='chat' needs a chat template to render conversations: pass "
+                         "template=lcjax.serve.chat_template.resolve_chat_template(...) (the trainer "
+                         "does, from data.chat_template)")
+    return template
+
+
+def _tokenize(spec: DataSpec, tokenizer: Tokenizer, template) -> grain.transforms.Map:
+    if spec.source == "chat":
+        return chat.ChatTokenize(tokenizer, _need_template(spec, template))
+    return Tokenize(tokenizer)
+
+
+def _template_source(template) -> str:
+    """What identifies a template in the iterator state: a hash of its source text."""
+    import hashlib
+
+    return hashlib.sha256(str(getattr(template, "source", "")).encode()).hexdigest()[:16]
 
 
 class _HostRows(grain.transforms.Map):

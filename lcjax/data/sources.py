@@ -125,6 +125,13 @@ class JsonlFiles(grain.sources.RandomAccessDataSource):
     (dropped by the packer), and each file's count of bad records in the scan is logged once.
     """
 
+    # Subclasses read other record layouts (lcjax.data.chat.ChatFiles): `parse_record(raw line,
+    # path, line, text_field)` -> the document or ValueError "<path>:<line>: ...", a module-level
+    # function (it is part of the scan cache's key); None reads `record[text_field]`. `empty`
+    # stands in for a skipped record.
+    parse_record = None
+    empty: object = ""
+
     def __init__(self, paths: Sequence[os.PathLike | str], text_field: str,
                  skip_bad_records: bool = False):
         self.paths = [str(p) for p in paths]
@@ -134,27 +141,31 @@ class JsonlFiles(grain.sources.RandomAccessDataSource):
         self._file = np.concatenate([np.full(len(s), i, np.int32) for i, (s, _, _) in enumerate(index)])
         self._start, self._end, self._line = (np.concatenate([x[k] for x in index]) for k in range(3))
         self._bad = [_scan_jsonl(p, *_file_key(p), text_field, skip_bad_records, SCAN_RECORDS,
-                                 SCAN_BYTES) for p in self.paths]
+                                 SCAN_BYTES, self._parser()) for p in self.paths]
+
+    @classmethod
+    def _parser(cls):
+        return cls.parse_record or _jsonl_text
 
     def __len__(self) -> int:
         return len(self._start)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> str | dict:
         file = int(self._file[index])
         path, line = self.paths[file], int(self._line[index])
         if line in self._bad[file]:
-            return ""
+            return self.empty
         start, end = int(self._start[index]), int(self._end[index])
         with open(path, "rb") as f:
             f.seek(start)
             raw = f.read(end - start)
         try:
-            return _jsonl_text(raw, path, line, self.text_field)
+            return self._parser()(raw, path, line, self.text_field)
         except ValueError as e:  # past the up-front scan
             if not self.skip_bad_records:
                 raise
             _note_late_skip(path, str(e))
-            return ""
+            return self.empty
 
 
 def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
@@ -184,9 +195,10 @@ def _file_key(path: str) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _scan_jsonl(path: str, size: int, mtime_ns: int, text_field: str, skip: bool,
-                max_records: int, max_bytes: int) -> frozenset[int]:
+                max_records: int, max_bytes: int, parse=None) -> frozenset[int]:
     """Parse the first records of a JSONL file: raise on the first bad one, or (skip) return the
     line numbers of the bad ones and log their count once (cached per file version)."""
+    parse = parse or _jsonl_text
     bad, first, records, nbytes = [], "", 0, 0
     with open(path, "rb") as f:
         for line, raw in enumerate(f, 1):
@@ -197,7 +209,7 @@ def _scan_jsonl(path: str, size: int, mtime_ns: int, text_field: str, skip: bool
                 continue
             records += 1
             try:
-                _jsonl_text(raw, path, line, text_field)
+                parse(raw, path, line, text_field)
             except ValueError as e:
                 if not skip:
                     raise
@@ -401,7 +413,7 @@ class ArrayRecordFiles(grain.sources.RandomAccessDataSource):
 
 
 class Subset(grain.sources.RandomAccessDataSource):
-    """`source` restricted to `indices` (a split)."""
+    """`source` restricted to `indices` (a split); documents are str (a chat source: dicts)."""
 
     def __init__(self, source, indices: np.ndarray):
         self.source = source
@@ -410,7 +422,7 @@ class Subset(grain.sources.RandomAccessDataSource):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> str | dict:
         return self.source[int(self.indices[index])]
 
 
@@ -430,7 +442,7 @@ def expand_path(spec: DataSpec) -> list[pathlib.Path]:
     return files
 
 
-_SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet", "arrayrecord": ".array_record"}
+_SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "chat": ".jsonl", "parquet": ".parquet", "arrayrecord": ".array_record"}
 
 
 def open_source(spec: DataSpec) -> grain.sources.RandomAccessDataSource:
@@ -440,6 +452,10 @@ def open_source(spec: DataSpec) -> grain.sources.RandomAccessDataSource:
         return TextFiles(files)
     if spec.source == "jsonl":
         return JsonlFiles(files, spec.text_field, spec.skip_bad_records)
+    if spec.source == "chat":
+        from lcjax.data.chat import ChatFiles  # chat.py builds on JsonlFiles
+
+        return ChatFiles(files, spec.text_field, spec.skip_bad_records)
     if spec.source == "parquet":
         return ParquetFiles(files, spec.text_field, spec.skip_bad_records)
     if spec.source == "arrayrecord":

@@ -25,7 +25,8 @@ def run_tokenizer(config: Config) -> Tokenizer:
     train.run_dir must be on a filesystem every host sees (as orbax needs for the checkpoints).
     """
     run_dir = config.train.run_dir
-    tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size) if is_primary() else None
+    template = chat_template(config)
+    tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size, template) if is_primary() else None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lcjax.train: tokenizer.json saved")
         if tokenizer is None:
@@ -33,12 +34,22 @@ def run_tokenizer(config: Config) -> Tokenizer:
                 raise ValueError(f"train.run_dir={run_dir!r}: process {jax.process_index()} does not "
                                  f"see the {TOKENIZER_FILE} process 0 saved there: put the run "
                                  "directory on a filesystem every host shares")
-            tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size)
+            tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size, template)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"tokenizer in {config.train.run_dir} has {tokenizer.vocab_size} tokens but "
                          f"model.vocab_size={config.model.vocab_size}: raise model.vocab_size or "
                          f"use a new train.run_dir")
     return tokenizer
+
+
+def chat_template(config: Config, tokenizer=None):
+    """The template data.source="chat" renders with: the server's own resolution (data.chat_template
+    file, else the tokenizer's, else the default), so training and serving see the same text."""
+    if config.data.source != "chat":
+        return None
+    from lcjax.serve.chat_template import resolve_chat_template
+
+    return resolve_chat_template(config.data.chat_template or None, tokenizer)
 
 
 def check_batch(config: Config, mesh: Mesh) -> None:
@@ -71,14 +82,15 @@ def host_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
 def train_iterator(config: Config, tokenizer: Tokenizer, sharding: NamedSharding | None = None):
     """This process's rows of each batch: its block under `sharding` (default: by process index)."""
     index, count = _block(config, sharding)
-    return make_iterator(config.data, tokenizer, "train", host_index=index, host_count=count)
+    return make_iterator(config.data, tokenizer, "train", host_index=index, host_count=count,
+                         template=chat_template(config, tokenizer))
 
 
 def eval_batches(config: Config, tokenizer: Tokenizer,
                  sharding: NamedSharding | None = None) -> list[dict]:
     index, count = _block(config, sharding)
     return make_eval_batches(config.data, tokenizer, config.train.eval_batches, host_index=index,
-                             host_count=count)
+                             host_count=count, template=chat_template(config, tokenizer))
 
 
 def _block(config: Config, sharding: NamedSharding | None) -> tuple[int | None, int | None]:
