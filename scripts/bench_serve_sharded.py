@@ -45,6 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps (default 16)")
     p.add_argument("--json", default="bench_serve_sharded.json", help="output file")
+    p.add_argument("--ep", action="store_true",
+                   help="instead: expert dispatch at decode shapes (all-to-all dropless and with "
+                        "--capacity vs GSPMD) on --ep-mesh, decode rows --ep-rows")
+    p.add_argument("--ep-mesh", nargs="+", default=["expert=8"], metavar="AXIS=N")
+    p.add_argument("--ep-rows", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    p.add_argument("--capacity", type=float, default=1.0,
+                   help="parallel.expert_capacity_factor of the capped all-to-all (default 1)")
     return p.parse_args(argv)
 
 
@@ -108,12 +115,71 @@ def compare(tokens, logprobs, ref_tokens, ref_logprobs):
     return same / max(total, 1), sum(devs) / max(len(devs), 1)
 
 
+def step_time(eng, rows: int, repeats: int) -> tuple[float, float]:
+    """(seconds per decode step over `rows` rows of random tokens, bytes one device sends)."""
+    import jax
+    import numpy as np
+
+    from lcjax.parallel import collective_bytes
+    from lcjax.serve.sharding import compiled_decode_text
+
+    tokens = np.random.default_rng(rows).integers(3, eng.model_cfg.vocab_size, (rows, 1)).astype(np.int32)
+    inp = eng._inputs([], rows, tokens, [], [], [])
+    sent = collective_bytes(compiled_decode_text(eng, rows))["total"]
+    jax.block_until_ready(eng._decode(eng.variables, eng.state, inp))  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = eng._decode(eng.variables, eng.state, inp)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats, sent
+
+
+def bench_ep(args, model) -> list[dict]:
+    """Decode step time and bytes per expert dispatch and decode row count."""
+    from lcjax.config import MeshConfig, ParallelConfig
+    from lcjax.serve.engine import Engine, EngineConfig
+    from lcjax.serve.sharding import serving_mesh
+
+    config, variables, tokenizer = model[:3]
+    sizes = dict(item.split("=") for item in args.ep_mesh)
+    mesh = serving_mesh(MeshConfig(data=1, **{k: int(v) for k, v in sizes.items()}))
+    ec = EngineConfig(max_num_seqs=max(args.ep_rows), max_model_len=64, page_size=16)
+    modes = {"gspmd": ParallelConfig(expert_dispatch="gspmd"),
+             "all_to_all dropless": ParallelConfig(expert_dispatch="all_to_all"),
+             f"all_to_all c={args.capacity:g}": ParallelConfig(
+                 expert_dispatch="all_to_all", expert_capacity_factor=args.capacity)}
+    rows_out = []
+    for name, parallel in modes.items():
+        eng = Engine(config, variables, tokenizer, ec, mesh=mesh, parallel=parallel)
+        for rows in args.ep_rows:
+            try:
+                seconds, sent = step_time(eng, rows, args.decode_steps)
+            except ValueError as err:  # rows not split over `expert`: all-to-all cannot run
+                print(f"  {name} rows {rows}: n/a ({str(err)[:60]}...)", flush=True)
+                continue
+            rows_out.append(dict(dispatch=name, rows=rows, ms=seconds * 1e3, bytes=sent))
+            print(f"  {name} rows {rows}: {seconds * 1e3:.2f} ms", flush=True)
+    print(f"\nmesh {dict(mesh.shape)}\n{'dispatch':<24}{'rows':>6}{'ms/step':>10}{'bytes/step':>12}")
+    for r in rows_out:
+        print(f"{r['dispatch']:<24}{r['rows']:>6}{r['ms']:>10.2f}{r['bytes']:>12.0f}")
+    return rows_out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     if "jax" not in sys.modules and flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     import jax
+
+    if args.ep:
+        model = load(args.run_dir)
+        rows = bench_ep(args, model)
+        pathlib.Path(args.json).write_text(json.dumps(dict(
+            model=model[3], devices=jax.device_count(), backend=jax.default_backend(),
+            args=vars(args), rows=rows), indent=1))
+        print(f"\nwrote {args.json}")
+        return 0
 
     from lcjax.config import MeshConfig, ParallelConfig
     from lcjax.parallel import collective_bytes

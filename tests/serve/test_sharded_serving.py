@@ -183,8 +183,11 @@ def test_quantized_tp_comm_runs_and_sends_fewer_bytes(tiny):
         outputs[mode], eng = _serve(tiny, mesh, parallel)
         hlo = compiled_decode_text(eng, rows=4)
         sent[mode] = collective_bytes(hlo)
+        lines = hlo.splitlines()
+        # 4 decode rows split over expert=2: `auto` dispatches tokens to experts by all-to-all
+        assert any("all-to-all" in line and "f32[" in line for line in lines)
         if mode == "int8":
-            assert any("all-to-all" in line and "u8[" in line for line in hlo.splitlines())
+            assert any("all-to-all" in line and "u8[" in line for line in lines)
     assert sent["int8"]["total"] < sent["none"]["total"], sent
     assert [len(t) for t in outputs["int8"]] == [n for _, _, n in LOAD]
     agree = np.mean([a == b for x, y in zip(outputs["int8"], outputs["none"]) for a, b in zip(x, y)])
