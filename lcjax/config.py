@@ -26,9 +26,9 @@ from lcjax.config_checks import check as _check  # noqa: E402
 from lcjax.config_checks import check_choice as _check_choice  # noqa: E402
 from lcjax.config_checks import check_positive as _check_positive  # noqa: E402
 from lcjax.config_checks import finite as _finite  # noqa: E402,F401
-# The run's sections (data, optimizer, train) live in lcjax/config_run.py; re-exported here.
-from lcjax.config_run import (DATA_SOURCES, DataConfig, OptimizerConfig,  # noqa: E402,F401
-                              TrainConfig, check_data)
+# The run's sections (data, optimizer, train, lora) live in lcjax/config_run.py; re-exported here.
+from lcjax.config_run import (DATA_SOURCES, AfaConfig, DataConfig, LoraConfig,  # noqa: E402,F401
+                              OptimizerConfig, TrainConfig, check_data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +345,7 @@ class Config:
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         _check(self.data.seq_len <= self.model.max_position_embeddings, "data.seq_len",

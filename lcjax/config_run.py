@@ -176,3 +176,95 @@ class TrainConfig:
         _check_choice("train.growth", self.growth, ("none", "stack"))
         _check(self.growth == "none" or bool(self.init_from), "train.growth", self.growth,
                "'none' unless train.init_from names a checkpoint")
+
+
+LORA_TARGET_PRESETS = {
+    # MLA projections q_a, q_b, kv_a, o (not kv_b: the absorbed decode splits it), the dense
+    # SwiGLU MLPs and the routed experts (per-expert adapters) of every decoder layer.
+    "default": r"^layers(_\d+)?/(attn_\d+/(q_a|q_b|kv_a|o)|mlp_\d+/(gate|up|down)|moe/(gate|up|down))$",
+    "attention": r"^layers(_\d+)?/attn_\d+/(q_a|q_b|kv_a|o)$",
+    "mlp": r"^layers(_\d+)?/mlp_\d+/(gate|up|down)$",
+    "experts": r"^layers(_\d+)?/moe/(gate|up|down)$",
+    "mtp": r"^mtp/",  # the MTP head alone (its MLA and SwiGLU): draft-head training
+    "all": r".",
+}
+AFA_ACTIVATIONS = ("none", "relu", "silu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class AfaConfig:
+    """AFA-LoRA: the adapter computes B f_t(A x), f_t(z) = lam(t) * phi(z) + (1 - lam(t)) * z.
+
+    activation: phi, or "none" for plain LoRA (lam is 0 throughout).
+    schedule: how lam falls from 1 to 0: "linear" or "cosine" (0.5 * (1 + cos(pi * p))).
+    start_fraction: lam is 1 for the first start_fraction * train.steps steps.
+    anneal_fraction: lam then falls to 0 over anneal_fraction * train.steps steps and stays 0 to
+        the end, so the adapter is linear (mergeable) when the run finishes. The paper's exact
+        form and schedule are not public; these are settings (lcjax/lora/afa.py).
+    """
+
+    activation: str = "none"
+    schedule: str = "linear"
+    start_fraction: float = 0.0
+    anneal_fraction: float = 0.5
+
+    def __post_init__(self):
+        _check_choice("lora.afa.activation", self.activation, AFA_ACTIVATIONS)
+        _check_choice("lora.afa.schedule", self.schedule, ("linear", "cosine"))
+        _check(_finite(self.start_fraction) and 0.0 <= self.start_fraction < 1.0,
+               "lora.afa.start_fraction", self.start_fraction, "a fraction in [0, 1)")
+        _check(_finite(self.anneal_fraction) and 0.0 < self.anneal_fraction <= 1.0,
+               "lora.afa.anneal_fraction", self.anneal_fraction, "a fraction in (0, 1]")
+        _check(self.start_fraction + self.anneal_fraction <= 1.0, "lora.afa.anneal_fraction",
+               self.anneal_fraction, f"<= 1 - lora.afa.start_fraction = {1 - self.start_fraction:g}, "
+               "so the activation is linear (lam = 0) by the last step")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on frozen base weights: W x + (alpha / rank) * B f(A x) (lcjax/lora).
+
+    rank: r; 0 turns LoRA off (full fine-tuning).
+    alpha: the scale numerator; the adapter output is multiplied by alpha / rank.
+    dropout: dropout rate on the adapter's input during training.
+    targets: a preset name (LORA_TARGET_PRESETS: default, attention, mlp, experts, mtp, all) or a
+        Python regex searched in each weight's parameter path ("layers/attn_0/q_a",
+        "layers/moe/gate", "mtp/mlp/down"; scanned layers share one path). Only weights with an
+        adapter hook qualify (MLA q_a q_b kv_a o, SwiGLU and expert gate up down); a pattern that
+        selects none of them is an error.
+    afa: the annealed activation (AfaConfig).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "default"
+    afa: AfaConfig = AfaConfig()
+
+    def __post_init__(self):
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 0,
+               "lora.rank", self.rank, "an integer >= 0 (0 = no adapters)")
+        _check(_finite(self.alpha) and self.alpha > 0, "lora.alpha", self.alpha, "a finite number > 0")
+        _check(_finite(self.dropout) and 0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout,
+               "a rate in [0, 1)")
+        _check(isinstance(self.targets, str) and self.targets != "", "lora.targets", self.targets,
+               f"a preset in {list(LORA_TARGET_PRESETS)} or a regex of parameter paths")
+        if self.targets not in LORA_TARGET_PRESETS:
+            import re
+
+            try:
+                re.compile(self.targets)
+            except re.error as e:
+                _check(False, "lora.targets", self.targets, f"a valid regex ({e})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+    @property
+    def pattern(self) -> str:
+        return LORA_TARGET_PRESETS.get(self.targets, self.targets)

@@ -12,12 +12,20 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lcjax.ops import observe, quantized_matmul
+from lcjax.ops.grouped_matmul import grouped_matmul
 from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import context as parallel_context
 from lcjax.parallel import tensor_parallel
 
 # HF initialises every linear with normal(0, initializer_range=0.02); norms with ones.
 default_init = nn.initializers.normal(stddev=0.02)
+# Low-rank adapters (lcjax/lora): a variables collection beside "params", holding at a module's
+# path, for its weight `name`, {"a": [K..., r], "b": [r, N...], "ctl": [6]} (experts: [E, K, r],
+# [E, r, N]). ctl = (scale, lam, relu, silu, gelu weights, dropout rate): the adapter adds
+# scale * B f(dropout(A x)) with f(z) = lam * phi(z) + (1 - lam) * z, phi = the weighted sum of
+# the three activations (a one-hot choice). Absent collection: the plain model.
+LORA_COLLECTION = "lora"
+LORA_DROPOUT_RNG = "lora_dropout"
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -99,6 +107,61 @@ O_PROJ: RowParallel = (("batch", "length", "heads", "head_dim"), ("heads", "head
 DOWN_PROJ: RowParallel = (("batch", "length", "mlp"), ("mlp", "embed"), "mlp")
 
 
+def _lora_activation(z: Float[Array, "... r"], ctl: Float[Array, "6"]) -> Float[Array, "... r"]:
+    """f(z) = lam * phi(z) + (1 - lam) * z; exactly z when lam = 0 (the mergeable adapter)."""
+    lam = ctl[1].astype(z.dtype)
+    phi = (ctl[2].astype(z.dtype) * jax.nn.relu(z) + ctl[3].astype(z.dtype) * jax.nn.silu(z)
+           + ctl[4].astype(z.dtype) * jax.nn.gelu(z))
+    return lam * phi + (1 - lam) * z
+
+
+def _lora_input(module: nn.Module, x, ctl):
+    """Inverted dropout on the adapter input while a `lora_dropout` rng is given (training)."""
+    if not module.scope.has_rng(LORA_DROPOUT_RNG):
+        return x
+    rate = ctl[5]
+    keep = jax.random.bernoulli(module.make_rng(LORA_DROPOUT_RNG), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+
+def lora_delta(module: nn.Module, name: str, spec: str, x: Float[Array, "..."],
+               dtype) -> Optional[Float[Array, "..."]]:
+    """scale * B f(A x) for weight `name` of `module` (spec "X,W->O" as `linear` runs it, W's
+    contracted dims first), or None without an adapter. Cost: two rank-r einsums."""
+    if not module.has_variable(LORA_COLLECTION, name):
+        return None
+    adapter = module.get_variable(LORA_COLLECTION, name)
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    k = "".join(c for c in rhs if c not in out)
+    n = rhs[len(k):]
+    kept = "".join(c for c in lhs if c not in k)
+    ctl = adapter["ctl"]
+    z = jnp.einsum(f"{lhs},{k}r->{kept}r", _lora_input(module, x, ctl), adapter["a"].astype(dtype))
+    y = jnp.einsum(f"{kept}r,r{n}->{out}", _lora_activation(z, ctl), adapter["b"].astype(dtype))
+    return y * ctl[0].astype(dtype)
+
+
+def lora_expert_delta(module: nn.Module, name: str, x, dtype, group_sizes=None):
+    """Per-expert adapter of expert weight `name` ([E, K, N]; adapter [E, K, r] / [E, r, N]):
+    rows sorted by expert x [N, K] with `group_sizes` [E] (ragged dispatch) -> [N, N_out] via two
+    grouped matmuls; or, without group_sizes, every expert on every token (the dense oracle):
+    x [T, K] or [T, E, K] -> [T, E, N_out]. None without an adapter."""
+    if not module.has_variable(LORA_COLLECTION, name):
+        return None
+    adapter = module.get_variable(LORA_COLLECTION, name)
+    ctl = adapter["ctl"]
+    a, b = adapter["a"].astype(dtype), adapter["b"].astype(dtype)
+    x = _lora_input(module, x, ctl)
+    if group_sizes is not None:
+        z = grouped_matmul(x, a, group_sizes)
+        y = grouped_matmul(_lora_activation(z, ctl), b, group_sizes)
+    else:
+        z = jnp.einsum("TK,EKr->TEr" if x.ndim == 2 else "TEK,EKr->TEr", x, a)
+        y = jnp.einsum("TEr,ErN->TEN", _lora_activation(z, ctl), b)
+    return y * ctl[0].astype(dtype)
+
+
 def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, dtype,
            row_parallel: Optional[RowParallel] = None) -> Float[Array, "..."]:
     """einsum(spec, x, w) in `dtype` for the weight param `name` of `module`.
@@ -111,6 +174,12 @@ def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, d
     That setting is read from the ambient parallel context: lcjax/parallel/context.py lists
     everything the context changes in the model.
     """
+    y = _base_linear(module, name, spec, x, w, dtype, row_parallel)
+    delta = lora_delta(module, name, spec, x, dtype)
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
+def _base_linear(module, name, spec, x, w, dtype, row_parallel):
     rhs, out = spec.split(",")[1].split("->")
     observe.record(module, name, x, kdims=sum(c not in out for c in rhs))
     if row_parallel is not None and not isinstance(w, QTensor):

@@ -14,7 +14,8 @@ from jaxtyping import Array, Float, Int
 from lcjax.config import Config, ModelConfig
 from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder
-from lcjax.model.layers import RMSNorm, acc_dtype, declare, dtype_of, weight_einsum
+from lcjax.model.layers import (LORA_COLLECTION, LORA_DROPOUT_RNG, RMSNorm, acc_dtype, declare,
+                                dtype_of, weight_einsum)
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
 from lcjax.ops import observe
 from lcjax.ops.attention import document_positions
@@ -87,9 +88,11 @@ class LongCatModel(nn.Module):
         if cfg.scan_layers:
             flags = jnp.asarray(np.array(pairs, dtype=bool))  # [L, 2]
             # Calibration (lcjax.ops.observe) sows per-layer input statistics: stacked like params.
-            axes = {"params": 0, BIAS_COLLECTION: 0, **{c: 0 for c in observe.COLLECTIONS}}
+            # LoRA adapters (layers.LORA_COLLECTION) are stacked too; adapter dropout differs per layer.
+            axes = {"params": 0, BIAS_COLLECTION: 0, LORA_COLLECTION: 0,
+                    **{c: 0 for c in observe.COLLECTIONS}}
             scanned = nn.scan(layer, variable_axes=axes,
-                              split_rngs={"params": True},
+                              split_rngs={"params": True, LORA_DROPOUT_RNG: True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                               length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             return scanned(cfg, static, return_kv, name="layers")(

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig, MoEConfig
-from lcjax.model.layers import acc_dtype, declare, dtype_of
+from lcjax.model.layers import LORA_COLLECTION, acc_dtype, declare, dtype_of, lora_expert_delta
 from lcjax.ops import observe, quantized_matmul
 from lcjax.ops.grouped_matmul import grouped_matmul
 from lcjax.ops.qtensor import QTensor
@@ -51,10 +51,19 @@ def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig):
     return ids, weights
 
 
-def _swiglu_experts_dense(x, gate, up, down, combine):
-    """Oracle: every expert on every token, combined by a [T,E] weight matrix (zero if unrouted)."""
-    h = nn.silu(jnp.einsum("TM,EMF->TEF", x, gate)) * jnp.einsum("TM,EMF->TEF", x, up)
-    out = jnp.einsum("TEF,EFM->TEM", h, down)
+def _swiglu_experts_dense(x, gate, up, down, combine, delta: Optional[Callable] = None):
+    """Oracle: every expert on every token, combined by a [T,E] weight matrix (zero if unrouted).
+
+    `delta(name, x)` adds an adapter's [T, E, N] term to each expert matmul (or returns None)."""
+    delta = delta or (lambda name, x: None)
+
+    def add(y, name, x):
+        d = delta(name, x)
+        return y if d is None else y + d.astype(y.dtype)
+
+    h = nn.silu(add(jnp.einsum("TM,EMF->TEF", x, gate), "gate", x)) * add(
+        jnp.einsum("TM,EMF->TEF", x, up), "up", x)
+    out = add(jnp.einsum("TEF,EFM->TEM", h, down), "down", h)
     return jnp.einsum("TEM,TE->TM", out, combine.astype(out.dtype))
 
 
@@ -112,7 +121,8 @@ class MoE(nn.Module):
                                  "quantized expert weights need moe.dispatch='ragged'")
             gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
             combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=rdt) * weights[..., None], axis=1)
-            y = _swiglu_experts_dense(xc, gate, up, down, combine)
+            y = _swiglu_experts_dense(xc, gate, up, down, combine,
+                                      lambda name, x: lora_expert_delta(self, name, x, cdt))
         elif (ep := self._expert_parallel_plan(x.shape, gate)) is not None:
             y = self._expert_parallel(xc.reshape(b, s, m), ids, weights, gate, up, down, ep)
             y = y.reshape(b * s, m)
@@ -120,8 +130,11 @@ class MoE(nn.Module):
             def matmul(name, rows, w, sizes):
                 observe.record_grouped(self, name, rows, sizes)
                 if isinstance(w, QTensor):
-                    return quantized_matmul.grouped(rows, w, sizes, cdt)
-                return grouped_matmul(rows, w.astype(cdt), sizes)
+                    out = quantized_matmul.grouped(rows, w, sizes, cdt)
+                else:
+                    out = grouped_matmul(rows, w.astype(cdt), sizes)
+                delta = lora_expert_delta(self, name, rows, cdt, sizes)
+                return out if delta is None else out + delta.astype(out.dtype)
 
             y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e, matmul)
         y = (y.astype(rdt) + zero_out).astype(cdt).reshape(b, s, m)
@@ -144,6 +157,9 @@ class MoE(nn.Module):
                              f"dividing num_experts={self.config.moe.num_experts}, rules placing "
                              f"`experts` on `expert` and batch rows {x_shape[0]} split over it "
                              f"(mesh {par.axis_sizes})")
+        if found is not None and any(self.has_variable(LORA_COLLECTION, n) for n in ("gate", "up", "down")):
+            raise ValueError(f"{self.path}: expert adapters (lcjax.lora) run with GSPMD dispatch; "
+                             "set parallel.expert_dispatch=gspmd")
         if found is not None and isinstance(gate, QTensor):
             raise ValueError(f"{self.path}: expert parallelism runs float expert weights; serve "
                              "quantized experts with parallel.expert_dispatch=gspmd")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lcjax.config import Config
 from lcjax.config_io import dump_config
+from lcjax.model import BIAS_COLLECTION
 from lcjax.parallel import is_primary, make_mesh, rules_for, use_parallelism
 from lcjax.train import data_setup
 from lcjax.train.checkpoint import RunCheckpoints, check_writable, restore_params
@@ -97,11 +98,27 @@ def _initial_state(config, tx, mesh, shardings):
     if not config.train.init_from:
         return state
     abstract, _ = abstract_state(config, tx)
-    old = restore_params(config.train.init_from, None)
+    bias = None
+    if _is_hf_directory(config.train.init_from):  # a converted / downloaded HF checkpoint
+        from lcjax.convert import load_hf_checkpoint
+
+        _, variables = load_hf_checkpoint(config.train.init_from, config)
+        old, bias = variables["params"], variables.get(BIAS_COLLECTION)
+    else:
+        old = restore_params(config.train.init_from, None)
     # growth=stack repeats the checkpoint's layers; growth=none needs identical shapes.
     params = stack_layers(old, abstract.params)
     params = jax.device_put(params, shardings.params)
-    return state.replace(params=params, opt_state=tx.init(params))
+    state = state.replace(params=params)
+    if bias is not None:
+        state = state.replace(router_bias=jax.device_put(bias, shardings.router_bias))
+    # LoRA keeps its fresh adapters' optimizer state; full fine-tuning restarts Adam on the params.
+    return state if state.lora is not None else state.replace(opt_state=tx.init(params))
+
+
+def _is_hf_directory(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
+        os.path.join(path, "checkpoints"))
 
 
 def check_platform(config: Config) -> None:
@@ -219,8 +236,9 @@ def _loop(config, state, start, iterator, eval_batches, step_fn, eval_fn, rows, 
         writer.write(step, values)
         bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
         if step % cfg.log_every == 0:
+            lam = f"  afa-lambda {values['afa_lambda']:.3f}" if "afa_lambda" in values else ""
             log(f"step {step:>6}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  "
-                f"zero-share {zero_share:.2f}  {tok_s:,.0f} tok/s")
+                f"zero-share {zero_share:.2f}{lam}  {tok_s:,.0f} tok/s")
 
     def save(step):
         nonlocal saved, saved_step

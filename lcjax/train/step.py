@@ -1,5 +1,6 @@
 """Pure train / eval steps: (state, batch) -> (state, metrics).
 
+With LoRA (lora.rank > 0) the gradient is taken with respect to the adapters only.
 Loss = masked next-token cross-entropy + z_loss * mean(logsumexp^2) + mtp_weight * MTP loss
 (the MTP head at position t predicts token t+2: the target of position t+1 in the same document).
 After the optimizer update the MoE correction biases take one aux-loss-free step.
@@ -14,7 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from lcjax.config import Config
+from lcjax.lora.adapters import attach
+from lcjax.lora.afa import afa_lambda
 from lcjax.model import BIAS_COLLECTION, LongCatModel, update_router_bias
+from lcjax.model.layers import LORA_COLLECTION, LORA_DROPOUT_RNG
 from lcjax.train.state import TrainState
 
 Batch = dict  # inputs, targets, segment_ids, positions [B, S] int32; loss_mask [B, S] float32;
@@ -38,11 +42,21 @@ def mtp_targets(batch: Batch):
     return targets, batch["loss_mask"] * nxt_mask * same
 
 
-def loss_fn(params: Any, router_bias: Any, batch: Batch, config: Config):
-    """Scalar loss and its parts; also the per-layer expert counts for the bias update."""
+def loss_fn(params: Any, router_bias: Any, batch: Batch, config: Config, adapters: Any = None,
+            lam=0.0, dropout_rng=None):
+    """Scalar loss and its parts; also the per-layer expert counts for the bias update.
+
+    With LoRA `adapters` (lcjax.lora) the model adds them at AFA coefficient `lam` ([] float32,
+    a traced value: no recompiles as it anneals); `dropout_rng` turns on adapter dropout."""
+    variables = {"params": params, BIAS_COLLECTION: router_bias}
+    rngs = {}
+    if adapters is not None:
+        variables[LORA_COLLECTION] = attach(adapters, config.lora, lam, config.model.scan_layers)
+        if dropout_rng is not None and config.lora.dropout > 0:
+            rngs[LORA_DROPOUT_RNG] = dropout_rng
     logits, aux = LongCatModel(config.model).apply(
-        {"params": params, BIAS_COLLECTION: router_bias}, batch["inputs"], batch["segment_ids"],
-        batch["positions"], return_aux=True)
+        variables, batch["inputs"], batch["segment_ids"], batch["positions"], return_aux=True,
+        rngs=rngs)
     ce_sum, n_tokens, z_sum = _masked_xent(logits, batch["targets"], batch["loss_mask"])
     denom = jnp.maximum(n_tokens, 1.0)
     ce, z = ce_sum / denom, z_sum / denom
@@ -76,11 +90,25 @@ def _bias_tree_update(router_bias: Any, counts, config: Config) -> Any:
 
 def train_step(state: TrainState, batch: Batch, *, config: Config,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """One optimizer step; metrics are device scalars (read them a step later)."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, counts)), grads = grad_fn(state.params, state.router_bias, batch, config)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    """One optimizer step; metrics are device scalars (read them a step later).
+
+    With LoRA (state.lora set) only the adapters get gradients and updates; the base params
+    pass through unchanged, and `afa_lambda` (the AFA coefficient of this step) is logged."""
+    if state.lora is not None:
+        lam = afa_lambda(state.step, config.lora, config.train.steps)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grad_fn = jax.value_and_grad(
+            lambda ad: loss_fn(state.params, state.router_bias, batch, config, ad, lam, key),
+            has_aux=True)
+        (_, (metrics, counts)), grads = grad_fn(state.lora)
+        updates, opt_state = tx.update(grads, state.opt_state, state.lora)
+        params, adapters = state.params, optax.apply_updates(state.lora, updates)
+        metrics["afa_lambda"] = lam
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (metrics, counts)), grads = grad_fn(state.params, state.router_bias, batch, config)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params, adapters = optax.apply_updates(state.params, updates), None
     bias = state.router_bias
     if config.train.update_router_bias:
         bias = _bias_tree_update(bias, counts, config)
@@ -90,13 +118,15 @@ def train_step(state: TrainState, batch: Batch, *, config: Config,
     metrics["update_norm"] = optax.tree.norm(updates)
     if "stop" in batch:  # [B, 1] per-process stop flags -> one value every process reads
         metrics["stop_requested"] = jnp.max(batch["stop"])
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, router_bias=bias,
+                        lora=adapters)
     return new, metrics
 
 
 def eval_step(state: TrainState, batch: Batch, *, config: Config) -> dict:
     """Held-out cross-entropy sums for one batch (summed across batches by the caller)."""
-    _, (metrics, _) = loss_fn(state.params, state.router_bias, batch, config)
+    lam = 0.0 if state.lora is None else afa_lambda(state.step, config.lora, config.train.steps)
+    _, (metrics, _) = loss_fn(state.params, state.router_bias, batch, config, state.lora, lam)
     out = {"ce_sum": metrics["ce"] * metrics["tokens"], "tokens": metrics["tokens"]}
     if "target_bytes" in batch:  # [B, S] utf-8 bytes of each target token: for bits per byte
         out["bytes"] = jnp.sum(batch["target_bytes"] * batch["loss_mask"])

@@ -1,0 +1,108 @@
+"""LoRA fine-tuning end to end on chat data: frozen base (no optimizer state for it), adapters
+checkpointed, lam logged, `python -m lcjax.lora merge` writing a run the server loads with the
+same logits, and the merge refused at a step where the AFA coefficient is not 0."""
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from lcjax.config_io import load_config, resolve_config_path
+from lcjax.lora.__main__ import main as lora_main
+from lcjax.lora.adapters import attach
+from lcjax.lora.merge import load_lora_run
+from lcjax.model import BIAS_COLLECTION, LongCatModel
+from lcjax.model.layers import LORA_COLLECTION
+from lcjax.serve.loading import load_run
+from lcjax.train import loop
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+
+
+def _chat_corpus(path) -> str:
+    lines = []
+    for i in range(40):
+        q = " ".join(WORDS[(i + j) % 10] for j in range(3 + i % 5))
+        a = " ".join(WORDS[(i * 3 + j) % 10] for j in range(4 + i % 3))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": q},
+                                              {"role": "assistant", "content": a}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = [f"data.source=chat", f"data.path={_chat_corpus(root / 'chat.jsonl')}", "data.seq_len=32",
+            "data.global_batch=4", "data.heldout_fraction=0.1", "model.vocab_size=320",
+            "model.num_layers=1", "model.loza.layer_pattern=01", "train.steps=4",
+            "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.eval_every=0",
+            "train.eval_batches=1", "train.log_every=1", "train.async_checkpoint=false",
+            "optimizer.warmup_steps=1", "optimizer.learning_rate=0.01", f"train.run_dir={root / 'run'}",
+            "lora.rank=4", "lora.alpha=8", "lora.afa.activation=silu",
+            "lora.afa.start_fraction=0.25", "lora.afa.anneal_fraction=0.5"]
+    cfg = load_config(resolve_config_path("tiny"), base)
+    loop.train(cfg)
+    return cfg, root
+
+
+def test_base_frozen_adapters_trained_and_lambda_logged(lora_run):
+    cfg, root = lora_run
+    run = root / "run"
+    config, variables, adapters, step, _ = load_lora_run(run)
+    assert step == 4
+    # The frozen base is the fresh init of the same seed (no init_from): unchanged by training.
+    from lcjax.train.state import create_optimizer, init_state
+    from lcjax.parallel import make_mesh
+
+    fresh = init_state(config, create_optimizer(config), make_mesh(config.mesh))
+    for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(variables["params"])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert any(np.abs(ad["b"]).max() > 0 for ad in _sites(adapters))  # B moved off zero
+    # Adam moments only for the adapters.
+    n_adapter = sum(x.size for x in jax.tree.leaves(fresh.lora))
+    n_opt = sum(x.size for x in jax.tree.leaves(fresh.opt_state))
+    assert 2 * n_adapter <= n_opt <= 2 * n_adapter + 8
+    lams = [json.loads(l).get("train/afa_lambda") for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lams = [x for x in lams if x is not None]
+    assert lams[:4] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+def _sites(adapters):
+    from lcjax.lora.adapters import sites_of
+
+    return list(sites_of(adapters).values())
+
+
+def test_merge_cli_writes_a_run_the_server_loads(lora_run, tmp_path):
+    cfg, root = lora_run
+    out = tmp_path / "merged"
+    assert lora_main(["merge", str(root / "run"), str(out)]) == 0
+    config, variables, adapters, step, _ = load_lora_run(root / "run")
+    variables, adapters = jax.device_put((variables, adapters))
+    merged_cfg, merged, _ = load_run(out)
+    merged = jax.device_put(merged)
+    assert not merged_cfg.lora.enabled
+    ids = jax.random.randint(jax.random.key(0), (2, 16), 3, 320)
+    model = LongCatModel(config.model)
+    unmerged = model.apply({"params": variables["params"], BIAS_COLLECTION: variables["router_bias"],
+                            LORA_COLLECTION: attach(adapters, config.lora, 0.0, True)}, ids)
+    got = model.apply({"params": merged["params"], BIAS_COLLECTION: merged[BIAS_COLLECTION]}, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(unmerged), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_a_step_where_lambda_is_not_zero(lora_run, tmp_path, capsys):
+    cfg, root = lora_run
+    early = tmp_path / "early"
+    shutil.copytree(root / "run", early)
+    for step in ("3", "4"):  # newest left: step 2, where lam = 0.5
+        shutil.rmtree(early / "checkpoints" / step)
+    assert lora_main(["merge", str(early), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "saved at step 2, where the AFA coefficient lam = 0.5" in err
+    assert not (tmp_path / "out").exists()
