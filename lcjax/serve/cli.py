@@ -351,6 +351,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name = args.served_model_name or model.name
         template = resolve_chat_template(args.chat_template, tokenizer)
         engine = Engine(config, variables, tokenizer, ec, **sharded(mesh_cfg, parallel))
+        if engine.parallelism is not None:
+            from lcjax.serve.sharding import per_device_bytes
+
+            print(f"{PREFIX} weights: {per_device_bytes(engine.variables) / 2**20:.1f} MiB per device",
+                  flush=True)
         if not args.no_warmup:
             warmup(engine)
     except (ValueError, OSError) as err:  # bad flags, files or port: one line, no traceback

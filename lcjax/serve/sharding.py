@@ -29,7 +29,7 @@ from lcjax.config import MeshConfig, ModelConfig, ParallelConfig
 from lcjax.model import LongCatModel
 from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import Parallelism, load_rules, make_mesh, use_parallelism
-from lcjax.parallel.rules import axis_tuple, resolve_spec, spec_entry
+from lcjax.parallel.rules import axis_tuple, spec_entry
 
 
 def serving_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
