@@ -17,6 +17,7 @@ _LAZY = {
     "merge_adapters": "lcjax.lora.merge",
     "merged_variables": "lcjax.lora.merge",
     "load_lora_run": "lcjax.lora.merge",
+    "load_merged_run": "lcjax.lora.merge",
 }
 __getattr__ = lazy_getattr(__name__, _LAZY)
 

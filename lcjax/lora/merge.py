@@ -131,3 +131,16 @@ def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Pat
         ckpt.close()
     os.replace(tmp, out)
     return out / "checkpoints" / str(step)
+
+
+def load_merged_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Any]:
+    """(Config with lora off, {"params", BIAS_COLLECTION} merged, Tokenizer) of a LoRA run's newest
+    checkpoint: what `lcjax.serve.loading.load_run` returns for a plain run, so a server can
+    take `--lora RUN` through the same path. ValueError when lam != 0 at that step."""
+    config, variables, adapters, step, tokenizer = load_lora_run(run_dir)
+    check_mergeable(config, step, where=str(pathlib.Path(run_dir).absolute()))
+    from lcjax.model import BIAS_COLLECTION
+
+    merged = {"params": merge_adapters(variables["params"], adapters, config.lora),
+              BIAS_COLLECTION: variables["router_bias"]}
+    return dataclasses.replace(config, lora=LoraConfig()), merged, tokenizer

@@ -15,7 +15,7 @@ import pytest
 from lcjax.config_io import load_config, resolve_config_path
 from lcjax.lora.__main__ import main as lora_main
 from lcjax.lora.adapters import attach
-from lcjax.lora.merge import load_lora_run
+from lcjax.lora.merge import load_lora_run, load_merged_run
 from lcjax.model import BIAS_COLLECTION, LongCatModel
 from lcjax.model.layers import LORA_COLLECTION
 from lcjax.serve.loading import load_run
@@ -94,6 +94,15 @@ def test_merge_cli_writes_a_run_the_server_loads(lora_run, tmp_path):
                             LORA_COLLECTION: attach(adapters, config.lora, 0.0, True)}, ids)
     got = model.apply({"params": merged["params"], BIAS_COLLECTION: merged[BIAS_COLLECTION]}, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(unmerged), atol=1e-5, rtol=1e-5)
+    # The in-memory path a server takes for `--lora RUN`: the same merged weights.
+    _, direct, _ = load_merged_run(root / "run")
+    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(merged)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # lcjax.convert reads the merged run as it reads any training run.
+    from lcjax.convert.__main__ import main as convert_main
+
+    assert convert_main(["lcjax-to-hf", str(out), str(tmp_path / "hf")]) == 0
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "hf").iterdir())
 
 
 def test_merge_refuses_a_step_where_lambda_is_not_zero(lora_run, tmp_path, capsys):
