@@ -108,9 +108,6 @@ def load_lora_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Any, int, A
 def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """Merge the newest checkpoint of LoRA run `run_dir` into a normal run directory `out_dir`
     (which must not exist yet). Returns the path of the written checkpoint step."""
-    from lcjax.train.checkpoint import RunCheckpoints
-    from lcjax.train.state import TrainState
-
     out = pathlib.Path(out_dir).absolute()
     if out.exists():
         raise ValueError(f"{out} exists: merge writes a new run directory; remove it or pick another")
@@ -122,13 +119,17 @@ def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Pat
     tmp.mkdir(parents=True)
     dump_config(dataclasses.replace(config, lora=LoraConfig()), tmp / RUN_CONFIG)
     shutil.copyfile(pathlib.Path(run_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state={},
-                       router_bias=variables["router_bias"], rng=jnp.zeros((2,), jnp.uint32))
-    ckpt = RunCheckpoints(str(tmp), keep=1, async_save=False)
+    # The training checkpoint layout (lcjax.train.checkpoint): checkpoints/<step>/{state, data}.
+    state = {"step": np.asarray(step, np.int32), "params": params,
+             "router_bias": variables["router_bias"], "rng": np.zeros((2,), np.uint32)}
+    manager = ocp.CheckpointManager(tmp / "checkpoints", item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(create=True))
     try:
-        ckpt.save(step, state, {})
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave({})))
+        manager.wait_until_finished()
     finally:
-        ckpt.close()
+        manager.close()
     os.replace(tmp, out)
     return out / "checkpoints" / str(step)
 

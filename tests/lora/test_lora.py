@@ -125,3 +125,18 @@ def test_afa_schedule_anneals_to_zero_and_stays(schedule):
 def test_config_names_the_bad_value(key, value, what):
     with pytest.raises(ValueError, match=rf"{key}=.* is invalid: expected .*{what}"):
         load_config(None, [f"{key}={value}"])
+
+
+def test_dropout_only_with_its_rng():
+    from lcjax.model.layers import LORA_DROPOUT_RNG, SwiGLU
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    mlp = SwiGLU(16)
+    params = mlp.init(jax.random.key(1), x)["params"]
+    lora = LoraConfig(rank=2, dropout=0.5, targets="all")
+    adapters = {"gate": {"a": jnp.ones((8, 2)), "b": jnp.ones((2, 16))}}
+    v = {"params": params, LORA_COLLECTION: attach(adapters, lora, 0.0, False)}
+    plain = mlp.apply(v, x)
+    np.testing.assert_array_equal(plain, mlp.apply(v, x))  # no rng: no dropout
+    dropped = [mlp.apply(v, x, rngs={LORA_DROPOUT_RNG: jax.random.key(k)}) for k in (0, 1)]
+    assert np.abs(dropped[0] - plain).max() > 1e-3 and np.abs(dropped[0] - dropped[1]).max() > 1e-3
