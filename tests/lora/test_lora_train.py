@@ -115,3 +115,24 @@ def test_merge_refuses_a_step_where_lambda_is_not_zero(lora_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert "saved at step 2, where the AFA coefficient lam = 0.5" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_init_from_a_hugging_face_directory(lora_run, tmp_path):
+    """train.init_from names an HF LongCat directory: its weights are the frozen base."""
+    import dataclasses
+
+    from lcjax.convert import save_hf_checkpoint
+
+    cfg, root = lora_run
+    _, base, _ = load_run(root / "run")  # any plain weights of this shape will do
+    save_hf_checkpoint(base, cfg, tmp_path / "hf")
+    run = tmp_path / "from_hf"
+    shutil.copyfile(root / "run" / "tokenizer.json", (run.mkdir() or run) / "tokenizer.json")
+    new = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, run_dir=str(run), init_from=str(tmp_path / "hf"), steps=1))
+    loop.train(new)
+    _, variables, _, step, _ = load_lora_run(run)
+    assert step == 1
+    for a, b in zip(jax.tree.leaves(base["params"]), jax.tree.leaves(variables["params"])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=0)
