@@ -32,7 +32,8 @@ _FLAGS = {"coordinator_address": "--coordinator-address", "num_processes": "--nu
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, local_device_ids: Optional[Sequence[int]] = None,
-               distributed: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> bool:
+               distributed: Optional[str] = None, environ: Optional[Mapping[str, str]] = None,
+               heartbeat_timeout_seconds: Optional[int] = None) -> bool:
     """Join the other processes of a multi-host run, if this is one; call before using devices.
 
     Args:
@@ -42,6 +43,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       distributed: "auto" (jax's cluster detection fills unset values), "off" (never join),
         or None (read LCJAX_DISTRIBUTED; unset means join only when settings are given).
       environ: the environment to read (default os.environ).
+      heartbeat_timeout_seconds: seconds without a heartbeat after which jax's coordination
+        service declares a process dead and stops the others (None: jax's default, 100).
     Returns True when `jax.distributed.initialize` was called.
     Raises ValueError naming the setting (and the variable it came from) when the settings are
     partial, malformed or inconsistent.
@@ -84,8 +87,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     # (e.g. JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi) alone, and GPU/TPU backends ignore it.
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    extra = {} if heartbeat_timeout_seconds is None else {"heartbeat_timeout_seconds": heartbeat_timeout_seconds}
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                               process_id=index, local_device_ids=local_device_ids)
+                               process_id=index, local_device_ids=local_device_ids, **extra)
     return True
 
 
@@ -102,15 +106,25 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
                             "off: single process whatever the env says")
 
 
-def initialize_from_flags(args: argparse.Namespace) -> bool:
-    """`initialize` with the flags of `add_distributed_flags`."""
+def initialize_from_flags(args: argparse.Namespace, **kwargs) -> bool:
+    """`initialize` with the flags of `add_distributed_flags` (and `initialize`'s keyword
+    arguments, e.g. heartbeat_timeout_seconds)."""
     return initialize(args.coordinator_address, args.num_processes, args.process_id,
-                      distributed=args.distributed)
+                      distributed=args.distributed, **kwargs)
 
 
 def is_primary() -> bool:
     """True in process 0, the one that logs, prints and writes run files."""
     return jax.process_index() == 0
+
+
+def broadcast_from_primary(tree):
+    """Process 0's values of a pytree of host arrays, in every process (each passes arrays of
+    the same shapes and dtypes; the others' values are ignored). One small jitted sum over all
+    devices, compiled once per shape; in a single process the tree comes back as numpy."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(tree)
 
 
 def _as_int(value, source: str, minimum: int) -> Optional[int]:

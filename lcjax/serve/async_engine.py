@@ -225,7 +225,11 @@ class AsyncEngine:
                 self._refresh_stats()
                 if self._stopping:
                     break
-                self._wake.wait()
+                # An engine with `idle_interval` (a multi-host leader) gets `idle()` calls while
+                # nothing runs: its keep-alive to the other processes.
+                interval = getattr(self.engine, "idle_interval", None)
+                if not self._wake.wait(interval) and interval is not None:
+                    self.engine.idle()
                 continue
             if self._step():
                 failures = 0

@@ -24,9 +24,18 @@ HF model only `mesh.*` and `parallel.*` keys are accepted (the model is the chec
 `--quantized-tp-comm int8|int6|int4` reduces the o_proj / down_proj partial sums with Flash
 Communication's quantized all-reduce (float weights; `parallel.quantized_tp_comm`).
 
-Multi-host serving of one model is not supported yet: the multi-host flags (and LCJAX_*/JAX_*
-env vars) are read as in `python -m lcjax.train`, and a launch that joins more than one process
-exits with an error; `--distributed off` serves a full replica on each host's own devices.
+Multi-host serving: with the multi-host flags (or LCJAX_*/JAX_* env vars, as in `python -m
+lcjax.train`) every process runs this command; the mesh must cover the devices of all processes
+(e.g. `mesh.expert=4 mesh.tensor=-1`). Process 0 serves HTTP and schedules; each step's batch
+plan is broadcast to the others, which run the same sharded step (lcjax.serve.multihost). When a
+process dies the others exit with one line (status 3) instead of hanging. `--distributed off`
+serves a full replica on each host's own devices instead.
+
+Memory plan: `--plan` prints the plan of the model, mesh and `--quant` (lcjax.serve.plan) and
+exits without loading weights. Every launch checks it first when one device's memory is known
+(`--device-memory`, else a GPU/TPU's bytes_limit): exit 2 with one line when not one
+`--max-model-len` sequence fits; without `--num-pages`, each pool gets min(max_num_seqs x
+pages per sequence + 1, the plan's num_pages) pages.
 """
 
 from __future__ import annotations
@@ -71,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-model-len", type=int,
                         help="prompt + completion tokens (default: min(512, max_position_embeddings))")
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    engine.add_argument("--num-pages", type=int, help="KV pages in the pool (default: enough for all seqs)")
+    engine.add_argument("--num-pages", type=int,
+                        help="KV pages in the pool (default: enough for all seqs, capped by the "
+                             "memory plan when the device memory is known)")
     engine.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill step")
     engine.add_argument("--max-prefill-seqs", type=int, default=4,
                         help="requests prefilled together in one step (default 4; more drains a "
@@ -102,10 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--quantized-tp-comm", choices=TP_COMM_MODES,
                      help="tensor-parallel all-reduce of o_proj / down_proj partial sums: none "
                           "(exact) or quantized (Flash Communication); sets parallel.quantized_tp_comm")
+    plan = p.add_argument_group("memory plan (lcjax.serve.launch_plan)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print the memory plan of this model, mesh and --quant and exit (no "
+                           "weights are loaded)")
+    plan.add_argument("--device-memory", metavar="NAME|SIZE",
+                      help="memory of one device (h100, h200, 141GB, 80GiB); default: a GPU/TPU's "
+                           "bytes_limit, none on CPU (no fit check)")
     par.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted config overrides, e.g. mesh.tensor=2 mesh.expert=4 "
                           "parallel.rules=fsdp_tp (random models: any key, e.g. model.num_layers=1)")
     add_distributed_flags(p)
+    p.add_argument("--heartbeat-timeout", type=int, default=10, metavar="SECONDS",
+                   help="multi-host: seconds without a heartbeat before jax's coordination "
+                        "service declares a process dead (default 10)")
     return p
 
 
@@ -218,12 +239,13 @@ def quantize(args: argparse.Namespace, model: LoadedModel, max_model_len: int) -
     return model._replace(variables=variables)
 
 
-def engine_config(args: argparse.Namespace, config: Config):
+def engine_config(args: argparse.Namespace, config: Config, planned_pages: Optional[int] = None):
+    """EngineConfig of the flags; `planned_pages` (the memory plan's bound) when no --num-pages."""
     from lcjax.serve.engine import EngineConfig
 
     max_len = args.max_model_len or min(512, config.model.max_position_embeddings)
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_len, page_size=args.page_size,
-                        num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
+                        num_pages=args.num_pages or planned_pages, prefill_chunk=args.prefill_chunk,
                         max_prefill_seqs=args.max_prefill_seqs,
                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed)
 
@@ -282,13 +304,18 @@ def sharded(mesh_cfg, parallel) -> dict:
     from lcjax.serve.sharding import serving_mesh
 
     mesh = serving_mesh(mesh_cfg)
+    if jax.process_count() > 1:
+        from lcjax.serve.multihost import check_mesh
+
+        check_mesh(mesh)
     if mesh.size == 1:
         if parallel.quantized_tp_comm != "none":
             print(f"{PREFIX} WARNING: --quantized-tp-comm {parallel.quantized_tp_comm} has no "
                   "effect on one device (set mesh.tensor > 1)", file=sys.stderr, flush=True)
         return {}
     axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1)
-    print(f"{PREFIX} sharding over {mesh.size} of {jax.device_count()} devices: {axes} (rules "
+    hosts = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    print(f"{PREFIX} sharding over {mesh.size} of {jax.device_count()} devices{hosts}: {axes} (rules "
           f"{parallel.rules}, expert dispatch {parallel.expert_dispatch}, TP comm "
           f"{parallel.quantized_tp_comm})", flush=True)
     return dict(mesh=mesh, parallel=parallel)
@@ -298,17 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # first: jax.distributed must start before anything touches a device
-        joined = initialize_from_flags(args)
+        initialize_from_flags(args, heartbeat_timeout_seconds=args.heartbeat_timeout)
     except ValueError as err:
         parser.error(str(err))
-    if joined:
-        import jax
-
-        if jax.process_count() > 1:
-            print(f"{PREFIX} error: multi-host serving is not supported yet ({jax.process_count()} "
-                  "processes joined); serve from one host, or pass --distributed off to serve a "
-                  "replica on each host's own devices", file=sys.stderr)
-            return 2
     if args.quant is not None:
         from lcjax.quant.recipes import get_recipe
 
@@ -329,6 +348,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
+        planned_pages = memory_check(args, mesh_cfg, parallel)
+    except ValueError as err:  # a bad --device-memory, or a plan that does not fit
+        print(f"{PREFIX} error: {err}", file=sys.stderr)
+        return 2
+    if args.plan:
+        return 0
+    try:
         enable_compilation_cache(compilation_cache_dir(args.compilation_cache))
     except OSError as err:
         print(f"{PREFIX} error: {err}", file=sys.stderr)
@@ -342,9 +368,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from lcjax.serve.metrics import ServingMetrics
         from lcjax.serve.server import Server, bind
 
-        sock = bind(args.host, args.port)  # fail fast if the port is taken, before loading
+        import jax
+
+        leader = jax.process_index() == 0
+        # Process 0 serves HTTP: fail fast if the port is taken, before loading.
+        sock = bind(args.host, args.port) if leader else None
         model = load_model(args)
-        ec = engine_config(args, model.config)
+        ec = engine_config(args, model.config, planned_pages)
         if args.quant is not None:
             model = quantize(args, model, ec.max_model_len)
         config, variables, tokenizer = model.config, model.variables, model.tokenizer
@@ -356,6 +386,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(f"{PREFIX} weights: {per_device_bytes(engine.variables) / 2**20:.1f} MiB per device",
                   flush=True)
+        if jax.process_count() > 1:
+            from lcjax.serve import multihost
+
+            if not leader:
+                return multihost.follow(engine)
+            engine = multihost.Leader(engine)
         if not args.no_warmup:
             warmup(engine)
     except (ValueError, OSError) as err:  # bad flags, files or port: one line, no traceback
@@ -370,4 +406,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     reasoning_parser=args.reasoning_parser)
     server = Server(app, args.host, model_name=name, async_engine=async_engine, sock=sock,
                     drain_timeout=args.drain_timeout, log_level=args.log_level, announce=True)
-    return server.run()
+    try:
+        return server.run()
+    finally:
+        if hasattr(engine, "stop_followers"):
+            engine.stop_followers()
+
+
+def memory_check(args: argparse.Namespace, mesh_cfg, parallel) -> Optional[int]:
+    """The memory plan before loading (lcjax.serve.launch_plan): printed with `--plan`; checked
+    when the device memory is known (ValueError when it does not fit). Returns the planned page
+    count for a launch without --num-pages (None: no bound known)."""
+    from lcjax.serve.launch_plan import device_memory, launch_plan, planned_num_pages
+    from lcjax.serve.plan import check_fits, format_plan
+
+    device_bytes = device_memory(args.device_memory)
+    if device_bytes is None and not args.plan:
+        return None
+    plan, title = launch_plan(args, mesh_cfg, parallel, device_bytes)
+    if args.plan:
+        print(format_plan(plan, title), flush=True)
+    check_fits(plan)
+    pages = planned_num_pages(plan, args.max_num_seqs)
+    if pages is not None and not args.plan and args.num_pages is None:
+        print(f"{PREFIX} memory plan: {plan.max_sequences} sequences of {plan.max_model_len} tokens "
+              f"fit per device; {pages} KV pages per pool", flush=True)
+    return pages

@@ -174,6 +174,11 @@ class ShardedStep:
 def place(cfg: ModelConfig, variables: Any, state: Any, par: Parallelism) -> tuple[Any, Any, Any]:
     """(variables placed by the rules, state replicated, the variables' shardings)."""
     shardings = variable_shardings(cfg, variables, par)
+    if jax.process_count() > 1:  # a mesh over several processes: each puts its own shards
+        from lcjax.serve.multihost import put_global
+
+        return (put_global(variables, shardings), put_global(state, replicated(par.mesh)),
+                shardings)
     return (jax.device_put(variables, shardings), jax.device_put(state, replicated(par.mesh)),
             shardings)
 
