@@ -2,10 +2,11 @@
 
 Process 0 (the leader) runs HTTP and the scheduler. Before each step it broadcasts the step's
 batch plan to the other processes (followers) with `parallel.distributed.broadcast_from_primary`:
-first a fixed int32 header [kind, rows, length, static, has_bias] (kind: prefill, decode,
-speculative round, keep-alive or stop), then the host arrays that step consumes (token ids,
-slots, starts, lengths, block tables, reset flags, seeds, sampling parameters, follow tokens;
-the [rows, V] logit bias only when some row has one). Every process then calls the same
+one int32 message of fixed size, an int32 header [kind, rows, length, static, has_bias] (kind:
+prefill, decode, speculative round, keep-alive or stop), then the host arrays that step
+consumes (token ids, slots, starts, lengths, block tables, reset flags, seeds, sampling
+parameters, follow tokens), and the [rows, V] logit bias in a second message only when some
+row has one. Every process then calls the same
 jitted, sharded step on the same global arrays; only the leader reads the results. Each
 follower holds its own replica of the engine state (placed by the same shardings) and builds
 its payload templates with the engine's own input builder, so shapes agree by construction.
@@ -76,35 +77,62 @@ def _fatal(role: str, err: BaseException) -> None:
     os._exit(EXIT_PEER_LOST)
 
 
+_KINDS = {"prefill": PREFILL, "decode": DECODE, "speculative": SPECULATIVE}
+
+
 class _Plan:
-    """Packing of one step's arguments into broadcastable host arrays, and back."""
+    """The wire format: one int32 message of fixed size per step, the header then every argument
+    leaf's 4-byte words (bools as 0/1) in tree order; the logit bias travels in a second message
+    only when some row has one. The size is the largest step of `engine.compile_plan()`, so
+    every process knows it without being told, and the broadcast compiles once."""
 
     def __init__(self, engine):
         self.engine = engine
         self.replicated = NamedSharding(engine.parallelism.mesh, PartitionSpec())
+        self._templates: dict = {}
+        shapes = [(_KINDS[s[0]], s[1], s[2] if s[0] == "prefill" else 1) for s in engine.compile_plan()]
+        odd = [x.dtype for x in self._leaves(self.template(*shapes[0]), True)
+               if x.dtype != bool and x.dtype.itemsize != 4]
+        if odd:
+            raise ValueError(f"step inputs of dtype {odd[0]}: the batch plan carries 4-byte words")
+        self.size = HEADER_SIZE + max(sum(x.size for x in self._leaves(self.template(*k), False))
+                                      for k in shapes)
 
     def template(self, kind: int, rows: int, length: int) -> tuple:
         """Step arguments of this shape, all zeros (the engine's own builder, as in warm-up)."""
-        inp = self.engine._inputs([], rows, np.zeros((rows, length), np.int32), [], [], [])
-        inp = jax.tree.map(np.asarray, inp)
-        return (inp, np.zeros((rows,), np.int32)) if kind == PREFILL else (inp,)
+        key = (kind, rows, length)
+        if key not in self._templates:
+            inp = self.engine._inputs([], rows, np.zeros((rows, length), np.int32), [], [], [])
+            inp = jax.tree.map(np.asarray, inp)
+            self._templates[key] = (inp, np.zeros((rows,), np.int32)) if kind == PREFILL else (inp,)
+        return self._templates[key]
 
     @staticmethod
-    def wire(args: tuple, has_bias: bool) -> list:
-        """Leaves to broadcast (bools as int32: the broadcast sums over processes)."""
+    def _leaves(args: tuple, has_bias: bool) -> list:
         inp = args[0] if has_bias else args[0].replace(bias=None)
-        return [np.asarray(x).astype(np.int32) if np.asarray(x).dtype == bool else np.asarray(x)
-                for x in jax.tree.leaves((inp, *args[1:]))]
+        return jax.tree.leaves((inp, *args[1:]))
 
-    def unwire(self, leaves: list, template: tuple, has_bias: bool) -> tuple:
-        inp = template[0] if has_bias else template[0].replace(bias=None)
-        like = (inp, *template[1:])
-        flat, treedef = jax.tree.flatten(like)
-        values = [np.asarray(v).astype(t.dtype) for v, t in zip(leaves, flat, strict=True)]
+    def encode(self, header: list, args: tuple) -> np.ndarray:
+        """int32 [size]: the header, then the leaves' words (the bias excluded)."""
+        words = [np.asarray(header, np.int32)]
+        for x in self._leaves(args, False):
+            x = np.ascontiguousarray(x)
+            words.append(x.astype(np.int32) if x.dtype == bool else x.view(np.int32).ravel())
+        flat = np.concatenate([w.ravel() for w in words])
+        return np.concatenate([flat, np.zeros(self.size - flat.size, np.int32)])
+
+    def decode(self, message: np.ndarray, header: list, bias: Any = None) -> tuple:
+        """The step arguments of a message (`bias` [rows, V], or None for zeros)."""
+        kind, rows, length = header[:3]
+        template = self.template(kind, rows, length)
+        flat, treedef = jax.tree.flatten(((template[0].replace(bias=None)), *template[1:]))
+        values, at = [], HEADER_SIZE
+        for t in flat:
+            words = message[at: at + t.size]
+            at += t.size
+            values.append((words != 0) if t.dtype == bool else words.view(t.dtype).reshape(t.shape))
         args = jax.tree.unflatten(treedef, values)
-        if not has_bias:
-            args = (args[0].replace(bias=template[0].bias), *args[1:])
-        return args
+        return (args[0].replace(bias=template[0].bias if bias is None else bias), *args[1:])
 
     def globalize(self, args: tuple) -> tuple:
         return put_global(args, self.replicated)
@@ -128,10 +156,12 @@ class _LeaderStep:
         has_bias = bool(np.any(args[0].bias))
         value = int(static.get("speculative", static.get("num_draft", 0)))
         header = [self.kind, args[0].tokens.shape[0], args[0].tokens.shape[1], value, int(has_bias)]
+        header += [0] * (HEADER_SIZE - len(header))
         try:
             with self.leader.lock:
-                self.leader.broadcast(np.array(header + [0] * (HEADER_SIZE - len(header)), np.int32))
-                self.leader.broadcast(plan.wire(args, has_bias))
+                broadcast_from_primary(plan.encode(header, args))
+                if has_bias:
+                    broadcast_from_primary(args[0].bias)
                 out = self.step(variables, state, *plan.globalize(args), **static)
                 out = (out[0],) + tuple(jax.tree.map(_local, o) for o in out[1:])
                 jax.block_until_ready(out[1])  # a broken group fails here, not in a later read
@@ -161,14 +191,12 @@ class Leader:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    @staticmethod
-    def broadcast(tree: Any) -> Any:
-        return broadcast_from_primary(tree)
-
     def _header(self, kind: int) -> None:
         try:
             with self.lock:
-                self.broadcast(np.array([kind] + [0] * (HEADER_SIZE - 1), np.int32))
+                message = np.zeros(self.plan.size, np.int32)
+                message[0] = kind
+                broadcast_from_primary(message)
         except Exception as err:  # noqa: BLE001
             _fatal("leader", err)
 
@@ -188,26 +216,25 @@ def follow(engine, verbose: bool = True) -> int:
     """Run the leader's steps on this process until it says stop; returns the exit status."""
     plan = _Plan(engine)
     steps = {PREFILL: engine._prefill, DECODE: engine._decode, SPECULATIVE: engine._spec}
-    templates: dict = {}
     if verbose:
         print(f"{PREFIX} process {jax.process_index()} of {jax.process_count()}: following "
               "process 0's steps", flush=True)
     try:
         while True:
-            header = broadcast_from_primary(np.zeros(HEADER_SIZE, np.int32))
-            kind, rows, length, value, has_bias = (int(v) for v in header[:5])
+            message = broadcast_from_primary(np.zeros(plan.size, np.int32))
+            header = [int(v) for v in message[:HEADER_SIZE]]
+            kind, rows, _, value, has_bias = header[:5]
             if kind == STOP:
                 return 0
             if kind == KEEPALIVE:
                 continue
             if kind not in steps:
                 raise ValueError(f"unknown step kind {kind} in the batch plan header {header}")
-            key = (kind, rows, length)
-            if key not in templates:
-                templates[key] = plan.template(kind, rows, length)
-            zeros = plan.wire(templates[key], bool(has_bias))
-            args = plan.unwire(broadcast_from_primary(zeros), templates[key],
-                               bool(has_bias))
+            bias = None
+            if has_bias:
+                vocab = plan.template(*header[:3])[0].bias.shape[1]
+                bias = broadcast_from_primary(np.zeros((rows, vocab), np.float32))
+            args = plan.decode(np.asarray(message), header, bias)
             out = steps[kind](engine.variables, engine.state, *plan.globalize(args),
                               **_static(kind, value))
             engine.state = out[0]

@@ -162,20 +162,27 @@ def test_batch_plan_round_trips_through_the_wire_format():
                     mesh=serving_mesh(MeshConfig(data=1)))
     plan = multihost._Plan(engine)
     template = plan.template(multihost.PREFILL, 2, 16)
+    # the largest step (prefill 2 rows x 16 tokens) fills the message exactly
+    assert plan.size == multihost.HEADER_SIZE + sum(
+        x.size for x in jax.tree.leaves((template[0].replace(bias=None), template[1])))
     rng = np.random.default_rng(0)
     args = jax.tree.map(lambda x: (rng.integers(0, 2, x.shape).astype(x.dtype) if x.dtype == bool
-                                   else (rng.random(x.shape) * 7).astype(x.dtype)), template)
-    for has_bias in (False, True):
-        back = plan.unwire(plan.wire(args, has_bias), template, has_bias)
+                                   else (rng.standard_normal(x.shape) * 7).astype(x.dtype)), template)
+    header = [multihost.PREFILL, 2, 16, 1, 0, 0, 0, 0]
+    message = plan.encode(header, args)
+    assert message.dtype == np.int32 and message.shape == (plan.size,)
+    for bias in (None, args[0].bias):
+        back = plan.decode(message, header, bias)
         for field in dataclasses.fields(args[0]):
-            name = field.name
-            a, b = getattr(args[0], name), getattr(back[0], name)
-            if name == "bias" and not has_bias:
-                assert not np.any(jax.tree.leaves(b)[0])  # zeros, not sent
+            a, b = getattr(args[0], field.name), getattr(back[0], field.name)
+            if field.name == "bias" and bias is None:
+                assert not np.any(b)  # zeros: not sent
                 continue
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-                assert x.dtype == y.dtype and np.array_equal(x, y), name
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                assert x.dtype == y.dtype and np.array_equal(x, y), field.name
         assert np.array_equal(back[1], args[1])
+    small = plan.encode([multihost.DECODE, 1, 1, 0, 0, 0, 0, 0], plan.template(multihost.DECODE, 1, 1))
+    assert small.shape == (plan.size,)  # every message has the one size
 
 
 def test_a_mesh_short_of_the_devices_is_refused_for_multi_host():
