@@ -128,8 +128,11 @@ def _is_spec(x) -> bool:
 
 def resolve_specs(abstract: Any, logical_specs: Any, axis_sizes: Mapping[str, int],
                   rules: Rules = LOGICAL_AXIS_RULES) -> Any:
-    """Mesh PartitionSpecs for a tree of arrays (or ShapeDtypeStructs) and its logical specs."""
+    """Mesh PartitionSpecs for a tree of arrays (or ShapeDtypeStructs) and its logical specs.
+    An absent subtree (None, e.g. a TrainState without LoRA adapters) stays None."""
     def one(leaf, spec):
+        if leaf is None:
+            return None
         names = tuple(spec) + (None,) * (leaf.ndim - len(spec))
         return resolve_spec(leaf.shape, names, axis_sizes, rules)
     return jax.tree.map(one, abstract, logical_specs, is_leaf=lambda x: _is_spec(x) or x is None)

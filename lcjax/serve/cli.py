@@ -143,7 +143,7 @@ def serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
     files = [resolve_config_path(c) for c in (args.config or [])]
     sets_data = any("data" in ((yaml.safe_load(f.read_text()) or {}).get("mesh") or {}) for f in files)
-    overrides = [o for o in args.overrides if o.startswith(SHARDING_SECTIONS)]
+    overrides = [o for o in getattr(args, "overrides", []) if o.startswith(SHARDING_SECTIONS)]
     if args.quantized_tp_comm is not None:
         overrides.append(f"parallel.quantized_tp_comm={args.quantized_tp_comm}")
     config = load_config(files, ([] if sets_data else ["mesh.data=1"]) + overrides)
@@ -193,7 +193,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     names = args.config or ["tiny"]
     print(f"{PREFIX} WARNING: serving a RANDOMLY INITIALISED {' + '.join(names)} model with a byte-level "
           "tokenizer: its output is noise", file=sys.stderr, flush=True)
-    config = load_config([resolve_config_path(c) for c in names], args.overrides)
+    config = load_config([resolve_config_path(c) for c in names], getattr(args, "overrides", []))
     return LoadedModel(*loading.random_model(config, args.seed), f"lcjax-random-{pathlib.Path(names[0]).stem}")
 
 
