@@ -8,7 +8,8 @@ are unrestricted):
                lcjax/parallel/context.py documents; never lcjax.quant nor lcjax.serve
   ops          lcjax.ops: base and pallas_kernels
   kernels      pallas_kernels: nothing from lcjax
-  base         lcjax.config (+ config_checks, config_run), lcjax.config_io, lcjax.data, lcjax.lazy
+  base         lcjax.config (+ config_checks, config_run), lcjax.config_io, lcjax.data, lcjax.lazy,
+               lcjax.run_checkpoint
 No module imports another package's private (underscore) names, and the lm_head projection is
 written once (lcjax/model/model.py `project_logits`).
 """
@@ -22,7 +23,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = ("lcjax.config", "lcjax.config_checks", "lcjax.config_run", "lcjax.config_io", "lcjax.data",
-        "lcjax.lazy")
+        "lcjax.lazy", "lcjax.run_checkpoint")
 OPS = BASE + ("lcjax.ops", "pallas_kernels")
 # Package or module (dotted prefix) -> first-party prefixes it may import from.
 ALLOWED = {

@@ -29,6 +29,7 @@ from lcjax.config import Config, LoraConfig
 from lcjax.config_io import dump_config, load_config
 from lcjax.lora.adapters import abstract_adapters, sites_of
 from lcjax.lora.afa import afa_lambda_at
+from lcjax.run_checkpoint import restore_newest
 
 RUN_CONFIG, TOKENIZER_FILE = "config.yaml", "tokenizer.json"
 
@@ -91,18 +92,9 @@ def load_lora_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Any, int, A
     params = nn.unbox(boxed["params"])
     abstract = {"params": params, "router_bias": nn.unbox(boxed[BIAS_COLLECTION]),
                 "lora": abstract_adapters(params, config.lora, config.model.scan_layers)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    manager = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "data"))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise ValueError(f"{run_dir} holds no finished checkpoint (looked in {run_dir / 'checkpoints'})")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
-    finally:
-        manager.close()
+    state, step = restore_newest(run_dir, abstract)
     variables = {"params": state["params"], "router_bias": state["router_bias"]}
-    return config, variables, state["lora"], int(step), tokenizer
+    return config, variables, state["lora"], step, tokenizer
 
 
 def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:

@@ -21,7 +21,6 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lcjax.config import Config
@@ -29,6 +28,7 @@ from lcjax.config_io import load_config
 from lcjax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from lcjax.data.tokenizer import Tokenizer
 from lcjax.model import BIAS_COLLECTION, LongCatModel
+from lcjax.run_checkpoint import restore_newest
 
 RUN_CONFIG = "config.yaml"
 
@@ -49,16 +49,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Tokenizer]:
     # not depend on the mesh the run was trained on; the engine places them itself.
     boxed = jax.eval_shape(LongCatModel(config.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     abstract = nn.unbox({"params": boxed["params"], "router_bias": boxed[BIAS_COLLECTION]})
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    manager = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "data"))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise ValueError(f"{run_dir} holds no finished checkpoint (looked in {run_dir / 'checkpoints'})")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True)))["state"]
-    finally:
-        manager.close()
+    state, _ = restore_newest(run_dir, abstract)
     variables = {"params": state["params"], BIAS_COLLECTION: state["router_bias"]}
     return config, variables, tokenizer
 
