@@ -26,14 +26,13 @@ t - 1 (predicting token t) counts; `lcjax.data.packing.Chunk` turns it into `los
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import grain
 import numpy as np
 from jaxtyping import Int
 
-from lcjax.data.sources import JsonlFiles
+from lcjax.data.sources import JsonlFiles, json_record
 from lcjax.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -57,13 +56,7 @@ def messages_field(text_field: str) -> str:
 def parse_conversation(raw: bytes, path: str, line: int, text_field: str) -> Conversation:
     """One JSONL line -> {"messages", "tools"}; ValueError `<path>:<line>: ...` when malformed."""
     field = messages_field(text_field)
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}:{line}: not a JSON object ({e})") from e
-    if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{line}: no field {field!r} (has {keys}); set data.text_field")
+    record = json_record(raw, path, line, field)
     messages = record[field]
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{path}:{line}: {field!r} is {_describe(messages)}, expected a "

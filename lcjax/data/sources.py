@@ -168,18 +168,23 @@ class JsonlFiles(grain.sources.RandomAccessDataSource):
             return self.empty
 
 
-def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
-    """The document of one JSONL line; ValueError `<path>:<line>: ...` when it is malformed."""
-    if not raw.strip():
-        return ""
+def json_record(raw: bytes, path: str, line: int, field: str) -> dict:
+    """One JSONL line as a dict holding `field`; ValueError `<path>:<line>: ...` otherwise."""
     try:
         record = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}:{line}: not a JSON object ({e})") from e
-    if not isinstance(record, dict) or text_field not in record:
+    if not isinstance(record, dict) or field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{line}: no field {text_field!r} (has {keys}); "
-                         "set data.text_field")
+        raise ValueError(f"{path}:{line}: no field {field!r} (has {keys}); set data.text_field")
+    return record
+
+
+def _jsonl_text(raw: bytes, path: str, line: int, text_field: str) -> str:
+    """The document of one JSONL line; ValueError `<path>:<line>: ...` when it is malformed."""
+    if not raw.strip():
+        return ""
+    record = json_record(raw, path, line, text_field)
     text = record[text_field]
     if not isinstance(text, str):
         raise ValueError(f"{path}:{line}: field {text_field!r} is "
