@@ -25,7 +25,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Real
+from jaxtyping import Array, Float
 
 from lcjax.config_checks import check as _check
 from lcjax.config_checks import finite as _finite
@@ -51,8 +51,9 @@ class ObjectiveConfig:
                f"> objective.eps_pos_high={self.eps_pos_high} (the dual clip sits above the clip)")
 
 
-def group_advantages(rewards: Real[np.ndarray, "N G"], eps: float = 1e-6) -> np.ndarray:
-    """(r - mean over the group) / (std over the group + eps), float32 [N, G]."""
+def group_advantages(rewards, eps: float = 1e-6) -> np.ndarray:
+    """(r - mean over the group) / (std over the group + eps), float32 [N, G] from rewards [N, G]
+    (array-like; validated here, so a wrong rank is a ValueError)."""
     rewards = np.asarray(rewards, np.float64)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [groups, group_size]; got shape {rewards.shape}")
