@@ -48,6 +48,12 @@ def load_config(path: str | os.PathLike | Sequence | None, overrides: Sequence[s
     Raises ValueError naming the dotted key (and the closest valid keys) for unknown keys,
     values of the wrong type and values the dataclass validation rejects.
     """
+    return load_dataclass(Config(), path, overrides)
+
+
+def load_dataclass(base: Any, path: str | os.PathLike | Sequence | None, overrides: Sequence[str] = ()) -> Any:
+    """`load_config` for any config dataclass tree: `base` (an instance holding the defaults)
+    with the YAML file(s) and then the overrides applied, validated the same way."""
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     tree: dict = {}
     for p in paths:
@@ -55,7 +61,7 @@ def load_config(path: str | os.PathLike | Sequence | None, overrides: Sequence[s
     for override in overrides:
         key, raw = _parse_override(override)
         _set_dotted(tree, key, _Raw(raw))
-    return _build(Config(), tree, "")
+    return _build(base, tree, "")
 
 
 def config_to_dict(cfg: Config) -> dict:
