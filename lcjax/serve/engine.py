@@ -84,7 +84,10 @@ class Engine:
         num_pages = ec.num_pages or ec.max_num_seqs * ec.pages_per_seq + 1
         self.allocator = PageAllocator(num_pages)
         self.variables = variables
-        self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k)
+        if ec.sparse_verify is not None:
+            ec.sparse_verify.check(k + 1, ec.page_size)
+        self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k,
+                                              page_bounds=ec.sparse_verify is not None)
         self.eos_id = cfg.eos_token_id
         self._free_slots = list(range(ec.max_num_seqs - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
@@ -102,7 +105,8 @@ class Engine:
         donate = () if jax.default_backend() == "cpu" else (1,)
         impl = ec.attention_impl
         steps = ((runner.prefill_step, 4, ("speculative",)), (runner.decode_step, 3, ()),
-                 (runner.speculative_step, 3, ("num_draft",)))
+                 (functools.partial(runner.speculative_step, sparse_verify=ec.sparse_verify), 3,
+                  ("num_draft",)))
         self.parallelism = None
         if mesh is None:
             jit = [jax.jit(functools.partial(fn, cfg, implementation=impl), static_argnames=static,

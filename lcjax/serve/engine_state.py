@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from lcjax.serve.sampling import SamplingParams
+from lcjax.sparsity.sparse_verify import SparseVerifyConfig
 
 LogitsProcessor = Callable[[list[int]], Optional[np.ndarray]]  # generated ids -> [V] bias or None
 
@@ -27,6 +28,8 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # k MTP drafts per round; 0 = plain decoding
     seed: int = 0  # seeds requests that bring none
     attention_impl: Optional[str] = None  # paged decode backend; None = platform default
+    # MTP verify over retrieved pages (lcjax/sparsity/sparse_verify.py); None = dense verify
+    sparse_verify: Optional[SparseVerifyConfig] = None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "page_size", "prefill_chunk",

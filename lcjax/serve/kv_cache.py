@@ -23,6 +23,7 @@ from lcjax.config import LozaConfig, ModelConfig
 from lcjax.model.cache import LayerCache, init_layer_cache
 from lcjax.model.layers import dtype_of
 from lcjax.ops import attention as attention_op
+from lcjax.sparsity import sparse_verify
 
 
 @flax.struct.dataclass
@@ -35,6 +36,10 @@ class PagedLayerCache:
     # True when every query row is fully valid (decode, verify): the paged decode kernel may run.
     all_valid: bool = flax.struct.field(pytree_node=False, default=False)
     implementation: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+    # Sparse verification (lcjax/sparsity/sparse_verify.py): per-page key bounds kept up to date
+    # by `write`, and the selector that picks the pages an all-valid step attends to.
+    bounds: Any = None  # [P, 2, C+R] per-page [min, max] of each key dim, or None (not kept)
+    select: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def page_size(self) -> int:
@@ -50,7 +55,10 @@ class PagedLayerCache:
         rows = jnp.concatenate([latent, k_rope], axis=-1).astype(self.pages.dtype)
         pool = self.pages.reshape(num_pages * page, width)
         pool = pool.at[flat.reshape(-1)].set(rows.reshape(-1, width), mode="drop")
-        return self.replace(pages=pool.reshape(num_pages, page, width))
+        pages = pool.reshape(num_pages, page, width)
+        bounds = self.bounds if self.bounds is None else sparse_verify.update_bounds(
+            self.bounds, pages, self.block_tables, positions, valid)
+        return self.replace(pages=pages, bounds=bounds)
 
     def update_and_attend(self, q_abs: Float[Array, "B S H D"], latent: Float[Array, "B S C"],
                           k_rope: Float[Array, "B S R"], positions: Int[Array, "B S"],
@@ -62,8 +70,11 @@ class PagedLayerCache:
         lengths = jnp.max(jnp.where(valid, positions + 1, 0), axis=1).astype(jnp.int32)  # [B]
         if self.all_valid:
             layout = attention_op.layout_for(sparse, loza)
+            tables = self.block_tables
+            if self.select is not None:
+                tables, lengths = self.select(q_abs, cache.bounds, tables, lengths, self.page_size)
             out = attention_op.paged_decode_attention(
-                q_abs, cache.pages[:, :, None, :].astype(q_abs.dtype), None, self.block_tables,
+                q_abs, cache.pages[:, :, None, :].astype(q_abs.dtype), None, tables,
                 jnp.maximum(lengths, q_abs.shape[1]), layout=layout,
                 scale=scale, v_head_dim=c, implementation=self.implementation)
             return out, cache
@@ -83,13 +94,18 @@ class ServeCache:
     layers: tuple  # per attention sublayer: pages [P, L, C+R] (full) or LayerCache [slots, W, .] (sparse)
     mtp: Any  # [P, L, C+R] pages of the MTP draft layer, or None
     ngram_history: Any  # [slots, N-1] int32 last tokens per slot ([slots, 0] without n-gram)
+    # per attention sublayer: [P, 2, C+R] page key bounds (full sublayers, when sparse
+    # verification is on), else None
+    bounds: tuple = ()
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
-def init_serve_cache(cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int) -> ServeCache:
-    """Zeroed pools and empty rings (every ring slot -1)."""
+def init_serve_cache(cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int,
+                     bounds: bool = False) -> ServeCache:
+    """Zeroed pools and empty rings (every ring slot -1); with `bounds`, per-page key bounds of
+    every full sublayer (sparse verification)."""
     dtype = dtype_of(cfg.dtype)
     width = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
 
@@ -101,8 +117,11 @@ def init_serve_cache(cfg: ModelConfig, num_slots: int, num_pages: int, page_size
                          cfg.mla.qk_rope_head_dim, dtype) if sparse else pool()
         for sparse in cfg.sparse_layers)
     hist = cfg.ngram.neighbor_num - 1 if cfg.ngram.enabled else 0
+    held = tuple(None if sparse or not bounds else jnp.zeros((num_pages, 2, width), dtype)
+                 for sparse in cfg.sparse_layers)
     return ServeCache(layers=layers, mtp=pool() if cfg.mtp_layers else None,
-                      ngram_history=jnp.zeros((num_slots, hist), jnp.int32))
+                      ngram_history=jnp.zeros((num_slots, hist), jnp.int32),
+                      bounds=held if bounds else ())
 
 
 def gather_rings(ring: LayerCache, slots: Int[Array, "B"], reset: Bool[Array, "B"]) -> LayerCache:

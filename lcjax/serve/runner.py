@@ -12,7 +12,7 @@ full-attention layers read and write pages through each row's block table.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -27,6 +27,7 @@ from lcjax.model.model import project_logits
 from lcjax.serve import sampling
 from lcjax.serve.kv_cache import (PagedLayerCache, ServeCache, gather_rings, init_serve_cache,
                                   scatter_rings)
+from lcjax.sparsity import sparse_verify as sv
 
 DRAFT_SEED_SALT = 0x5BD1E995  # draft keys must be independent of the verify/sample keys
 
@@ -45,11 +46,12 @@ class EngineState:
 
 
 def init_engine_state(cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int,
-                      num_speculative: int) -> EngineState:
+                      num_speculative: int, page_bounds: bool = False) -> EngineState:
+    """Empty state; `page_bounds` keeps per-page key bounds (sparse verification)."""
     k1 = num_speculative + 1
     dtype = dtype_of(cfg.dtype)
     return EngineState(
-        cache=init_serve_cache(cfg, num_slots, num_pages, page_size),
+        cache=init_serve_cache(cfg, num_slots, num_pages, page_size, bounds=page_bounds),
         counts=jnp.zeros((num_slots, cfg.vocab_size), jnp.int32),
         prompt_mask=jnp.zeros((num_slots, cfg.vocab_size), bool),
         pending_hidden=jnp.zeros((num_slots, k1, cfg.hidden_size), dtype),
@@ -84,11 +86,13 @@ def _put_rows(table: Array, slots: Int[Array, "B"], rows: Array) -> Array:
 
 
 def _forward(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInputs, *,
-             all_valid: bool, implementation):
+             all_valid: bool, implementation, select=None):
     """Main model over the step's tokens: (final-normed hidden [B, S, M], new cache, history rows).
 
     The model's own cached stack (`forward_hidden`) runs over this step's cache views: the rows'
     rings of sparse sublayers and the page pools of full ones, seen through the block tables.
+    Page key bounds, when the cache keeps them, are updated; `select` (a sparse_verify.Selector)
+    picks the pages each full sublayer attends to.
     """
     s = inp.tokens.shape[1]
     positions = inp.starts[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
@@ -96,14 +100,19 @@ def _forward(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInput
     history = None
     if cfg.ngram.enabled:
         history = jnp.where(inp.reset[:, None], 0, _rows(cache.ngram_history, inp.slots))
+    bounds = cache.bounds or (None,) * len(cache.layers)
     views = tuple(
         gather_rings(held, inp.slots, inp.reset) if sparse else PagedLayerCache(
             pages=held, block_tables=inp.block_tables, kv_lora_rank=cfg.mla.kv_lora_rank,
-            all_valid=all_valid, implementation=implementation)
-        for held, sparse in zip(cache.layers, cfg.sparse_layers))
+            all_valid=all_valid, implementation=implementation, bounds=bnd,
+            select=None if bnd is None else select)
+        for held, bnd, sparse in zip(cache.layers, bounds, cfg.sparse_layers))
     hidden, new = forward_hidden(cfg, variables, inp.tokens, positions, views, valid, history)
     layers = tuple(scatter_rings(held, view, inp.slots) if sparse else view.pages
                    for held, view, sparse in zip(cache.layers, new, cfg.sparse_layers))
+    if cache.bounds:
+        cache = cache.replace(bounds=tuple(None if sparse else view.bounds
+                                           for view, sparse in zip(new, cfg.sparse_layers)))
     return hidden, cache.replace(layers=layers), history
 
 
@@ -230,13 +239,17 @@ def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepI
 
 
 def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepInputs, *,
-                     num_draft: int, implementation=None):
+                     num_draft: int, implementation=None,
+                     sparse_verify: Optional[sv.SparseVerifyConfig] = None):
     """One MTP round per row: k drafts, one verify pass of k+1 tokens, the standard acceptance rule.
 
     inp.tokens [B, 1] holds each row's last sampled token x_n (position n = starts). The drafts
     start from the row's pending MTP inputs (main hidden states whose next token is now known),
     so the MTP cache always holds entries computed from main-model hidden states; later drafts
     of a round feed the MTP's own features back (one MTP layer, applied k times).
+
+    With `sparse_verify` (and page bounds in the state) the verify pass attends to the pages
+    lcjax/sparsity/sparse_verify.py selects; the acceptance rule is unchanged.
 
     Returns (state, tokens [B, k+1] (first accepted+1 valid), accepted [B], scores).
     """
@@ -273,8 +286,13 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
     # 2. Verify x_n, d_1..d_k in one pass of the main model.
     verify = inp.replace(tokens=jnp.concatenate([inp.tokens, drafts], axis=1),
                          num_valid=jnp.full((b,), k1, jnp.int32))
+    select = None
+    if sparse_verify is not None:
+        if not state.cache.bounds:
+            raise ValueError("sparse_verify needs page bounds: init_engine_state(page_bounds=True)")
+        select = sv.Selector(sparse_verify)
     hidden, cache, history = _forward(cfg, variables, state.cache, verify, all_valid=True,
-                                      implementation=implementation)
+                                      implementation=implementation, select=select)
     logits = project_logits(cfg, hidden, params["lm_head"])  # [B, k+1, V]
     prev = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     target, _ = _sample(logits, state, inp, prev, inp.seeds)

@@ -1,0 +1,1 @@
+"""Sparsity techniques: activation sparsity (chess), sparse attention and sparse verification."""
