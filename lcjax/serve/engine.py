@@ -65,9 +65,10 @@ class Engine:
 
     def __init__(self, config: Union[Config, ModelConfig], variables: Any, tokenizer=None,
                  engine_config: EngineConfig = EngineConfig(), mesh: Optional[Mesh] = None,
-                 parallel: Optional[ParallelConfig] = None):
+                 parallel: Optional[ParallelConfig] = None, kv_retrieval: Any = None):
         """`mesh` (with `parallel`: rule table, expert dispatch, TP comm) shards the engine over
-        its devices (lcjax.serve.sharding); None runs on the default device."""
+        its devices (lcjax.serve.sharding); None runs on the default device. `kv_retrieval` (an
+        lcjax.sparsity A2ATSIndex) makes decode attend retrieved keys (A²ATS); None: exact."""
         self.config = config
         self.model_cfg = cfg = model_config(config)
         self.engine_config = ec = engine_config
@@ -88,6 +89,11 @@ class Engine:
             ec.sparse_verify.check(k + 1, ec.page_size)
         self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k,
                                               page_bounds=ec.sparse_verify is not None)
+        if kv_retrieval is not None:
+            if mesh is not None or ec.sparse_verify is not None:
+                raise ValueError("kv_retrieval runs on one device without sparse_verify")
+            self.state = self.state.replace(
+                cache=kv_retrieval.attach(self.state.cache, num_pages, ec.page_size))
         self.eos_id = cfg.eos_token_id
         self._free_slots = list(range(ec.max_num_seqs - 1, -1, -1))
         self._waiting: deque[_Request] = deque()

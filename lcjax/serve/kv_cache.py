@@ -97,6 +97,8 @@ class ServeCache:
     # per attention sublayer: [P, 2, C+R] page key bounds (full sublayers, when sparse
     # verification is on), else None
     bounds: tuple = ()
+    # A²ATS retrieval state (codes, codebooks: lcjax/sparsity/a2ats_cache.py), or None
+    retrieval: Any = None
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))

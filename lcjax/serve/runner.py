@@ -107,7 +107,11 @@ def _forward(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInput
             all_valid=all_valid, implementation=implementation, bounds=bnd,
             select=None if bnd is None else select)
         for held, bnd, sparse in zip(cache.layers, bounds, cfg.sparse_layers))
+    if cache.retrieval is not None:  # A²ATS: full sublayers attend their retrieved keys
+        views = cache.retrieval.views(views)
     hidden, new = forward_hidden(cfg, variables, inp.tokens, positions, views, valid, history)
+    if cache.retrieval is not None:
+        cache = cache.replace(retrieval=cache.retrieval.absorb(new))
     layers = tuple(scatter_rings(held, view, inp.slots) if sparse else view.pages
                    for held, view, sparse in zip(cache.layers, new, cfg.sparse_layers))
     if cache.bounds:
