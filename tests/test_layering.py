@@ -2,8 +2,8 @@
 
 Layers, each importing only those below it (entrypoints: lcjax/train, serve, convert, scripts,
 are unrestricted):
-  techniques   lcjax.quant, lcjax.lora (model and below; `python -m lcjax.lora` is an
-               entrypoint), lcjax.parallel (ops and below)
+  techniques   lcjax.quant, lcjax.lora, lcjax.sparsity (model and below; `python -m lcjax.lora`
+               is an entrypoint), lcjax.parallel (ops and below)
   model        lcjax.model: ops, base, pallas_kernels, and lcjax.parallel, whose ambient context
                lcjax/parallel/context.py documents; never lcjax.quant nor lcjax.serve
   ops          lcjax.ops: base and pallas_kernels
@@ -35,6 +35,7 @@ ALLOWED = {
     "lcjax.quant": OPS + ("lcjax.model", "lcjax.quant"),
     "lcjax.lora.__main__": None,  # an entrypoint: unrestricted
     "lcjax.lora": OPS + ("lcjax.model", "lcjax.lora"),
+    "lcjax.sparsity": OPS + ("lcjax.model", "lcjax.sparsity"),
 }
 FIRST_PARTY = ("lcjax", "pallas_kernels")
 SCANNED = ("lcjax", "pallas_kernels", "scripts")

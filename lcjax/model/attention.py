@@ -26,7 +26,7 @@ from lcjax.config import ModelConfig
 from lcjax.model.layers import O_PROJ, RMSNorm, declare, dtype_of, linear
 from lcjax.model.rope import apply_rope
 from lcjax.ops import attention as attention_op
-from lcjax.ops import observe
+from lcjax.ops import activation_sparsity, observe
 from lcjax.ops.quantized_matmul import weight_as
 
 SparseFlag = Union[bool, Bool[Array, ""]]
@@ -55,7 +55,10 @@ class MLA(nn.Module):
         cfg, a = self.config, self.config.mla
         cdt = dtype_of(cfg.dtype)
         x = x.astype(cdt)
-        q_lat = self.q_a_norm(linear(self, "q_a", "BSM,MQ->BSQ", x, self.q_a, cdt))
+        # Activation sparsity ("CHESS+"): the q path's input only; kv_a (the cache) stays dense.
+        activation_sparsity.record(self, "q_a", x)
+        x_q = activation_sparsity.threshold(self, "q_a", x)
+        q_lat = self.q_a_norm(linear(self, "q_a", "BSM,MQ->BSQ", x_q, self.q_a, cdt))
         q = linear(self, "q_b", "BSQ,QHD->BSHD", q_lat, self.q_b, cdt)
         if a.scale_q_lora:
             q = q * math.sqrt(cfg.hidden_size / a.q_lora_rank)
@@ -100,7 +103,7 @@ class MLA(nn.Module):
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         out = self._attend(q, k, v, sparse, segment_ids)  # RoPE used `positions`
-        y = linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt, O_PROJ)
+        y = linear(self, "o", "BSHD,HDM->BSM", self._sparse_o_input(out), self.o, cdt, O_PROJ)
         return y, (latent, k_rope)
 
     def decode(self, x: Float[Array, "B S M"], positions: Int[Array, "B S"], cache,
@@ -130,4 +133,10 @@ class MLA(nn.Module):
                                                positions, valid, sparse=sparse, loza=cfg.loza,
                                                attend=attend, scale=a.softmax_scale)
         out = jnp.einsum("BSHC,CHD->BSHD", o_lat, w_uv)
-        return linear(self, "o", "BSHD,HDM->BSM", out, self.o, cdt, O_PROJ), cache
+        return linear(self, "o", "BSHD,HDM->BSM", self._sparse_o_input(out), self.o, cdt,
+                      O_PROJ), cache
+
+    def _sparse_o_input(self, out: Float[Array, "B S H D"]) -> Float[Array, "B S H D"]:
+        """The o_proj input, thresholded when the layer has "o" thresholds ("CHESS+")."""
+        activation_sparsity.record(self, "o", out, kdims=2)
+        return activation_sparsity.threshold(self, "o", out)

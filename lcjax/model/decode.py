@@ -23,12 +23,16 @@ from lcjax.model.embedding import Embedder, ngram_history
 from lcjax.model.layers import RMSNorm, dtype_of
 from lcjax.model.model import LongCatModel, model_config, project_logits, validate_token_ids
 from lcjax.model.moe import BIAS_COLLECTION
+from lcjax.ops import activation_sparsity
 
 
 def layer_variables(variables: dict, layer: int, cfg: ModelConfig) -> dict:
-    """The params and router bias of one logical layer, from a scanned or unrolled tree."""
+    """The params, router bias (and activation thresholds, when given) of one logical layer,
+    from a scanned or unrolled tree."""
     out = {}
-    for col in ("params", BIAS_COLLECTION):
+    for col in ("params", BIAS_COLLECTION, activation_sparsity.COLLECTION):
+        if col == activation_sparsity.COLLECTION and col not in variables:
+            continue
         tree = variables[col]
         out[col] = (jax.tree.map(lambda a: a[layer], tree["layers"]) if cfg.scan_layers
                     else tree[f"layers_{layer}"])
@@ -71,8 +75,9 @@ def mtp_features(cfg: ModelConfig, variables: Any, hidden: Float[Array, "B S M"]
                  valid: Optional[Bool[Array, "B S"]] = None) -> tuple[Float[Array, "B S M"], Any]:
     """The MTP block over a latent cache (cached drafting): (features predicting token t+2,
     updated cache). `project_logits` turns the features into draft logits."""
-    return MTPBlock(cfg).apply({"params": variables["params"]["mtp"]}, hidden, next_ids,
-                               positions, None, cache, valid)
+    mtp_vars = {col: variables[col]["mtp"] for col in ("params", activation_sparsity.COLLECTION)
+                if "mtp" in variables.get(col, {})}
+    return MTPBlock(cfg).apply(mtp_vars, hidden, next_ids, positions, None, cache, valid)
 
 
 def init_cache(config: Union[Config, ModelConfig], batch: int, max_len: int) -> ModelCache:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lcjax.ops import observe, quantized_matmul
+from lcjax.ops import activation_sparsity, observe, quantized_matmul
 from lcjax.ops.grouped_matmul import grouped_matmul
 from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import context as parallel_context
@@ -225,7 +225,10 @@ class SwiGLU(nn.Module):
         up = declare(self, "up", (m, self.ffn_size), ("embed", "mlp"), self.param_dtype)  # [M, F]
         down = declare(self, "down", (self.ffn_size, m), ("mlp", "embed"), self.param_dtype)  # [F, M]
         x = x.astype(cdt)
-        h_bsf = nn.silu(linear(self, "gate", "BSM,MF->BSF", x, gate, cdt))
-        h_bsf = h_bsf * linear(self, "up", "BSM,MF->BSF", x, up, cdt)
+        a_bsf = nn.silu(linear(self, "gate", "BSM,MF->BSF", x, gate, cdt))
+        u_bsf = linear(self, "up", "BSM,MF->BSF", x, up, cdt)
+        # Activation sparsity (lcjax.ops.activation_sparsity): thresholds on the gate activation.
+        activation_sparsity.record(self, "gate", a_bsf, up=u_bsf)
+        h_bsf = activation_sparsity.threshold(self, "gate", a_bsf) * u_bsf
         h_bsf = nn.with_logical_constraint(h_bsf, ("batch", "length", "mlp"))
         return linear(self, "down", "BSF,FM->BSM", h_bsf, down, cdt, DOWN_PROJ)

@@ -17,7 +17,7 @@ from lcjax.model.embedding import Embedder
 from lcjax.model.layers import (LORA_COLLECTION, LORA_DROPOUT_RNG, RMSNorm, acc_dtype, declare,
                                 dtype_of, weight_einsum)
 from lcjax.model.moe import BIAS_COLLECTION, RoutingStats
-from lcjax.ops import observe
+from lcjax.ops import activation_sparsity, observe
 from lcjax.ops.attention import document_positions
 
 _REMAT = {
@@ -90,7 +90,7 @@ class LongCatModel(nn.Module):
             # Calibration (lcjax.ops.observe) sows per-layer input statistics: stacked like params.
             # LoRA adapters (layers.LORA_COLLECTION) are stacked too; adapter dropout differs per layer.
             axes = {"params": 0, BIAS_COLLECTION: 0, LORA_COLLECTION: 0,
-                    **{c: 0 for c in observe.COLLECTIONS}}
+                    **{c: 0 for c in observe.COLLECTIONS + activation_sparsity.COLLECTIONS}}
             scanned = nn.scan(layer, variable_axes=axes,
                               split_rngs={"params": True, LORA_DROPOUT_RNG: True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),

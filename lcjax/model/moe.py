@@ -22,7 +22,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig, MoEConfig
 from lcjax.model.layers import LORA_COLLECTION, acc_dtype, declare, dtype_of, lora_expert_delta
-from lcjax.ops import observe, quantized_matmul
+from lcjax.ops import activation_sparsity, observe, quantized_matmul
 from lcjax.ops.grouped_matmul import grouped_matmul
 from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import context as parallel_context
@@ -51,27 +51,31 @@ def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig):
     return ids, weights
 
 
-def _swiglu_experts_dense(x, gate, up, down, combine, delta: Optional[Callable] = None):
+def _swiglu_experts_dense(x, gate, up, down, combine, delta: Optional[Callable] = None,
+                          sparsify: Optional[Callable] = None):
     """Oracle: every expert on every token, combined by a [T,E] weight matrix (zero if unrouted).
 
-    `delta(name, x)` adds an adapter's [T, E, N] term to each expert matmul (or returns None)."""
+    `delta(name, x)` adds an adapter's [T, E, N] term to each expert matmul (or returns None);
+    `sparsify(a)` thresholds the gate activation [T, E, F]."""
     delta = delta or (lambda name, x: None)
+    sparsify = sparsify or (lambda a: a)
 
     def add(y, name, x):
         d = delta(name, x)
         return y if d is None else y + d.astype(y.dtype)
 
-    h = nn.silu(add(jnp.einsum("TM,EMF->TEF", x, gate), "gate", x)) * add(
+    h = sparsify(nn.silu(add(jnp.einsum("TM,EMF->TEF", x, gate), "gate", x))) * add(
         jnp.einsum("TM,EMF->TEF", x, up), "up", x)
     out = add(jnp.einsum("TEF,EFM->TEM", h, down), "down", h)
     return jnp.einsum("TEM,TE->TM", out, combine.astype(out.dtype))
 
 
 def _swiglu_experts_ragged(x, gate, up, down, ids, weights, routed, num_experts: int,
-                           matmul: Optional[Callable] = None):
+                           matmul: Optional[Callable] = None, sparsify: Optional[Callable] = None):
     """Dropless: sort (token, slot) pairs by expert, grouped matmuls, weight, scatter-add back.
 
-    `matmul(name, rows, w, group_sizes)` runs one grouped matmul (default: grouped_matmul).
+    `matmul(name, rows, w, group_sizes)` runs one grouped matmul (default: grouped_matmul);
+    `sparsify(a, u, group_sizes)` thresholds the gate activation of the sorted rows.
     """
     if matmul is None:
         matmul = lambda name, rows, w, sizes: grouped_matmul(rows, w, sizes)  # noqa: E731
@@ -81,7 +85,9 @@ def _swiglu_experts_ragged(x, gate, up, down, ids, weights, routed, num_experts:
     token_of = (jnp.arange(t * k) // k)[order]
     group_sizes = jnp.bincount(flat_ids, length=num_experts + 1)[:num_experts]
     xs = x[token_of]  # [T*K, M]
-    h = nn.silu(matmul("gate", xs, gate, group_sizes)) * matmul("up", xs, up, group_sizes)
+    a = nn.silu(matmul("gate", xs, gate, group_sizes))
+    u = matmul("up", xs, up, group_sizes)
+    h = (a if sparsify is None else sparsify(a, u, group_sizes)) * u
     out = matmul("down", h, down, group_sizes)  # rows of zero-expert slots come back as 0
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x).at[token_of].add(out)
@@ -122,7 +128,8 @@ class MoE(nn.Module):
             gate, up, down = gate.astype(cdt), up.astype(cdt), down.astype(cdt)
             combine = jnp.sum(jax.nn.one_hot(ids, e, dtype=rdt) * weights[..., None], axis=1)
             y = _swiglu_experts_dense(xc, gate, up, down, combine,
-                                      lambda name, x: lora_expert_delta(self, name, x, cdt))
+                                      lambda name, x: lora_expert_delta(self, name, x, cdt),
+                                      lambda a: activation_sparsity.threshold(self, "gate", a))
         elif (ep := self._expert_parallel_plan(x.shape, gate)) is not None:
             y = self._expert_parallel(xc.reshape(b, s, m), ids, weights, gate, up, down, ep)
             y = y.reshape(b * s, m)
@@ -136,7 +143,13 @@ class MoE(nn.Module):
                 delta = lora_expert_delta(self, name, rows, cdt, sizes)
                 return out if delta is None else out + delta.astype(out.dtype)
 
-            y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e, matmul)
+            def sparsify(a, u, sizes):
+                activation_sparsity.record(self, "gate", a, up=u, group_sizes=sizes)
+                expert = activation_sparsity.expert_of_rows(sizes, a.shape[0])
+                return activation_sparsity.threshold_rows(self, "gate", a, expert)
+
+            y = _swiglu_experts_ragged(xc, gate, up, down, ids, weights, routed, e, matmul,
+                                       sparsify)
         y = (y.astype(rdt) + zero_out).astype(cdt).reshape(b, s, m)
         return y, routing_stats(ids, routed, token_mask, moe)
 
@@ -160,6 +173,9 @@ class MoE(nn.Module):
         if found is not None and any(self.has_variable(LORA_COLLECTION, n) for n in ("gate", "up", "down")):
             raise ValueError(f"{self.path}: expert adapters (lcjax.lora) run with GSPMD dispatch; "
                              "set parallel.expert_dispatch=gspmd")
+        if found is not None and self.has_variable(activation_sparsity.COLLECTION, "gate"):
+            raise ValueError(f"{self.path}: expert activation thresholds (lcjax.sparsity.chess) run "
+                             "with GSPMD dispatch; set parallel.expert_dispatch=gspmd")
         if found is not None and isinstance(gate, QTensor):
             raise ValueError(f"{self.path}: expert parallelism runs float expert weights; serve "
                              "quantized experts with parallel.expert_dispatch=gspmd")
