@@ -49,6 +49,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from lcjax.config import TP_COMM_MODES, Config
 from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
+from lcjax.sparsity.sparse_verify import parse_settings
 
 PREFIX = "lcjax.serve:"
 
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "burst of arrivals sooner, at one more compiled shape per power of two)")
     engine.add_argument("--num-speculative-tokens", type=int, default=0,
                         help="MTP draft tokens per decode round (0 = off)")
+    engine.add_argument("--sparse-verify", nargs="?", const="", metavar="KEY=V,..",
+                        help="verify MTP drafts over KV pages retrieved by the first verify token "
+                             "(lcjax/sparsity/sparse_verify.py; keys: block_budget, sink_blocks, "
+                             "local_blocks, reuse_layers, dense_first, moe_rule, ...; bare flag: "
+                             "the defaults). Off by default")
     engine.add_argument("--no-warmup", action="store_true",
                         help="skip compiling every step shape before printing ready (requests "
                              "with a new shape then wait for XLA)")
@@ -247,7 +253,9 @@ def engine_config(args: argparse.Namespace, config: Config, planned_pages: Optio
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_len, page_size=args.page_size,
                         num_pages=args.num_pages or planned_pages, prefill_chunk=args.prefill_chunk,
                         max_prefill_seqs=args.max_prefill_seqs,
-                        num_speculative_tokens=args.num_speculative_tokens, seed=args.seed)
+                        num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                        sparse_verify=None if getattr(args, "sparse_verify", None) is None
+                        else parse_settings(args.sparse_verify))
 
 
 def compilation_cache_dir(flag: Optional[str]) -> Optional[pathlib.Path]:
@@ -337,6 +345,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--quant {args.quant}: {err}")
     if args.quant_calib_batches < 1:
         parser.error(f"--quant-calib-batches {args.quant_calib_batches}: must be >= 1")
+    if args.sparse_verify is not None:
+        try:
+            parse_settings(args.sparse_verify).check(args.num_speculative_tokens + 1, args.page_size)
+        except ValueError as err:
+            parser.error(f"--sparse-verify {args.sparse_verify!r}: {err}")
+        if args.num_speculative_tokens < 1:
+            parser.error("--sparse-verify verifies MTP drafts: it needs --num-speculative-tokens >= 1")
     if args.config and (args.checkpoint or args.hf_model):
         parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model bring their own")
     foreign = [o for o in args.overrides if not o.startswith(SHARDING_SECTIONS)]

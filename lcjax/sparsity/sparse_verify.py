@@ -74,8 +74,9 @@ class SparseVerifyConfig:
             raise ValueError(f"sparse_verify.moe_weight_floor={self.moe_weight_floor} must be >= 0")
 
     def min_budget(self, num_verify: int, page_size: int) -> int:
-        """Fewest pages a budget may hold: sinks, local pages and the verify tokens' pages."""
-        return self.sink_blocks + self.local_blocks + -(-num_verify // page_size) + 1
+        """Fewest pages a budget may hold: sinks, and the local pages or the (at most
+        ceil((S-1)/L) + 1) pages the verify tokens span, whichever is more."""
+        return self.sink_blocks + max(self.local_blocks, (num_verify + page_size - 2) // page_size + 1)
 
     def check(self, num_verify: int, page_size: int) -> None:
         """ValueError unless the budget holds every always-kept page (0 = every page)."""

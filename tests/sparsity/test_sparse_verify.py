@@ -149,8 +149,26 @@ def test_jaccard_and_settings():
         sv.parse_settings("budget=3")
     with pytest.raises(ValueError, match="reuse_layers"):
         sv.SparseVerifyConfig(reuse_layers=0)
-    with pytest.raises(ValueError, match="block_budget=4"):
-        sv.SparseVerifyConfig(block_budget=4, local_blocks=2).check(4, 4)
+    sv.SparseVerifyConfig(block_budget=3, local_blocks=2).check(4, 4)  # 1 sink + 2 local
+    with pytest.raises(ValueError, match="block_budget=3"):
+        sv.SparseVerifyConfig(block_budget=3, local_blocks=1).check(6, 4)  # 6 tokens span 3 pages
+
+
+def test_cli_flag():
+    from lcjax.config_io import load_config, resolve_config_path
+    from lcjax.serve import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["--sparse-verify", "block_budget=32,reuse_layers=4",
+                              "--num-speculative-tokens", "2"])
+    ec = cli.engine_config(args, load_config(resolve_config_path("tiny")))
+    assert ec.sparse_verify == sv.SparseVerifyConfig(block_budget=32, reuse_layers=4)
+    assert cli.engine_config(parser.parse_args([]), load_config(resolve_config_path("tiny"))
+                             ).sparse_verify is None
+    for bad in (["--sparse-verify", "budget=3", "--num-speculative-tokens", "2"],
+                ["--sparse-verify"]):
+        with pytest.raises(SystemExit):
+            cli.main(bad)
 
 
 @pytest.mark.slow
