@@ -178,11 +178,11 @@ def kmeans(x: Float[Array, "N D"], k: int, key: Array, iters: int, tol: float
         new = jnp.where(counts[:, None] > 0, onehot.T @ x / jnp.maximum(counts, 1)[:, None], c)
         return i + 1, new, inertia, prev
 
-    def cond(carry):
+    def cond(carry):  # inertia never increases under Lloyd steps
         i, _, inertia, prev = carry
-        return (i < iters) & (jnp.abs(prev - inertia) > tol * jnp.maximum(inertia, 1e-30))
+        return (i < iters) & ((i < 2) | (prev - inertia > tol * inertia))
 
-    init = (jnp.int32(0), cents, jnp.float32(jnp.inf), jnp.float32(-1.0))
+    init = (jnp.int32(0), cents, jnp.float32(jnp.inf), jnp.float32(jnp.inf))
     _, cents, _, _ = jax.lax.while_loop(cond, step, init)
     return cents, assign(cents)[1]
 
