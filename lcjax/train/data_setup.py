@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -26,6 +27,8 @@ def run_tokenizer(config: Config) -> Tokenizer:
     """
     run_dir = config.train.run_dir
     template = chat_template(config)
+    if is_primary():
+        inherit_tokenizer(config)
     tokenizer = tokenizer_for(config.data, run_dir, config.model.vocab_size, template) if is_primary() else None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lcjax.train: tokenizer.json saved")
@@ -40,6 +43,24 @@ def run_tokenizer(config: Config) -> Tokenizer:
                          f"model.vocab_size={config.model.vocab_size}: raise model.vocab_size or "
                          f"use a new train.run_dir")
     return tokenizer
+
+
+def inherit_tokenizer(config: Config) -> bool:
+    """Copy the tokenizer.json of a `train.init_from` training run into a run directory that has
+    none: a fine-tune must read its data with the token ids its initial weights were trained on,
+    not a new BPE trained on the fine-tuning data. (A Hugging Face directory's tokenizer has its
+    own special ids; such runs train their own.) True when copied."""
+    init = config.train.init_from or ""
+    source = os.path.join(init, TOKENIZER_FILE)
+    target = os.path.join(config.train.run_dir, TOKENIZER_FILE)
+    if (not init or os.path.isfile(target) or not os.path.isfile(source)
+            or not os.path.isfile(os.path.join(init, "config.yaml"))):
+        return False
+    os.makedirs(config.train.run_dir, exist_ok=True)
+    tmp = target + ".tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return True
 
 
 def chat_template(config: Config, tokenizer=None):
