@@ -112,6 +112,12 @@ class MoEConfig:
     dispatch: str = "ragged"  # "ragged" (sort + ops.grouped_matmul, dropless) | "dense" (oracle)
     # Aux-loss-free balancing: step of the sign update on the correction bias (see moe.py).
     bias_update_rate: float = 1e-3
+    # Routing restrictions (sparse verification sets them for its verify pass only, see
+    # lcjax/sparsity/sparse_verify.py): routed experts with router probability below
+    # route_prob_floor are dropped (weight 0, never computed); with route_within_first the
+    # tokens of a batch row choose among the routed experts its first token chose (+ zero experts).
+    route_prob_floor: float = 0.0
+    route_within_first: bool = False
 
     def __post_init__(self):
         _check_positive(self, "num_experts", "top_k", "expert_ffn_size")
@@ -121,6 +127,8 @@ class MoEConfig:
         _check_choice("moe.zero_expert_type", self.zero_expert_type, ("identity", "drop"))
         _check_choice("moe.dispatch", self.dispatch, _MOE_DISPATCH)
         _check(self.bias_update_rate >= 0, "moe.bias_update_rate", self.bias_update_rate, ">= 0")
+        _check(0 <= self.route_prob_floor < 1, "moe.route_prob_floor", self.route_prob_floor,
+               "in [0, 1)")
 
     @property
     def num_router_outputs(self) -> int:

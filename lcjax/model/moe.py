@@ -43,12 +43,27 @@ class RoutingStats:
     zero_share: Any  # [...] float32: fraction of top-k slots that went to zero experts
 
 
-def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig):
-    """Top-k ids [T,K] chosen on softmax+bias and their unbiased, scaled weights [T,K] (fp32)."""
+def route(logits: Float[Array, "T E"], bias: Float[Array, "E"], cfg: MoEConfig, rows: int = 1):
+    """Top-k ids [T,K] chosen on softmax+bias and their unbiased, scaled weights [T,K] (fp32).
+
+    `rows`: the batch rows the T tokens come in (cfg.route_within_first restricts each row's
+    tokens to its first token's routed experts). A slot dropped by cfg.route_prob_floor gets
+    id num_experts (not dispatched) and weight 0.
+    """
     probs = jax.nn.softmax(logits.astype(acc_dtype(logits.dtype)), axis=-1)
-    _, ids = jax.lax.top_k(probs + jax.lax.stop_gradient(bias.astype(probs.dtype)), cfg.top_k)
-    weights = jnp.take_along_axis(probs, ids, axis=-1) * cfg.routed_scaling_factor
-    return ids, weights
+    choice = probs + jax.lax.stop_gradient(bias.astype(probs.dtype))
+    if cfg.route_within_first:
+        per_row = choice.reshape(rows, -1, choice.shape[-1])
+        _, first = jax.lax.top_k(per_row[:, 0], cfg.top_k)  # [rows, K]
+        allowed = jnp.zeros(per_row[:, 0].shape, bool).at[jnp.arange(rows)[:, None], first].set(True)
+        allowed = allowed | (jnp.arange(choice.shape[-1]) >= cfg.num_experts)
+        choice = jnp.where(allowed[:, None], per_row, -jnp.inf).reshape(choice.shape)
+    _, ids = jax.lax.top_k(choice, cfg.top_k)
+    picked = jnp.take_along_axis(probs, ids, axis=-1)
+    if cfg.route_prob_floor > 0:
+        drop = (ids < cfg.num_experts) & (picked < cfg.route_prob_floor)
+        ids, picked = jnp.where(drop, cfg.num_experts, ids), jnp.where(drop, 0.0, picked)
+    return ids, picked * cfg.routed_scaling_factor
 
 
 def _swiglu_experts_dense(x, gate, up, down, combine, delta: Optional[Callable] = None,
@@ -116,7 +131,7 @@ class MoE(nn.Module):
         rdt = acc_dtype(cdt)
         logits = jnp.einsum("TM,ME->TE", x_tm.astype(rdt), classifier.astype(rdt),
                             precision=jax.lax.Precision.HIGHEST)
-        ids, weights = route(logits, bias, moe)
+        ids, weights = route(logits, bias, moe, rows=b)
         routed = ids < e
         zero_w = jnp.sum(jnp.where(routed, 0.0, weights), axis=-1, keepdims=True)  # [T, 1]
         zero_out = zero_w * x_tm.astype(rdt) if moe.zero_expert_type == "identity" else 0.0

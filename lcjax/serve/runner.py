@@ -290,13 +290,16 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
     # 2. Verify x_n, d_1..d_k in one pass of the main model.
     verify = inp.replace(tokens=jnp.concatenate([inp.tokens, drafts], axis=1),
                          num_valid=jnp.full((b,), k1, jnp.int32))
-    select = None
+    select, verify_cfg, verify_vars = None, cfg, variables
     if sparse_verify is not None:
         if not state.cache.bounds:
             raise ValueError("sparse_verify needs page bounds: init_engine_state(page_bounds=True)")
         select = sv.Selector(sparse_verify)
-    hidden, cache, history = _forward(cfg, variables, state.cache, verify, all_valid=True,
-                                      implementation=implementation, select=select)
+        verify_cfg = sv.verify_model_config(cfg, sparse_verify)  # the MoE rule
+        verify_vars = sv.verify_variables(variables)  # verify-only FFN thresholds, if any
+    hidden, cache, history = _forward(verify_cfg, verify_vars, state.cache, verify,
+                                      all_valid=True, implementation=implementation,
+                                      select=select)
     logits = project_logits(cfg, hidden, params["lm_head"])  # [B, k+1, V]
     prev = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     target, _ = _sample(logits, state, inp, prev, inp.seeds)

@@ -39,8 +39,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from lcjax.config import ModelConfig
+from lcjax.ops import activation_sparsity
+from lcjax.sparsity.chess import ChessThresholds
+
 HEAD_REDUCE = ("max", "sum")
 MOE_RULES = ("none", "first_token", "weight_floor")
+# Variables collection holding FFN / expert activation thresholds used by the verify pass only
+# (moved into activation_sparsity.COLLECTION there; every other step ignores it).
+VERIFY_COLLECTION = "verify_thresholds"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +77,10 @@ class SparseVerifyConfig:
                              f"{HEAD_REDUCE}")
         if self.moe_rule not in MOE_RULES:
             raise ValueError(f"sparse_verify.moe_rule={self.moe_rule!r} must be one of {MOE_RULES}")
-        if self.moe_weight_floor < 0:
-            raise ValueError(f"sparse_verify.moe_weight_floor={self.moe_weight_floor} must be >= 0")
+        if not 0 <= self.moe_weight_floor < 1 or (self.moe_rule == "weight_floor"
+                                                   and self.moe_weight_floor == 0):
+            raise ValueError(f"sparse_verify.moe_weight_floor={self.moe_weight_floor} must be in "
+                             "[0, 1), and > 0 with moe_rule=weight_floor")
 
     def min_budget(self, num_verify: int, page_size: int) -> int:
         """Fewest pages a budget may hold: sinks, and the local pages or the (at most
@@ -85,6 +94,39 @@ class SparseVerifyConfig:
             raise ValueError(f"sparse_verify.block_budget={self.block_budget} must be 0 (every "
                              f"page) or >= {need}: sink_blocks + local_blocks + the pages of "
                              f"{num_verify} verify tokens at page_size={page_size}")
+
+
+def verify_model_config(cfg: ModelConfig, settings: SparseVerifyConfig) -> ModelConfig:
+    """The model config of the verify pass: the MoE rule as the router's restrictions.
+
+    "first_token": each row's verify tokens route among the routed experts its first token
+    (x_n) picked, so a row's verify block loads at most top_k experts instead of up to
+    (k+1) top_k; "weight_floor": routed experts with router probability < moe_weight_floor are
+    skipped (their weight is lost, not renormalised, as LongCat's router never renormalises).
+    """
+    if settings.moe_rule == "none":
+        return cfg
+    moe = dataclasses.replace(
+        cfg.moe, route_within_first=settings.moe_rule == "first_token",
+        route_prob_floor=settings.moe_weight_floor if settings.moe_rule == "weight_floor" else 0.0)
+    return dataclasses.replace(cfg, moe=moe)
+
+
+def with_verify_thresholds(variables: dict, thresholds: Optional[ChessThresholds]) -> dict:
+    """`variables` whose verify pass (only) applies CHESS `thresholds` (lcjax.sparsity.chess)."""
+    out = {k: v for k, v in variables.items() if k != VERIFY_COLLECTION}
+    if thresholds is not None:
+        out[VERIFY_COLLECTION] = thresholds.tree
+    return out
+
+
+def verify_variables(variables: dict) -> dict:
+    """The variables the verify pass runs: verify-only thresholds become the model's."""
+    if VERIFY_COLLECTION not in variables:
+        return variables
+    out = {k: v for k, v in variables.items() if k != VERIFY_COLLECTION}
+    out[activation_sparsity.COLLECTION] = variables[VERIFY_COLLECTION]
+    return out
 
 
 def parse_settings(text: str) -> SparseVerifyConfig:
