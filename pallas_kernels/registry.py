@@ -1,8 +1,8 @@
 """One backend registry for every kernel dispatcher: discovery, default order, interpret variants.
 
-A dispatcher (grouped_matmul, block_sparse_attention, paged decode, quant_matmul) builds one
-`Registry` from a tuple of backend names and a platform -> order dict, kept as plain data in its
-api module so adding a backend is a one-line edit. Backend `name` is the module
+A dispatcher (grouped_matmul, block_sparse_attention, paged decode, quant_matmul, sparse_gemv)
+builds one `Registry` from a tuple of backend names and a platform -> order dict, kept as plain
+data in its api module so adding a backend is a one-line edit. Backend `name` is the module
 `<package>.<name>` (or `modules[name]`), imported under a guard: a missing optional dependency
 (jax-triton, a GPU jaxlib) leaves the name known but unavailable, with the import error as its
 reason. A name in `interpret` also registers "<name>_interpret": the same kernels run by an

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lcjax.ops import activation_sparsity, observe, quantized_matmul
+from lcjax.ops import activation_sparsity, observe, quantized_matmul, sparse_gemv
 from lcjax.ops.grouped_matmul import grouped_matmul
 from lcjax.ops.qtensor import QTensor
 from lcjax.parallel import context as parallel_context
@@ -163,7 +163,8 @@ def lora_expert_delta(module: nn.Module, name: str, x, dtype, group_sizes=None):
 
 
 def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, dtype,
-           row_parallel: Optional[RowParallel] = None) -> Float[Array, "..."]:
+           row_parallel: Optional[RowParallel] = None, sparse_input: bool = False
+           ) -> Float[Array, "..."]:
     """einsum(spec, x, w) in `dtype` for the weight param `name` of `module`.
 
     A float weight runs `jnp.einsum(spec, x, w.astype(dtype))`, as it always has; a quantized
@@ -172,11 +173,28 @@ def linear(module: nn.Module, name: str, spec: str, x: Float[Array, "..."], w, d
     `row_parallel` marks a projection whose contracted dim is tensor-split: under
     `parallel.quantized_tp_comm` its all-reduce runs quantized (lcjax.parallel.tensor_parallel).
     That setting is read from the ambient parallel context: lcjax/parallel/context.py lists
-    everything the context changes in the model.
+    everything the context changes in the model. `sparse_input` (x mostly zero channels, a
+    float 2-D weight, at most sparse_gemv.MAX_ROWS rows: decode) runs lcjax.ops.sparse_gemv,
+    which reads only the rows of w whose input channel is nonzero.
     """
-    y = _base_linear(module, name, spec, x, w, dtype, row_parallel)
+    if sparse_input and _sparse_gemv_applies(x, w, row_parallel):
+        observe.record(module, name, x)
+        y = sparse_gemv.sparse_matmul(x.astype(dtype), w.astype(dtype))
+    else:
+        y = _base_linear(module, name, spec, x, w, dtype, row_parallel)
     delta = lora_delta(module, name, spec, x, dtype)
     return y if delta is None else y + delta.astype(y.dtype)
+
+
+def _sparse_gemv_applies(x, w, row_parallel) -> bool:
+    """A float [K, N] weight, few rows, and no quantized tensor-parallel reduction to run."""
+    if isinstance(w, QTensor) or w.ndim != 2 or x.size // max(x.shape[-1], 1) > sparse_gemv.MAX_ROWS:
+        return False
+    if row_parallel is None:
+        return True
+    _, w_axes, contract = row_parallel
+    par = parallel_context.current()
+    return tensor_parallel.quantized_tp_axis(par, w.shape, w_axes, contract) is None
 
 
 def _base_linear(module, name, spec, x, w, dtype, row_parallel):
@@ -231,4 +249,5 @@ class SwiGLU(nn.Module):
         activation_sparsity.record(self, "gate", a_bsf, up=u_bsf)
         h_bsf = activation_sparsity.threshold(self, "gate", a_bsf) * u_bsf
         h_bsf = nn.with_logical_constraint(h_bsf, ("batch", "length", "mlp"))
-        return linear(self, "down", "BSF,FM->BSM", h_bsf, down, cdt, DOWN_PROJ)
+        return linear(self, "down", "BSF,FM->BSM", h_bsf, down, cdt, DOWN_PROJ,
+                      sparse_input=activation_sparsity.thresholds_of(self, "gate") is not None)

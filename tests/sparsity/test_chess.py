@@ -12,6 +12,7 @@ from lcjax.model import decode_step, init_cache
 from lcjax.model.layers import SwiGLU
 from lcjax.ops import activation_sparsity
 from lcjax.sparsity import chess
+from pallas_kernels.sparse_gemv import api as gemv_api
 from tests.model.conftest import init_variables, jitted_apply, tiny_config
 
 
@@ -140,9 +141,15 @@ def test_zero_thresholds_give_the_dense_model_and_others_change_it(calibrated):
     assert set(chess.with_thresholds(variables, None)) == set(variables) - {activation_sparsity.COLLECTION}
 
 
-def test_cached_decode_equals_full_forward_with_thresholds(calibrated):
+@pytest.mark.parametrize("gemv", ["xla", "xla_gather"])
+def test_cached_decode_equals_full_forward_with_thresholds(calibrated, gemv, monkeypatch):
     """A chunk + one-token decode steps over the latent cache (absorbed MLA) apply the same
-    thresholds as the full forward, for every site of CHESS+."""
+    thresholds as the full forward, for every site of CHESS+; decode's dense FFN down
+    projections go through the sparse GEMV op (here its default forced to `gemv`)."""
+    monkeypatch.setitem(gemv_api.REGISTRY.orders, "cpu", (gemv, "xla"))
+    calls = []
+    real = gemv_api.REGISTRY.select
+    monkeypatch.setattr(gemv_api.REGISTRY, "select", lambda *a: calls.append(1) or real(*a))
     cfg, variables, _, stats, ids = calibrated
     v = chess.with_thresholds(variables, _thresholds(stats, 0.5, "chess+"))
     full = jitted_apply(cfg)(v, ids)
@@ -152,6 +159,7 @@ def test_cached_decode_equals_full_forward_with_thresholds(calibrated):
     for i in range(16, 20):
         out, cache = step(cache, ids[:, i:i + 1])
         np.testing.assert_allclose(np.asarray(out[:, 0]), np.asarray(full[:, i]), atol=2e-4)
+    assert len(calls) == 2 * cfg.num_layers  # both dense MLPs per layer, traced once (2 rows <= 16)
 
 
 def test_measured_sparsity_is_near_the_target(calibrated):

@@ -1,0 +1,54 @@
+"""Pallas Triton kernel: y = x_act @ w[idx], reading only the active rows of w.
+
+Grid (n tiles). Each program owns a [T_pad, block_n] output tile and walks the compacted list of
+active rows in steps of block_k: it loads block_k row indices, gathers those rows of its column
+span of w (each row is contiguous in memory, so the gather is coalesced), and accumulates
+x_act[:, step] @ w_rows in float32. The trip count ceil(count / block_k) is read at run time, so
+the weight bytes read are count/K of a dense GEMV's (plus the last step's padding rows, which
+point at row 0 and meet zero activations).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _kernel(count_ref, idx_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int):
+    cols = pl.program_id(0) * block_n + jax.lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+    steps = (count_ref[0] + block_k - 1) // block_k
+    precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+
+    def step(j, acc):
+        k_span = pl.ds(j * block_k, block_k)
+        rows = idx_ref[k_span]  # [bk] active row ids
+        xa = x_ref[:, k_span]  # [T_pad, bk]
+        wb = plgpu.load(w_ref.at[rows[:, None], cols])  # [bk, bn]: a gather of whole rows
+        return acc + jnp.dot(xa, wb.astype(xa.dtype), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def sparse_gemv(count, idx, x_act, w, *, block_k: int, block_n: int, num_warps: int,
+                num_stages: int, interpret: bool):
+    """count [1], idx [K_pad] (active rows first), x_act [T_pad, K_pad] (x at idx, zero past
+    count), w [K, N] -> [T_pad, N] in x_act.dtype. block_n divides N; block_k divides K_pad."""
+    t_pad = x_act.shape[0]
+    n_dim = w.shape[1]
+    kernel = functools.partial(_kernel, block_k=block_k, block_n=block_n)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((t_pad, n_dim), x_act.dtype),
+        grid=(n_dim // block_n,),
+        in_specs=[pl.no_block_spec] * 4,  # whole arrays: the kernel indexes them itself
+        out_specs=pl.BlockSpec((t_pad, block_n), lambda n: (0, n)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="sparse_gemv",
+    )(count, idx, x_act, w)

@@ -1,0 +1,10 @@
+"""pallas_gpu backend against the contract, in the Pallas interpreter (any platform)."""
+
+from pallas_kernels.sparse_gemv import pallas_gpu
+from pallas_kernels.sparse_gemv.contract import SparseGemvContract
+
+
+class TestPallasGpuInterpret(SparseGemvContract):
+    implementation = "pallas_gpu_interpret"
+    marker = "pallas_call"
+    config = pallas_gpu.Config(block_n=16, block_k=16, num_warps=4, num_stages=1)
