@@ -230,6 +230,8 @@ class RetrievalDenseCache:
     book: Codebook
     rope: RopeConfig = flax.struct.field(pytree_node=False)
     config: A2ATSConfig = flax.struct.field(pytree_node=False)
+    # True: rank keys by their exact scores (the best any top-k retrieval can do; evaluation)
+    oracle: bool = flax.struct.field(pytree_node=False, default=False)
     mask: Any = None  # [B, S, T]
     q_abs: Any = None
     keys: Any = None
@@ -249,6 +251,8 @@ class RetrievalDenseCache:
         codes = assign_codes(self.book, hat)
         q_hat = wrope_queries(q_abs, positions, r, self.rope, self.config.wrope_position)
         scores = approx_scores(self.book, q_hat, codes)
+        if self.oracle:
+            scores = jnp.einsum("BSHD,BTD->BSHT", q_abs.astype(jnp.float32), keys.astype(jnp.float32))
         mask = selection_mask(self.config, scores, positions, kv_positions)
         out = masked_attention(q_abs, keys, mask, scale, c)
         new = write_layer_cache(inner, latent, k_rope, positions, valid, sparse, loza)

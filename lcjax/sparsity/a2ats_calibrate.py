@@ -8,6 +8,7 @@ The index (codebooks + settings) is what the serve engine takes (`Engine(..., kv
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Optional, Sequence
 
@@ -21,9 +22,10 @@ from jaxtyping import Array, Float, Int
 from lcjax.config import ModelConfig, RopeConfig
 from lcjax.model.cache import init_layer_cache
 from lcjax.model.decode import forward_hidden
+from lcjax.model.layers import dtype_of
 from lcjax.model.model import project_logits
-from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, build_codebook, prerope_keys,
-                                  wrope_queries)
+from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, attention_mass_recall, build_codebook,
+                                  prerope_keys, wrope_queries)
 from lcjax.sparsity.a2ats_cache import RecordingCache, RetrievalDenseCache, attach
 
 
@@ -67,7 +69,7 @@ def load_index(path: str, cfg: ModelConfig, **overrides) -> A2ATSIndex:
 def full_layer_caches(cfg: ModelConfig, batch: int, length: int, wrap) -> tuple:
     """Fresh contiguous caches for a `length`-token forward: `wrap(i, LayerCache)` for full
     sublayers, plain LayerCache (a ring that holds the whole chunk) for sparse ones."""
-    dtype = jnp.float32 if cfg.dtype == "float32" else jnp.bfloat16
+    dtype = dtype_of(cfg.dtype)
     out = []
     for i, sparse in enumerate(cfg.sparse_layers):
         cache = init_layer_cache(batch, length, cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim,
@@ -76,18 +78,25 @@ def full_layer_caches(cfg: ModelConfig, batch: int, length: int, wrap) -> tuple:
     return tuple(out)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_caches(cfg: ModelConfig, variables: Any, tokens: Int[Array, "B S"], caches: tuple):
+    """forward_hidden of a whole sequence from empty caches (positions 0.., no n-gram history);
+    jitted once per model, shape and cache kind."""
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    history = jnp.zeros((b, cfg.ngram.neighbor_num - 1), jnp.int32) if cfg.ngram.enabled else None
+    return forward_hidden(cfg, variables, tokens, positions, caches, history=history)
+
+
 def collect(cfg: ModelConfig, variables: Any, tokens: Int[Array, "B S"], a2: A2ATSConfig
             ) -> dict[int, tuple[Float[Array, "N D"], Float[Array, "M D"]]]:
     """{full sublayer: (pre-RoPE keys [B*S, D], WRoPE queries of all heads [B*S*H, D])}."""
     variables = nn.unbox(variables)
     b, s = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     caches = full_layer_caches(cfg, b, s, lambda i, c: RecordingCache(inner=c))
-    history = jnp.zeros((b, cfg.ngram.neighbor_num - 1), jnp.int32) if cfg.ngram.enabled else None
-    run = jax.jit(lambda v, t, c: forward_hidden(cfg, v, t, positions, c, history=history)[1])
     out = {}
     r = cfg.mla.qk_rope_head_dim
-    for i, rec in enumerate(run(variables, tokens, caches)):
+    for i, rec in enumerate(_forward_caches(cfg, variables, tokens, caches)[1]):
         if isinstance(rec, RecordingCache):
             keys = prerope_keys(rec.keys.astype(jnp.float32), rec.positions, r, cfg.mla.rope)
             q = wrope_queries(rec.q_abs.astype(jnp.float32), rec.positions, r, cfg.mla.rope,
@@ -118,33 +127,34 @@ def calibrate(cfg: ModelConfig, variables: Any, prompts: Sequence[Int[Array, "B 
 
 
 def evaluate(cfg: ModelConfig, variables: Any, tokens: Int[Array, "B S"],
-             index: Optional[A2ATSIndex]) -> dict[str, Any]:
+             index: Optional[A2ATSIndex], oracle: bool = False) -> dict[str, Any]:
     """Teacher-forced next-token NLL of each position with every query attending its A²ATS
     selection (index None: exact), plus per full sublayer the attention-mass recall.
 
+    `oracle` ranks keys by their exact scores instead (the ceiling of any top-k retrieval).
     Returns {"nll": [B, S-1], "recall": {sublayer: [B, S, H]}}.
     """
-    from lcjax.sparsity.a2ats import attention_mass_recall  # local: only the evaluation uses it
     variables = nn.unbox(variables)
     b, s = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if index is None:
         wrap = lambda i, c: c  # noqa: E731
     else:
         wrap = lambda i, c: RetrievalDenseCache(  # noqa: E731
-            inner=c, book=index.books[i], rope=index.rope, config=index.config)
+            inner=c, book=index.books[i], rope=index.rope, config=index.config, oracle=oracle)
     caches = full_layer_caches(cfg, b, s, wrap)
-    history = jnp.zeros((b, cfg.ngram.neighbor_num - 1), jnp.int32) if cfg.ngram.enabled else None
-
-    def run(v, t, c):
-        hidden, new = forward_hidden(cfg, v, t, positions, c, history=history)
-        logits = project_logits(cfg, hidden, v["params"]["lm_head"]).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits[:, :-1], -1)
-        nll = -jnp.take_along_axis(logp, t[:, 1:, None], -1)[..., 0]
-        recall = {i: attention_mass_recall(n.q_abs, n.keys, n.kv_positions, positions, n.mask,
-                                           cfg.mla.softmax_scale)
-                  for i, n in enumerate(new) if isinstance(n, RetrievalDenseCache)}
-        return nll, recall
-
-    nll, recall = jax.jit(run)(variables, jnp.asarray(tokens), caches)
+    nll, recall = _nll_and_recall(cfg, variables, jnp.asarray(tokens), caches)
     return {"nll": nll, "recall": recall}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_and_recall(cfg: ModelConfig, variables: Any, tokens: Int[Array, "B S"], caches: tuple):
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    hidden, new = _forward_caches(cfg, variables, tokens, caches)
+    logits = project_logits(cfg, hidden, variables["params"]["lm_head"]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    recall = {i: attention_mass_recall(n.q_abs, n.keys, n.kv_positions, positions, n.mask,
+                                       cfg.mla.softmax_scale)
+              for i, n in enumerate(new) if isinstance(n, RetrievalDenseCache)}
+    return nll, recall
