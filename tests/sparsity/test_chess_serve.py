@@ -79,4 +79,3 @@ def test_flag_parsing_and_apply(model):
                 ["--activation-sparsity", "chess", "--activation-sparsity-calib-batches", "0"]):
         with pytest.raises(SystemExit):
             chess_flag.check_flags(parser.parse_args(bad), parser)
-    assert cli.build_parser().parse_args([]).activation_sparsity is None
