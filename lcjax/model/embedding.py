@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
+from lcjax.ops.host_rows import take_rows
 
 _INIT_STDDEV = 0.02  # HF `initializer_range` for embeddings and Linear layers
 
@@ -206,7 +207,7 @@ class NgramEmbedding(nn.Module):
             proj = self.param(
                 f"proj_{j}", nn.with_logical_partitioning(init, ("ngram_dim", "embed")),
                 (dim, cfg.hidden_size), pdtype)  # [G, M]
-            rows.append(jnp.take(table, ids[j], axis=0))
+            rows.append(take_rows(table, ids[j]))  # the table may live in host memory
             projs.append(proj)
         dtype = jnp.dtype(cfg.dtype)
         rows_jbsg = jnp.stack(rows).astype(dtype)

@@ -12,8 +12,8 @@ only those rows (a fixed-size buffer) and attend over them.
 
 Host offload (`offload="host"`): the page pools live in host memory (`pinned_host`); only the
 codes, the codebook and each step's gathered rows are on the device. Gathers and writes of host
-rows run on the host inside the jitted step (`compute_on("device_host")`), and only the selected
-rows cross to the device.
+rows run on the host inside the jitted step (lcjax/ops/host_rows.py), and only the selected rows
+cross to the device.
 """
 
 from __future__ import annotations
@@ -23,55 +23,25 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.experimental.compute_on import compute_on
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import LozaConfig, ModelConfig, RopeConfig
 from lcjax.model.cache import LayerCache, write_layer_cache
+from lcjax.ops.host_rows import set_rows, take_rows
+from lcjax.sparsity.host_offload import to_host
 from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, approx_scores, assign_codes, code_dtype,
                                   masked_attention, prerope_keys, selection_mask, wrope_queries)
 
-HOST_KIND = "pinned_host"
-
-
-def host_memory_kind() -> Optional[str]:
-    """`pinned_host` if the default device exposes it (jax 0.10 CPU and GPU do), else None."""
-    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-    return HOST_KIND if HOST_KIND in kinds else None
-
-
-def to_host(x: Array) -> Array:
-    """Place an array in the default device's pinned host memory (ValueError if there is none)."""
-    if host_memory_kind() is None:
-        kinds = [m.kind for m in jax.devices()[0].addressable_memories()]
-        raise ValueError(f"offload='host' needs a '{HOST_KIND}' memory; this device has {kinds}")
-    return jax.device_put(x, jax.sharding.SingleDeviceSharding(jax.devices()[0],
-                                                               memory_kind=HOST_KIND))
-
-
-def gather_rows(pool: Float[Array, "P L D"], flat: Int[Array, "B N"], host: bool) -> Float[Array, "B N D"]:
+def gather_rows(pool: Float[Array, "P L D"], flat: Int[Array, "B N"]) -> Float[Array, "B N D"]:
     """pool rows at flat slot indices (page * L + offset), gathered where the pool lives."""
-    width = pool.shape[-1]
-    if not host:
-        return pool.reshape(-1, width)[flat]
-    idx = jax.device_put(flat, jax.memory.Space.Host)
-    with compute_on("device_host"):
-        rows = pool.reshape(-1, width)[idx]
-    return jax.device_put(rows, jax.memory.Space.Device)
+    return take_rows(pool.reshape(-1, pool.shape[-1]), flat)
 
 
-def scatter_rows(pool: Float[Array, "P L D"], flat: Int[Array, "N"], rows: Float[Array, "N D"],
-                 host: bool) -> Float[Array, "P L D"]:
+def scatter_rows(pool: Float[Array, "P L D"], flat: Int[Array, "N"],
+                 rows: Float[Array, "N D"]) -> Float[Array, "P L D"]:
     """pool with rows written at flat slot indices (out of range: dropped), where it lives."""
     p, page, width = pool.shape
-    rows = rows.astype(pool.dtype)
-    if host:
-        flat = jax.device_put(flat, jax.memory.Space.Host)
-        rows = jax.device_put(rows, jax.memory.Space.Host)
-        with compute_on("device_host"):
-            out = pool.reshape(p * page, width).at[flat].set(rows, mode="drop")
-        return out.reshape(p, page, width)
-    return pool.reshape(p * page, width).at[flat].set(rows, mode="drop").reshape(p, page, width)
+    return set_rows(pool.reshape(p * page, width), flat, rows).reshape(p, page, width)
 
 
 @flax.struct.dataclass
@@ -86,7 +56,6 @@ class RetrievalPagedCache:
     rope: RopeConfig = flax.struct.field(pytree_node=False)
     config: A2ATSConfig = flax.struct.field(pytree_node=False)
     all_valid: bool = flax.struct.field(pytree_node=False, default=False)
-    host: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def page_size(self) -> int:
@@ -106,7 +75,7 @@ class RetrievalPagedCache:
         rows = jnp.concatenate([latent, k_rope], -1)
         hat = prerope_keys(rows.astype(jnp.float32), positions, k_rope.shape[-1], self.rope)
         codes = assign_codes(self.book, hat).astype(self.codes.dtype)
-        pages = scatter_rows(self.pages, flat, rows.reshape(-1, width), self.host)
+        pages = scatter_rows(self.pages, flat, rows.reshape(-1, width))
         code_pool = self.codes.reshape(-1).at[flat].set(codes.reshape(-1), mode="drop")
         return self.replace(pages=pages, codes=code_pool.reshape(num_pages, page))
 
@@ -125,12 +94,12 @@ class RetrievalPagedCache:
         slots = jnp.broadcast_to(jnp.arange(t_cap, dtype=jnp.int32)[None, :], (batch, t_cap))
         kv_positions = jnp.where(slots < lengths[:, None], slots, -1)
         if not self.all_valid:
-            rows = gather_rows(cache.pages, self._flat(slots), self.host)  # [B, T, C+R]
+            rows = gather_rows(cache.pages, self._flat(slots))  # [B, T, C+R]
             keys = rows[:, :, None, :].astype(q_abs.dtype)
             return attend(q_abs, keys, keys[..., :c], q_positions=positions,
                           kv_positions=kv_positions), cache
         selected = cache.select(q_abs, positions, kv_positions)  # [B, n]
-        rows = gather_rows(cache.pages, self._flat(selected), self.host)  # [B, n, C+R]
+        rows = gather_rows(cache.pages, self._flat(selected))  # [B, n, C+R]
         keys = rows[:, :, None, :].astype(q_abs.dtype)
         return attend(q_abs, keys, keys[..., :c], q_positions=positions,
                       kv_positions=selected), cache
@@ -167,10 +136,6 @@ class ServeRetrieval:
     rope: RopeConfig = flax.struct.field(pytree_node=False)
     config: A2ATSConfig = flax.struct.field(pytree_node=False)
 
-    @property
-    def host(self) -> bool:
-        return self.config.offload == "host"
-
     def views(self, views: tuple) -> tuple:
         """Replace each paged view of a retrieval sublayer by a RetrievalPagedCache."""
         out = []
@@ -181,7 +146,7 @@ class ServeRetrieval:
             out.append(RetrievalPagedCache(
                 pages=view.pages, codes=codes, block_tables=view.block_tables, book=book,
                 kv_lora_rank=view.kv_lora_rank, rope=self.rope, config=self.config,
-                all_valid=view.all_valid, host=self.host))
+                all_valid=view.all_valid))
         return tuple(out)
 
     def absorb(self, views: tuple) -> "ServeRetrieval":

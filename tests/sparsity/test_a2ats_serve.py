@@ -14,7 +14,8 @@ from lcjax.ops import attention as attention_op
 from lcjax.serve.kv_cache import PagedLayerCache
 from lcjax.sparsity import a2ats
 from lcjax.sparsity.a2ats import A2ATSConfig
-from lcjax.sparsity.a2ats_cache import RetrievalPagedCache, host_memory_kind, to_host
+from lcjax.sparsity.a2ats_cache import RetrievalPagedCache
+from lcjax.sparsity.host_offload import host_memory_kind, to_host
 
 ROPE = RopeConfig(type="default", theta=10000.0)
 C, R, H, PAGE, NPAGES = 6, 4, 3, 4, 12
@@ -39,7 +40,7 @@ def _setup(frac, host=False, seed=0):
     codes = jnp.asarray(rng.integers(0, 8, (NPAGES, PAGE)), jnp.int16)
     view = RetrievalPagedCache(pages=to_host(pages) if host else pages, codes=codes,
                                block_tables=tables, book=book, kv_lora_rank=C, rope=ROPE,
-                               config=cfg, all_valid=True, host=host)
+                               config=cfg, all_valid=True)
     exact = PagedLayerCache(pages=pages, block_tables=tables, kv_lora_rank=C, all_valid=False)
     new = [jnp.asarray(rng.normal(size=(2, 1, n)), jnp.float32) for n in (C, R)]
     q = jnp.asarray(rng.normal(size=(2, 1, H, C + R)), jnp.float32)

@@ -1,0 +1,42 @@
+"""Row gathers and scatters that work wherever the table lives: device memory or host memory.
+
+A table placed in host memory (`pinned_host`, see lcjax/sparsity/host_offload.py) cannot be
+indexed by a device computation. When the traced table's memory space is the host, the indices
+go to the host, the gather (or scatter) runs there (`compute_on("device_host")`), and only the
+selected rows come to the device, so a step moves rows, never the table. On device tables these
+are plain indexing. Callers (the N-gram embedding, the A²ATS paged cache) need not know where
+their table is.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental.compute_on import compute_on
+from jaxtyping import Array, Int
+
+
+def on_host(x: Array) -> bool:
+    """Whether the (traced or concrete) array lives in host memory."""
+    return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
+def take_rows(table: Array, ids: Int[Array, "..."]) -> Array:
+    """table[ids] along axis 0 ([..., *table.shape[1:]], on the device); ids are in range."""
+    if not on_host(table):
+        return table[ids]
+    ids = jax.device_put(ids, jax.memory.Space.Host)
+    with compute_on("device_host"):
+        rows = table[ids]
+    return jax.device_put(rows, jax.memory.Space.Device)
+
+
+def set_rows(table: Array, ids: Int[Array, "N"], rows: Array) -> Array:
+    """table with rows [N, *table.shape[1:]] written at ids (out of range: dropped), kept in the
+    memory it lives in."""
+    rows = rows.astype(table.dtype)
+    if not on_host(table):
+        return table.at[ids].set(rows, mode="drop")
+    ids = jax.device_put(ids, jax.memory.Space.Host)
+    rows = jax.device_put(rows, jax.memory.Space.Host)
+    with compute_on("device_host"):
+        return table.at[ids].set(rows, mode="drop")
