@@ -85,9 +85,10 @@ def _put_rows(table: Array, slots: Int[Array, "B"], rows: Array) -> Array:
     return table.at[jnp.where(slots < 0, table.shape[0], slots)].set(rows, mode="drop")
 
 
-def _forward(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInputs, *,
-             all_valid: bool, implementation, select=None):
+def forward_step(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepInputs, *,
+                 all_valid: bool, implementation, select=None):
     """Main model over the step's tokens: (final-normed hidden [B, S, M], new cache, history rows).
+    Public for tools that need a step's hidden states (scripts/bench_sparse_verify.py).
 
     The model's own cached stack (`forward_hidden`) runs over this step's cache views: the rows'
     rings of sparse sublayers and the page pools of full ones, seen through the block tables.
@@ -185,8 +186,8 @@ def prefill_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: Step
         counts=_put_rows(state.counts, inp.slots, jnp.where(reset, 0, _rows(state.counts, inp.slots))),
         prompt_mask=_put_rows(state.prompt_mask, inp.slots,
                               jnp.where(reset, False, _rows(state.prompt_mask, inp.slots))))
-    hidden, cache, history = _forward(cfg, variables, state.cache, inp, all_valid=False,
-                                      implementation=implementation)
+    hidden, cache, history = forward_step(cfg, variables, state.cache, inp, all_valid=False,
+                                          implementation=implementation)
     cache = _update_history(cfg, cache, inp, history, inp.num_valid)
     valid = jnp.arange(s)[None, :] < inp.num_valid[:, None]
     seen = _rows(state.prompt_mask, inp.slots).at[jnp.arange(b)[:, None], inp.tokens].max(valid)
@@ -231,8 +232,8 @@ def decode_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: StepI
     """One token per row (the previous step's sample). Returns (state, tokens [B], scores)."""
     variables = nn.unbox(variables)
     b = inp.tokens.shape[0]
-    hidden, cache, history = _forward(cfg, variables, state.cache, inp, all_valid=True,
-                                      implementation=implementation)
+    hidden, cache, history = forward_step(cfg, variables, state.cache, inp, all_valid=True,
+                                          implementation=implementation)
     cache = _update_history(cfg, cache, inp, history, inp.num_valid)
     logits = project_logits(cfg, hidden, variables["params"]["lm_head"])  # [B, 1, V]
     logprobs, keys = _sample(logits, state, inp, jnp.zeros((b, 1), jnp.int32), inp.seeds)
@@ -297,9 +298,9 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
         select = sv.Selector(sparse_verify)
         verify_cfg = sv.verify_model_config(cfg, sparse_verify)  # the MoE rule
         verify_vars = sv.verify_variables(variables)  # verify-only FFN thresholds, if any
-    hidden, cache, history = _forward(verify_cfg, verify_vars, state.cache, verify,
-                                      all_valid=True, implementation=implementation,
-                                      select=select)
+    hidden, cache, history = forward_step(verify_cfg, verify_vars, state.cache, verify,
+                                          all_valid=True, implementation=implementation,
+                                          select=select)
     logits = project_logits(cfg, hidden, params["lm_head"])  # [B, k+1, V]
     prev = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     target, _ = _sample(logits, state, inp, prev, inp.seeds)

@@ -237,6 +237,35 @@ def compress(block_tables: Int[Array, "B N"], chosen: Int[Array, "B K"], lengths
     return tables, ((kept - 1) * page + lengths - last * page).astype(jnp.int32)
 
 
+def attention_cost(settings: SparseVerifyConfig, context: int, num_verify: int, page: int,
+                   heads: int, key_dim: int, value_dim: int, full_layers: int,
+                   itemsize: int) -> dict[str, float]:
+    """Per-row verify attention cost over the full-attention sublayers, dense vs sparse.
+
+    FLOPs: 2 S H T (Dk + Dv) per sublayer over T keys; a scoring sublayer adds 4 H N Dk for the
+    Quest bound over N pages. Bytes: keys (whose first Dv dims are the values) T Dk, plus the
+    2 N Dk bounds read by each scoring sublayer. Sparse sublayers see the kept pages only
+    (dense_first sublayers see every page).
+    """
+    pages = -(-context // page)
+    kept = min(settings.block_budget or pages, pages)
+    seen = min(kept * page, context)
+    dense_first = min(settings.dense_first, full_layers)
+    sparse_layers = full_layers - dense_first
+    scoring = -(-sparse_layers // settings.reuse_layers)
+
+    def flops(tokens):
+        return 2 * num_verify * heads * tokens * (key_dim + value_dim)
+
+    dense_flops = full_layers * flops(context)
+    sparse_flops = (dense_first * flops(context) + sparse_layers * flops(seen)
+                    + scoring * 4 * heads * pages * key_dim)
+    dense_bytes = full_layers * context * key_dim * itemsize
+    sparse_bytes = (dense_first * context + sparse_layers * seen + scoring * 2 * pages) * key_dim * itemsize
+    return dict(dense_flops=dense_flops, sparse_flops=sparse_flops, dense_bytes=dense_bytes,
+                sparse_bytes=sparse_bytes)
+
+
 def jaccard(a: Int[Array, "... K"], b: Int[Array, "... K"], universe: int) -> Float[Array, "..."]:
     """|a ∩ b| / |a ∪ b| of two index sets, broadcast over leading dims (entries outside
     [0, universe) are ignored; two empty sets give 1)."""
@@ -262,7 +291,8 @@ class Selector:
     full-attention sublayer: calls 0..dense_first-1 attend densely, then every `reuse_layers`-th
     call scores pages and the calls between reuse its choice. With `record=True` it also keeps,
     per scoring call, the Jaccard overlap of each verify token's own top-K set with the scoring
-    token's and with the previous scoring sublayer's set (traced values, read by benchmarks).
+    token's (retrieved pages only, and whole kept sets) and of the retrieved pages with the
+    previous scoring sublayer's (traced values, read by benchmarks).
     """
 
     def __init__(self, cfg: SparseVerifyConfig, record: bool = False):
@@ -271,6 +301,7 @@ class Selector:
         self.calls = 0
         self.chosen: Optional[Array] = None
         self.token_overlap: list[Array] = []  # per scoring call: [B, S] Jaccard vs score_query
+        self.token_overlap_kept: list[Array] = []  # the same over whole kept sets (forced too)
         self.layer_overlap: list[Array] = []  # per scoring call after the first: [B]
 
     def __call__(self, q_abs: Float[Array, "B S H W"], bounds_pages: Float[Array, "P 2 W"],
@@ -299,6 +330,7 @@ class Selector:
         mine = retrieved(chosen, lengths, s_len, page, width, cfg)
         theirs = retrieved(per_token, lengths, s_len, page, width, cfg)
         self.token_overlap.append(jaccard(theirs, mine[:, None, :], width))
+        self.token_overlap_kept.append(jaccard(per_token, chosen[:, None, :], width))
         if self.chosen is not None:
             before = retrieved(self.chosen, lengths, s_len, page, width, cfg)
             self.layer_overlap.append(jaccard(mine, before, width))
