@@ -3,6 +3,8 @@
     python scripts/bench_decode.py                                  # small, bf16, batch 1 and 16
     python scripts/bench_decode.py --num-speculative-tokens 2 model.mtp_layers=1   # + MTP rounds
     python scripts/bench_decode.py --smoke                          # tiny, f32, CPU, < 2 min
+    python scripts/bench_decode.py --sparse-verify "block_budget=64" --dtype float32
+        # one MTP round, dense vs sparse verify, at --contexts (scripts/bench_sparse_verify.py)
 
 One process, one random model: lcjax variables are initialised for the preset, written as a
 Hugging Face directory with `lcjax.convert.save_hf_checkpoint` and loaded by transformers'
@@ -198,8 +200,28 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny, float32, batch 1 and 4, 32 + 32 tokens, k=2")
     p.add_argument("--json", default="bench_decode.json")
+    p.add_argument("--sparse-verify", nargs="+", metavar="KEY=V;..",
+                   help="instead: time one MTP round (k = --num-speculative-tokens, default 3) "
+                        "with dense and with each sparse verify setting over a filled cache at "
+                        "--contexts, batch --batch[0] (scripts/bench_sparse_verify.py timing)")
+    p.add_argument("--contexts", default="4096,8192,16384,32768")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. model.mtp_layers=1")
     args = p.parse_args()
+    if args.sparse_verify:
+        import bench_sparse_verify  # scripts/ is on sys.path when this file runs
+
+        contexts = [int(c) for c in args.contexts.split(",")]
+        config = build_config(args.model, args.dtype, [
+            f"model.max_position_embeddings={max(contexts) + 64}", "model.mtp_layers=1", *args.overrides])
+        ns = argparse.Namespace(settings=args.sparse_verify, contexts=contexts, batch=args.batch[0],
+                                repeats=max(args.repeats, 3), page_size=16,
+                                num_speculative_tokens=args.num_speculative_tokens or 3)
+        rows = bench_sparse_verify.timing(ns, config)
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model,
+                       "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+                       "sparse_verify": rows}, f, indent=2)
+        return
     if args.smoke:
         args.model, args.dtype, args.batch, args.prompt_len, args.new_tokens = "tiny", "float32", [1, 4], 32, 32
         args.num_speculative_tokens = args.num_speculative_tokens or 2

@@ -17,7 +17,7 @@
     sparse, and the analytic attention cost (`sparse_verify.attention_cost`).
 `timing`: one jitted MTP round (`runner.speculative_step`: drafts + verify) over a filled random
 cache at each context, dense vs sparse, median of `--repeats`; acceptance is not measured
-(random weights).
+(random weights): tokens/s = acceptance length x `tok_s_per_acceptance` (batch / round time).
 Prints tables; writes JSON with `--json`.
 """
 
@@ -264,6 +264,7 @@ def timing(args, config=None) -> list[dict]:
                 jax.block_until_ready(compiled(variables, state, inp))
                 times.append(time.perf_counter() - t0)
             rows.append(dict(context=context, setting=text, round_ms=1e3 * statistics.median(times),
+                             tok_s_per_acceptance=b / statistics.median(times),
                              xla_flops=float(analysis.get("flops", 0)),
                              xla_bytes=float(analysis.get("bytes accessed", 0))))
             print(json.dumps(rows[-1]), flush=True)
