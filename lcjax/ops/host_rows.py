@@ -11,7 +11,10 @@ their table is.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental.compute_on import compute_on
+from jax.typing import ArrayLike
 from jaxtyping import Array, Int
 
 
@@ -20,8 +23,10 @@ def on_host(x: Array) -> bool:
     return jax.typeof(x).memory_space == jax.memory.Space.Host
 
 
-def take_rows(table: Array, ids: Int[Array, "..."]) -> Array:
+def take_rows(table: ArrayLike, ids: Int[Array, "..."]) -> Array:
     """table[ids] along axis 0 ([..., *table.shape[1:]], on the device); ids are in range."""
+    if isinstance(table, np.ndarray):  # host numpy params (an un-jitted apply): plain indexing
+        table = jnp.asarray(table)
     if not on_host(table):
         return table[ids]
     ids = jax.device_put(ids, jax.memory.Space.Host)

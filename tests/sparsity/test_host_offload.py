@@ -66,3 +66,14 @@ def test_engine_with_ngram_tables_on_host_equals_device():
     for a, b in zip(out, ref):
         np.testing.assert_allclose([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs],
                                    rtol=1e-6)
+
+
+def test_take_rows_accepts_host_numpy_tables():
+    """An un-jitted apply with numpy params (as restored from a checkpoint) gathers as before."""
+    import numpy as np
+
+    from lcjax.ops.host_rows import take_rows
+
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)
+    ids = jax.numpy.asarray([[4, 0], [5, 5]])
+    np.testing.assert_array_equal(np.asarray(take_rows(table, ids)), table[np.asarray(ids)])
