@@ -197,3 +197,36 @@ def test_everything_budget_engine_equals_dense_verify():
                          stats.accepted_tokens_total))
     assert results[0][1] > 0
     assert results[1] == results[0] and results[2] == results[0]
+
+
+@pytest.mark.slow
+def test_everything_budget_quantized_staggered_equals_dense():
+    """w8a8 weights, a request joining a running one (continuous batching): budget 0 with the
+    first_token MoE rule off equals dense verify token for token; a small budget still runs."""
+    from lcjax.config_io import load_config, resolve_config_path
+    from lcjax.quant.apply import quantize_model
+    from lcjax.serve.engine import Engine, EngineConfig
+    from lcjax.serve.loading import random_model
+    from lcjax.serve.sampling import SamplingParams
+
+    config, variables, _ = random_model(load_config(resolve_config_path("tiny")), seed=1)
+    variables = quantize_model(variables, config, "w8a8")
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 256, n)] for n in (60, 33)]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    results = []
+    for spec in (None, sv.SparseVerifyConfig(block_budget=0),
+                 sv.SparseVerifyConfig(block_budget=4, local_blocks=2)):
+        engine = Engine(config, variables, None, EngineConfig(
+            max_num_seqs=2, max_model_len=96, page_size=4, prefill_chunk=16,
+            num_speculative_tokens=2, sparse_verify=spec))
+        ids, finals = [engine.add_request(prompts[0], params)], {}
+        for it in range(200):
+            if it == 6:
+                ids.append(engine.add_request(prompts[1], params))
+            finals.update({o.request_id: o for o in engine.step() if o.finished})
+            if len(finals) == 2:
+                break
+        results.append([finals[i].token_ids for i in ids])
+    assert results[1] == results[0]
+    assert [len(t) for t in results[2]] == [10, 10]
