@@ -7,7 +7,8 @@ Sections, in order (each time-boxed; when the budget runs low the rest become 's
 (budget)' rows):
 1. kernels: every registered backend of block-sparse attention (fwd+bwd, dense causal and LoZA),
    paged decode attention (absorbed MLA, causal and LoZA), grouped matmul (fwd+bwd) and every
-   quant_matmul / quant_gmm mode, against references computed in float32/float64 from the same
+   quant_matmul / quant_gmm mode and sparse GEMV (+ its speed vs the dense GEMV at s=0.5),
+   against references computed in float32/float64 from the same
    inputs (interpret-mode variants only on CPU: on a device the compiled kernel is checked);
 2. model: the `small` forward with default implementations against attention_impl="xla";
 3. benchmarks (pipelined timing, pallas_kernels/timing.py; functions of scripts/bench_*.py):
@@ -52,6 +53,7 @@ SECTIONS = (
     ("decode kernels", 0.03, kernels.decode_items, "shapes"),
     ("gmm kernels", 0.04, kernels.gmm_items, "shapes"),
     ("quant kernels", 0.07, kernels.quant_items, "shapes"),
+    ("sparse gemv kernels", 0.02, kernels.sparse_gemv_items, "shapes"),
     ("model", 0.09, bench.model_items, "settings"),
     ("attention bench", 0.20, bench.attention_items, "settings"),
     ("gmm bench", 0.06, bench.gmm_items, "settings"),

@@ -24,6 +24,7 @@ from pallas_kernels.grouped_matmul import api as gmm_api
 from pallas_kernels.grouped_matmul import gmm_reference
 from pallas_kernels.quant_matmul import api as quant_api
 from pallas_kernels.quant_matmul import unpack_int4
+from pallas_kernels.sparse_gemv import api as gemv_api
 
 # max |got - want| / max |want| allowed, by the kernel's input dtype.
 REL_TOL = {"float32": 2e-3, "bfloat16": 3e-2}
@@ -42,10 +43,12 @@ class Shapes:
     decode: tuple = (4, 4096, 16, 16)  # B, T, H, page
     gmm: tuple = (4096, 16, 512, 256)  # T, E, K, N
     quant: tuple = (64, 1024, 512)  # M, K, N
+    sparse_gemv: tuple = (1, 12288, 6144)  # T, K (FFN width), N (model width); s = 0.5
 
 
 SMOKE_SHAPES = Shapes(dtype="float32", attn=(1, 256, 2, 32), loza=(32, 1, 2),
-                      decode=(2, 128, 4, 16), gmm=(256, 8, 64, 32), quant=(16, 256, 256))
+                      decode=(2, 128, 4, 16), gmm=(256, 8, 64, 32), quant=(16, 256, 256),
+                      sparse_gemv=(2, 256, 64))
 
 
 def rel_err(got, want) -> float:
@@ -70,7 +73,8 @@ def runnable_here(name: str) -> bool:
     if name.endswith(INTERPRET):
         return platform == "cpu"
     return name in ("xla", "reference") or name in attention_api.default_order(platform) \
-        or name in gmm_api.default_order(platform) or name in quant_api.default_order(platform)
+        or name in gmm_api.default_order(platform) or name in quant_api.default_order(platform) \
+        or name in gemv_api.default_order(platform)
 
 
 def names_to_check(names) -> list[str]:
@@ -228,3 +232,36 @@ def quant_items(shapes: Shapes):
                    lambda n=name, md=mode: check(n, md), 4.0)
             yield (f"quant_gmm {name} {mode} M{m} K{k} N{n} E4", name,
                    lambda n=name, md=mode: check_grouped(n, md), 4.0)
+
+
+# ------------------------------------------------------------------------------ sparse GEMV
+def sparse_gemv_items(shapes: Shapes):
+    """Each backend against float64 at s = 0.5 (half the channels zero in every row); compiled
+    sparse backends also timed against the dense "xla" GEMV (target <= 0.65x on a GPU)."""
+    from pallas_kernels.timing import time_pipelined
+
+    t, k, n = shapes.sparse_gemv
+    rng = np.random.default_rng(0)
+    x64 = rng.normal(size=(t, k)) * (rng.random(k) >= 0.5)
+    w64 = rng.normal(size=(k, n)) / np.sqrt(k)
+    x, w = jnp.asarray(x64, shapes.dtype), jnp.asarray(w64, shapes.dtype)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
+
+    def run(name):
+        return jax.jit(lambda x, w: gemv_api.sparse_gemv(x, w, implementation=name))
+
+    def check(name):
+        return _verdict({"out": rel_err(run(name)(x, w).astype(jnp.float32), want)}, shapes.dtype)
+
+    def speed(name):
+        ratio = (time_pipelined(run(name), (x, w), 50, 5)
+                 / time_pipelined(run("xla"), (x, w), 50, 5))
+        return dict(measured=f"{ratio:.2f}x dense GEMV", value=ratio, target="<= 0.65",
+                    passed=bool(ratio <= 0.65))
+
+    for name in names_to_check(gemv_api.KNOWN_IMPLEMENTATIONS):
+        yield (f"sparse_gemv {name} T{t} K{k} N{n} s=0.5 {shapes.dtype}", name,
+               lambda n=name: check(n), 2.0)
+        if name.startswith("pallas_") and not name.endswith(INTERPRET):
+            yield (f"sparse_gemv {name} speed vs dense T{t} K{k} N{n} s=0.5", name,
+                   lambda n=name: speed(n), 4.0)

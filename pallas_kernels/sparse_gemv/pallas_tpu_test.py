@@ -7,4 +7,4 @@ from pallas_kernels.sparse_gemv.contract import SparseGemvContract
 class TestPallasTpuInterpret(SparseGemvContract):
     implementation = "pallas_tpu_interpret"
     marker = "pallas_call"
-    config = pallas_tpu.Config(block_n=16)
+    config = pallas_tpu.Config(block_n=32)  # two column tiles at N=64, one at N=32

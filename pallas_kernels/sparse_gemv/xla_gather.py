@@ -1,4 +1,5 @@
-"""The "xla_gather" backend: gather the active rows of w, then one matmul (plain jnp/XLA).
+"""The "xla_gather" backend: the active rows of w, gathered inside one fused multiply-reduce
+(plain jnp/XLA).
 
 XLA needs static shapes, so the gathered block has one of `buckets` sizes K·b/buckets
 (b = 1..buckets), the smallest that holds the active rows, chosen at run time by lax.switch
@@ -45,12 +46,19 @@ def sparse_gemv(x, w, *, config=None, interpret=False):
         def run():
             live = jnp.arange(cap) < count[0]
             xs = jnp.where(live[None, :], jnp.take(x, idx[:cap], axis=1), jnp.zeros((), x.dtype))
-            ws = jnp.take(w, idx[:cap], axis=0).astype(x.dtype)  # [cap, N]: only these rows read
-            ws = jnp.where(live[:, None], ws, jnp.zeros((), x.dtype))  # count 0: idx names row 0
-            # float32 operands: XLA:CPU has no bf16 x bf16 -> f32 dot inside a conditional.
-            return jnp.dot(xs.astype(jnp.float32), ws.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+            rows = idx[:cap]
+            ws = w.at[rows].get(mode="promise_in_bounds", indices_are_sorted=True)  # [cap, N]
+            # A broadcast multiply + sum, not a dot: XLA fuses the row gather into the reduction,
+            # so the gathered rows are never written out (a dot would copy them first).
+            if x.dtype != jnp.float32:
+                xs, ws = xs.astype(jnp.float32), ws.astype(jnp.float32)
+            if xs.shape[0] == 1:  # reduce over the leading axis: XLA:CPU's fast loop order
+                return jnp.sum(xs[0][:, None] * ws, axis=0)[None].astype(x.dtype)
+            return jnp.sum(xs[:, :, None] * ws[None, :, :], axis=1).astype(x.dtype)
         return run
 
-    which = jnp.clip((count[0] * buckets + k - 1) // k - 1, 0, buckets - 1)
-    return jax.lax.switch(which, [branch(c) for c in caps])
+    def nothing_active():  # no row read at all (idx would name row 0)
+        return jnp.zeros((x.shape[0], w.shape[1]), x.dtype)
+
+    which = jnp.clip((count[0] * buckets + k - 1) // k, 0, buckets)  # 0: no active channel
+    return jax.lax.switch(which, [nothing_active] + [branch(c) for c in caps])

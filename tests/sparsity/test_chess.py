@@ -141,7 +141,7 @@ def test_zero_thresholds_give_the_dense_model_and_others_change_it(calibrated):
     assert set(chess.with_thresholds(variables, None)) == set(variables) - {activation_sparsity.COLLECTION}
 
 
-@pytest.mark.parametrize("gemv", ["xla", "xla_gather"])
+@pytest.mark.parametrize("gemv", [pytest.param("xla", marks=pytest.mark.slow), "xla_gather"])
 def test_cached_decode_equals_full_forward_with_thresholds(calibrated, gemv, monkeypatch):
     """A chunk + one-token decode steps over the latent cache (absorbed MLA) apply the same
     thresholds as the full forward, for every site of CHESS+; decode's dense FFN down
