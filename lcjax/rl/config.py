@@ -23,14 +23,16 @@ ENVIRONMENTS = ("arithmetic", "python_tests", "calculator")
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     """path: a training run directory (config.yaml, tokenizer.json, checkpoints/) or a Hugging
-    Face LongCat directory; format "auto" tells them apart by config.yaml."""
+    Face LongCat directory; format "auto" tells them apart by config.yaml. format "random":
+    path is a model preset (configs/models, e.g. tiny), randomly initialised with a byte
+    tokenizer (for tests and benchmarks of the machinery, not for learning)."""
 
     path: str = "runs/stdlib_tiny"
-    format: str = "auto"  # "auto" | "run" | "hf"
+    format: str = "auto"  # "auto" | "run" | "hf" | "random"
 
     def __post_init__(self):
         _check(bool(self.path), "policy.path", self.path, "a run or Hugging Face directory")
-        _check_choice("policy.format", self.format, ("auto", "run", "hf"))
+        _check_choice("policy.format", self.format, ("auto", "run", "hf", "random"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,12 @@ class RLRun:
         self.pending_problems = list(meta["pending_problems"])
         self.staleness_hist = {int(k): v for k, v in meta["staleness_hist"].items()}
         self.rewards = list(meta["rewards"])
+        metrics = os.path.join(self.cfg.rl.run_dir, "metrics.jsonl")
+        if os.path.exists(metrics):  # steps after the checkpoint will be redone
+            with open(metrics) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(metrics, "w") as f:
+                f.writelines(kept)
         self.log(f"resumed from {self.ckpt.directory}/{step} (version {self.learner.version}, "
                  f"{len(self.pending_problems)} groups restarted)")
         return self.learner.version
@@ -172,8 +178,15 @@ class RLRun:
                      f"staleness<= {record['staleness_max']}  live {record['live_versions']}  "
                      f"{record['wall_s']:.1f}s")
 
+    def warmup(self) -> None:
+        """Compile the learner's batch shapes before the clock starts."""
+        g = self.cfg.rollout.group_size
+        self.learner.warmup(sorted({self.window.batch * g, self.window.max_batch * g}),
+                            self.cfg.rollout.max_model_len)
+
     def run(self) -> RunSummary:
         loop = self.cfg.rl
+        self.warmup()
         asynchronous = loop.mode == "async"
         pool = concurrent.futures.ThreadPoolExecutor(1) if asynchronous else None
         future, in_training = None, []

@@ -12,6 +12,10 @@ from lcjax.serve.loading import RUN_CONFIG, load_hf_model, load_run
 
 def load_policy(cfg: PolicyConfig):
     """(Config, {"params", "router_bias"}, tokenizer); ValueError says how to get a missing one."""
+    if cfg.format == "random":
+        from lcjax.config_io import load_config, resolve_config_path
+        from lcjax.serve.loading import random_model
+        return random_model(load_config(resolve_config_path(cfg.path)))
     path = pathlib.Path(cfg.path)
     if not path.is_absolute() and not path.exists():
         repo = pathlib.Path(__file__).resolve().parents[2]

@@ -120,7 +120,9 @@ class Rollout:
         return self.engines[max(self.engines)].warmup()
 
     # ------------------------------------------------------------------------------ groups
-    def _params(self) -> SamplingParams:
+    def sampling_params(self) -> SamplingParams:
+        """One turn's sampling settings (the benchmark replaces this to force long-tailed
+        lengths)."""
         return SamplingParams(max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                               top_p=self.cfg.top_p, stop=tuple(self.env.stop), logprobs=0,
                               seed=int(self._rng.integers(0, 2**31)))
@@ -129,7 +131,7 @@ class Rollout:
         """Queue the trajectory's next turn on its version's engine; False if it cannot fit."""
         if len(tokens) >= self.cfg.max_model_len:
             return False
-        rid = self.engines[traj.version].add_request(tokens, self._params())
+        rid = self.engines[traj.version].add_request(tokens, self.sampling_params())
         self._requests[rid] = traj
         return True
 
@@ -193,8 +195,10 @@ class Rollout:
             traj.done = True
             return
         message = self.tokenizer.encode(result.message or "")
+        if len(traj.tokens) + len(message) >= self.cfg.max_model_len:
+            traj.reward, traj.done = 0.0, True  # out of context: the episode ends unsolved
+            return
         traj.tokens.extend(message)
         traj.gen_mask.extend([False] * len(message))
         traj.logprobs.extend([0.0] * len(message))
-        if not self._submit(traj, traj.tokens):  # out of context: the episode ends unsolved
-            traj.reward, traj.done = 0.0, True
+        self._submit(traj, traj.tokens)
