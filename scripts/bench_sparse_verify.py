@@ -15,7 +15,8 @@
     left out), and of consecutive scoring sublayers' sets.
   - cost: XLA's cost analysis (flops, bytes accessed) of the compiled verify block, dense vs
     sparse, and the analytic attention cost (`sparse_verify.attention_cost`).
-`timing`: one jitted MTP round (`runner.speculative_step`: drafts + verify) over a filled random
+`timing`: one jitted MTP round (`runner.speculative_step`: drafts + verify) and the verify pass
+alone (k+1 tokens through `runner.forward_step`, with XLA's cost analysis) over a filled random
 cache at each context, dense vs sparse, median of `--repeats`; acceptance is not measured
 (random weights): tokens/s = acceptance length x `tok_s_per_acceptance` (batch / round time).
 Prints tables; writes JSON with `--json`.
@@ -251,30 +252,44 @@ def timing(args, config=None) -> list[dict]:
             gen_steps=jnp.zeros((b,), jnp.int32),
             sampling=sampling_tensors([SamplingParams(temperature=0.0)] * b, b),
             bias=jnp.zeros((b, cfg.vocab_size), jnp.float32), num_draft=jnp.full((b,), k, jnp.int32))
+        block = (cfg, variables, cache, jnp.ones((b, k + 1), jnp.int32),
+                 jnp.full((b,), context, jnp.int32), tables)
         for text in ["dense"] + args.settings:
             settings = None if text == "dense" else _settings(text)
             step = jax.jit(functools.partial(runner.speculative_step, cfg, num_draft=k,
                                              sparse_verify=settings))
             compiled = step.lower(variables, state, inp).compile()
-            analysis = compiled.cost_analysis()
+            # The verify pass alone: the main model over k+1 tokens (no drafts, no sampling).
+            verify = _step.lower(*block, all_valid=True, settings=settings).compile()
+            analysis = verify.cost_analysis()
             analysis = analysis[0] if isinstance(analysis, list) else analysis
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled(variables, state, inp))
-                times.append(time.perf_counter() - t0)
-            rows.append(dict(context=context, setting=text, round_ms=1e3 * statistics.median(times),
-                             tok_s_per_acceptance=b / statistics.median(times),
-                             xla_flops=float(analysis.get("flops", 0)),
-                             xla_bytes=float(analysis.get("bytes accessed", 0))))
+            round_s = _median_time(lambda: compiled(variables, state, inp), args.repeats)
+            verify_s = _median_time(lambda: verify(*block[1:]), args.repeats)
+            rows.append(dict(context=context, setting=text, round_ms=1e3 * round_s,
+                             verify_ms=1e3 * verify_s, tok_s_per_acceptance=b / round_s,
+                             verify_xla_flops=float(analysis.get("flops", 0)),
+                             verify_xla_bytes=float(analysis.get("bytes accessed", 0))))
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'context':>7s} {'setting':40s} {'round ms':>9s} {'x dense':>7s} {'XLA fl':>6s} {'XLA B':>6s}")
+    print(f"\n{'context':>7s} {'setting':34s} {'round ms':>9s} {'x dense':>7s} {'verify ms':>9s} "
+          f"{'x dense':>7s} {'XLA fl':>6s} {'XLA B':>6s}")
     for r in rows:
         base = next(x for x in rows if x["context"] == r["context"] and x["setting"] == "dense")
-        print(f"{r['context']:7d} {r['setting']:40s} {r['round_ms']:9.2f} "
-              f"{r['round_ms'] / base['round_ms']:7.3f} {r['xla_flops'] / base['xla_flops']:6.3f} "
-              f"{r['xla_bytes'] / base['xla_bytes']:6.3f}")
+        print(f"{r['context']:7d} {r['setting']:34s} {r['round_ms']:9.2f} "
+              f"{r['round_ms'] / base['round_ms']:7.3f} {r['verify_ms']:9.2f} "
+              f"{r['verify_ms'] / base['verify_ms']:7.3f} "
+              f"{r['verify_xla_flops'] / base['verify_xla_flops']:6.3f} "
+              f"{r['verify_xla_bytes'] / base['verify_xla_bytes']:6.3f}")
     return rows
+
+
+def _median_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def add_timing_flags(p: argparse.ArgumentParser) -> None:
