@@ -25,9 +25,17 @@ last token. Every skipped page lies wholly before the first verify token and the
 are contiguous, so the causal mask on compressed positions equals the mask on true ones; with
 every page kept, the result is exactly the dense one.
 
+FFN and MoE in the verify pass: `moe_rule` restricts routing (`verify_model_config`: a row's
+verify tokens route among the experts its first token chose, or experts below a router
+probability floor are skipped), and CHESS thresholds given with `with_verify_thresholds` zero
+small FFN / expert activations of the verify pass only (drafting, prefill and plain decode stay
+dense). The paper's exact FFN / MoE rules are not public; these are our settings.
+
 What sparse verification changes is the verifier, not the acceptance rule: the target
 distribution the drafts are tested against is the sparse verifier's, and the standard
-speculative rule keeps the output distributed exactly as that verifier's own sampling.
+speculative rule keeps the output distributed exactly as that verifier's own sampling (greedy:
+its argmax). The KV entries the verify pass writes for accepted tokens, and the hidden states
+the next drafts start from, are the sparse verifier's too.
 """
 
 from __future__ import annotations
