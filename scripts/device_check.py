@@ -53,7 +53,7 @@ SECTIONS = (
     ("decode kernels", 0.03, kernels.decode_items, "shapes"),
     ("gmm kernels", 0.04, kernels.gmm_items, "shapes"),
     ("quant kernels", 0.07, kernels.quant_items, "shapes"),
-    ("sparse gemv kernels", 0.02, kernels.sparse_gemv_items, "shapes"),
+    ("sparse gemv kernels", 0.04, kernels.sparse_gemv_items, "shapes"),
     ("model", 0.09, bench.model_items, "settings"),
     ("attention bench", 0.20, bench.attention_items, "settings"),
     ("gmm bench", 0.06, bench.gmm_items, "settings"),

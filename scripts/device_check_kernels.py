@@ -48,7 +48,7 @@ class Shapes:
 
 SMOKE_SHAPES = Shapes(dtype="float32", attn=(1, 256, 2, 32), loza=(32, 1, 2),
                       decode=(2, 128, 4, 16), gmm=(256, 8, 64, 32), quant=(16, 256, 256),
-                      sparse_gemv=(2, 256, 64))
+                      sparse_gemv=(2, 128, 64))
 
 
 def rel_err(got, want) -> float:

@@ -29,7 +29,8 @@ def test_smoke_run_rows(tmp_path):
     assert proc.returncode == 0 and not errors, (errors, proc.stdout[-3000:], proc.stderr[-3000:])
     assert result["smoke"] and result["platform"] == "cpu"
     assert {r["section"] for r in rows} == {
-        "attention kernels", "decode kernels", "gmm kernels", "quant kernels", "model",
+        "attention kernels", "decode kernels", "gmm kernels", "quant kernels",
+        "sparse gemv kernels", "model",
         "attention bench", "gmm bench", "train bench", "decode bench"}
     assert all(r["status"] == "ok" or r["status"].startswith("unavailable: ") for r in rows)
     ran = {(r["check"].split()[0], r["backend"]) for r in rows
@@ -38,7 +39,8 @@ def test_smoke_run_rows(tmp_path):
     assert {("attention", "xla"), ("attention", "pallas_gpu_interpret"), ("paged", "xla"),
             ("paged", "pallas_gpu_interpret"), ("gmm", "xla"), ("quant_matmul", "xla"),
             ("quant_matmul", "pallas_gpu_interpret"), ("quant_gmm", "xla"),
-            ("quant_gmm", "pallas_gpu_interpret")} <= ran
+            ("quant_gmm", "pallas_gpu_interpret"), ("sparse_gemv", "xla_gather"),
+            ("sparse_gemv", "pallas_gpu_interpret"), ("sparse_gemv", "pallas_tpu_interpret")} <= ran
     for op in ("quant_matmul", "quant_gmm"):
         modes = {r["check"].split()[2] for r in rows if r["check"].startswith(f"{op} xla")
                  and r["status"] == "ok"}
