@@ -1,4 +1,4 @@
-"""xla (the dense reference) and xla_gather (gather the active rows, then a matmul) against
+"""xla (the dense reference) and xla_gather (active rows a block at a time in an XLA loop)
 the contract."""
 
 from pallas_kernels.sparse_gemv import xla_gather
@@ -12,10 +12,10 @@ class TestXla(SparseGemvContract):
 
 class TestXlaGather(SparseGemvContract):
     implementation = "xla_gather"
-    marker = "cond"  # the capacity bucket chosen at run time
+    marker = "while"  # the loop over blocks of active rows
 
 
-class TestXlaGatherTwoBuckets(SparseGemvContract):
+class TestXlaGatherSmallBlocks(SparseGemvContract):
     implementation = "xla_gather"
-    config = xla_gather.Config(buckets=2)
-    marker = "cond"
+    config = xla_gather.Config(block_k=16)
+    marker = "while"
