@@ -1,5 +1,5 @@
 """xla (the dense reference) and xla_gather (active rows a block at a time in an XLA loop)
-the contract."""
+against the contract."""
 
 from pallas_kernels.sparse_gemv import xla_gather
 from pallas_kernels.sparse_gemv.contract import SparseGemvContract
