@@ -7,7 +7,8 @@ an AFA-LoRA run annealed to the end); `merge` refuses a run saved at a step wher
 
 OUT holds config.yaml (lora off), tokenizer.json and checkpoints/<step>/ with the merged params
 and the run's router biases, the layout `python -m lcjax.serve --checkpoint OUT`,
-`lcjax.serve.loading.load_run` and `python -m lcjax.convert` read.
+`lcjax.serve.loading.load_run` and `python -m lcjax.convert` read. `load_unmerged_run` keeps base
+and adapters apart (what `python -m lcjax.serve --lora RUN` serves).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from lcjax.config import Config, LoraConfig
 from lcjax.config_io import dump_config, load_config
-from lcjax.lora.adapters import abstract_adapters, sites_of
+from lcjax.lora.adapters import abstract_adapters, attach, sites_of
 from lcjax.lora.afa import afa_lambda_at
 from lcjax.run_checkpoint import restore_newest
 
@@ -128,8 +129,8 @@ def merge(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Pat
 
 def load_merged_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Any]:
     """(Config with lora off, {"params", BIAS_COLLECTION} merged, Tokenizer) of a LoRA run's newest
-    checkpoint: what `lcjax.serve.loading.load_run` returns for a plain run, so a server can
-    take `--lora RUN` through the same path. ValueError when lam != 0 at that step."""
+    checkpoint: what `lcjax.serve.loading.load_run` returns for a plain run, the merged model
+    in memory without writing it. ValueError when lam != 0 at that step."""
     config, variables, adapters, step, tokenizer = load_lora_run(run_dir)
     check_mergeable(config, step, where=str(pathlib.Path(run_dir).absolute()))
     from lcjax.model import BIAS_COLLECTION
@@ -137,3 +138,18 @@ def load_merged_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Any]:
     merged = {"params": merge_adapters(variables["params"], adapters, config.lora),
               BIAS_COLLECTION: variables["router_bias"]}
     return dataclasses.replace(config, lora=LoraConfig()), merged, tokenizer
+
+
+def load_unmerged_run(run_dir: str | os.PathLike) -> tuple[Config, dict, Any, float]:
+    """(Config, {"params", BIAS_COLLECTION, LORA_COLLECTION}, Tokenizer, lam) of a LoRA run's
+    newest checkpoint: the frozen base and its adapters kept apart, the adapters carrying the
+    AFA coefficient lam of the saved step, so any step serves as it was trained (lam != 0
+    included, which merging refuses) and the base stays the one shared tree."""
+    from lcjax.model import BIAS_COLLECTION
+    from lcjax.model.layers import LORA_COLLECTION
+
+    config, variables, adapters, step, tokenizer = load_lora_run(run_dir)
+    lam = afa_lambda_at(step, config.lora, config.train.steps)
+    return config, {"params": variables["params"], BIAS_COLLECTION: variables["router_bias"],
+                    LORA_COLLECTION: attach(adapters, config.lora, lam, config.model.scan_layers)}, \
+        tokenizer, lam

@@ -20,22 +20,23 @@ from lcjax.config import Config, ModelConfig
 from lcjax.model.cache import ModelCache, cache_capacity, init_layer_cache, write_layer_cache
 from lcjax.model.decoder import DecoderLayer, MTPBlock
 from lcjax.model.embedding import Embedder, ngram_history
-from lcjax.model.layers import RMSNorm, dtype_of
+from lcjax.model.layers import LORA_COLLECTION, RMSNorm, dtype_of
 from lcjax.model.model import LongCatModel, model_config, project_logits, validate_token_ids
 from lcjax.model.moe import BIAS_COLLECTION
 from lcjax.ops import activation_sparsity
 
 
 def layer_variables(variables: dict, layer: int, cfg: ModelConfig) -> dict:
-    """The params, router bias (and activation thresholds, when given) of one logical layer,
-    from a scanned or unrolled tree."""
+    """The params, router bias (and activation thresholds and LoRA adapters, when given) of one
+    logical layer, from a scanned or unrolled tree."""
     out = {}
-    for col in ("params", BIAS_COLLECTION, activation_sparsity.COLLECTION):
-        if col == activation_sparsity.COLLECTION and col not in variables:
+    name = "layers" if cfg.scan_layers else f"layers_{layer}"
+    for col in ("params", BIAS_COLLECTION, activation_sparsity.COLLECTION, LORA_COLLECTION):
+        optional = col in (activation_sparsity.COLLECTION, LORA_COLLECTION)
+        if optional and name not in variables.get(col, {}):  # e.g. adapters on the MTP head only
             continue
         tree = variables[col]
-        out[col] = (jax.tree.map(lambda a: a[layer], tree["layers"]) if cfg.scan_layers
-                    else tree[f"layers_{layer}"])
+        out[col] = jax.tree.map(lambda a: a[layer], tree[name]) if cfg.scan_layers else tree[name]
     return out
 
 
@@ -75,7 +76,8 @@ def mtp_features(cfg: ModelConfig, variables: Any, hidden: Float[Array, "B S M"]
                  valid: Optional[Bool[Array, "B S"]] = None) -> tuple[Float[Array, "B S M"], Any]:
     """The MTP block over a latent cache (cached drafting): (features predicting token t+2,
     updated cache). `project_logits` turns the features into draft logits."""
-    mtp_vars = {col: variables[col]["mtp"] for col in ("params", activation_sparsity.COLLECTION)
+    mtp_vars = {col: variables[col]["mtp"]
+                for col in ("params", activation_sparsity.COLLECTION, LORA_COLLECTION)
                 if "mtp" in variables.get(col, {})}
     return MTPBlock(cfg).apply(mtp_vars, hidden, next_ids, positions, None, cache, valid)
 

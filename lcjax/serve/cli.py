@@ -49,6 +49,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from lcjax.config import TP_COMM_MODES, Config
 from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
+from lcjax.serve import chess_flag
+from lcjax.serve.plan import SERVING_FALLBACK_RULES, SERVING_RULES
 from lcjax.sparsity.sparse_verify import parse_settings
 
 PREFIX = "lcjax.serve:"
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", metavar="RUN_DIR",
                         help="a training run directory (config.yaml, tokenizer.json, checkpoints/)")
     source.add_argument("--hf-model", metavar="DIR", help="a Hugging Face LongCat-Flash directory")
+    source.add_argument("--lora", metavar="RUN_DIR",
+                        help="a LoRA / AFA-LoRA training run: its frozen base with the adapters "
+                             "applied unmerged, at the saved step's AFA coefficient (to serve "
+                             "merged weights: `python -m lcjax.lora merge RUN OUT`, then "
+                             "--checkpoint OUT)")
     model.add_argument("--config", metavar="YAML", action="append",
                        help="model preset or YAML for a randomly initialised model; repeat to layer "
                             "files (default: tiny)")
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "overrides (NAME:key=value,...); names: " + ", ".join(_recipe_names()))
     model.add_argument("--quant-calib-batches", type=int, default=4, metavar="N",
                        help="calibration batches for recipes that calibrate (default 4)")
+    chess_flag.add_flags(model)
     model.add_argument("--seed", type=int, default=0, help="random init and unseeded requests")
 
     engine = p.add_argument_group("engine")
@@ -152,8 +160,34 @@ def serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     overrides = [o for o in getattr(args, "overrides", []) if o.startswith(SHARDING_SECTIONS)]
     if args.quantized_tp_comm is not None:
         overrides.append(f"parallel.quantized_tp_comm={args.quantized_tp_comm}")
-    config = load_config(files, ([] if sets_data else ["mesh.data=1"]) + overrides)
+    sets_rules = any("rules" in ((yaml.safe_load(f.read_text()) or {}).get("parallel") or {})
+                     for f in files) or any(o.startswith("parallel.rules=") for o in overrides)
+    defaults = ([] if sets_data else ["mesh.data=1"]) + ([] if sets_rules else
+                                                         [f"parallel.rules={SERVING_RULES}"])
+    config = load_config(files, defaults + overrides)
     return config.mesh, config.parallel
+
+
+def fit_rules(args: argparse.Namespace, mesh_cfg, parallel) -> Any:
+    """`parallel` with the weight-stationary default rules replaced by the FSDP split when the
+    device memory is known and the weights with their cache reserve do not fit without it.
+    Rules the flags or files name are kept (memory_check then reports a misfit)."""
+    import dataclasses
+
+    from lcjax.serve.launch_plan import device_memory, launch_plan
+
+    if parallel.rules != SERVING_RULES or "parallel.rules=" in " ".join(args.overrides):
+        return parallel
+    device_bytes = device_memory(args.device_memory)
+    if device_bytes is None:
+        return parallel
+    plan, _ = launch_plan(args, mesh_cfg, parallel, device_bytes)
+    if plan.fits:
+        return parallel
+    fallback = dataclasses.replace(parallel, rules=SERVING_FALLBACK_RULES)
+    print(f"{PREFIX} weights replicated over fsdp x expert ({SERVING_RULES}) leave no room for a "
+          f"sequence; splitting them ({SERVING_FALLBACK_RULES})", flush=True)
+    return fallback
 
 
 def _recipe_names() -> list[str]:
@@ -186,6 +220,14 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     if args.checkpoint:
         run_dir = pathlib.Path(args.checkpoint).absolute()
         return LoadedModel(*loading.load_run(run_dir), run_dir.name, run_dir)
+    if getattr(args, "lora", None):
+        from lcjax.lora.merge import load_unmerged_run
+
+        run_dir = pathlib.Path(args.lora).absolute()
+        config, variables, tokenizer, lam = load_unmerged_run(run_dir)
+        print(f"{PREFIX} serving {run_dir.name}: base + unmerged rank-{config.lora.rank} adapters "
+              f"(AFA lam = {lam:.4g})", flush=True)
+        return LoadedModel(config, variables, tokenizer, run_dir.name, run_dir)
     if args.hf_model:
         return LoadedModel(*loading.load_hf_model(args.hf_model), pathlib.Path(args.hf_model).absolute().name)
     if args.config is None:
@@ -345,6 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--quant {args.quant}: {err}")
     if args.quant_calib_batches < 1:
         parser.error(f"--quant-calib-batches {args.quant_calib_batches}: must be >= 1")
+    chess_flag.check_flags(args, parser)
     if args.sparse_verify is not None:
         try:
             parse_settings(args.sparse_verify).check(args.num_speculative_tokens + 1, args.page_size)
@@ -352,17 +395,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--sparse-verify {args.sparse_verify!r}: {err}")
         if args.num_speculative_tokens < 1:
             parser.error("--sparse-verify verifies MTP drafts: it needs --num-speculative-tokens >= 1")
-    if args.config and (args.checkpoint or args.hf_model):
-        parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model bring their own")
+    if args.config and (args.checkpoint or args.hf_model or args.lora):
+        parser.error("--config picks a randomly initialised model; --checkpoint / --hf-model / "
+                     "--lora bring their own")
     foreign = [o for o in args.overrides if not o.startswith(SHARDING_SECTIONS)]
-    if foreign and (args.checkpoint or args.hf_model):
-        parser.error(f"override {foreign[0]!r}: with --checkpoint / --hf-model only mesh.* and "
-                     "parallel.* keys apply (the model is the checkpoint's)")
+    if foreign and (args.checkpoint or args.hf_model or args.lora):
+        parser.error(f"override {foreign[0]!r}: with --checkpoint / --hf-model / --lora only mesh.* "
+                     "and parallel.* keys apply (the model is the checkpoint's)")
     try:
         mesh_cfg, parallel = serving_settings(args)
     except ValueError as err:
         parser.error(str(err))
     try:
+        parallel = fit_rules(args, mesh_cfg, parallel)
         planned_pages = memory_check(args, mesh_cfg, parallel)
     except ValueError as err:  # a bad --device-memory, or a plan that does not fit
         print(f"{PREFIX} error: {err}", file=sys.stderr)
@@ -392,6 +437,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ec = engine_config(args, model.config, planned_pages)
         if args.quant is not None:
             model = quantize(args, model, ec.max_model_len)
+        model = chess_flag.apply(args, model, ec.max_model_len, calibration_batches)
         config, variables, tokenizer = model.config, model.variables, model.tokenizer
         name = args.served_model_name or model.name
         template = resolve_chat_template(args.chat_template, tokenizer)

@@ -29,8 +29,8 @@ def model_config(args: argparse.Namespace) -> tuple[Config, str]:
     from lcjax.config_io import load_config, resolve_config_path
     from lcjax.serve import loading
 
-    if args.checkpoint:
-        run_dir = pathlib.Path(args.checkpoint).absolute()
+    if args.checkpoint or getattr(args, "lora", None):
+        run_dir = pathlib.Path(args.checkpoint or args.lora).absolute()
         if not (run_dir / loading.RUN_CONFIG).is_file():
             raise ValueError(f"{run_dir} is not a training run directory: {loading.RUN_CONFIG} "
                              "is missing (written by `python -m lcjax.train`)")

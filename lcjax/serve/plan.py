@@ -16,6 +16,8 @@ runs on a laptop. Per device:
   headroom     a fraction of device memory (default 10 %, vLLM's gpu_memory_utilization=0.9) for
                activations, logits, XLA workspace, compiled programs and fragmentation.
 `max_sequences` = floor((device - parameters - headroom - reserved pages) / cache per sequence).
+Rules: what the server uses (`serving_plan`): `parallel.rules` when the config or an override
+names it, else the weight-stationary `ep_tp`, or `ep_fsdp_tp` when `ep_tp` leaves no room.
 
 `python -m lcjax.serve.plan --config longcat_flash --devices 8 --device-memory h200 --quant w8a8
 mesh.data=1 mesh.expert=-1` prints the table; exit 2 with one line when it does not fit.
@@ -32,6 +34,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
+import yaml
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
@@ -94,6 +97,7 @@ class MemoryPlan:
     device_bytes: Optional[int] = None
     headroom_fraction: float = DEFAULT_HEADROOM
     num_speculative_tokens: int = 0
+    rules: str = ""  # parallel.rules the weights were placed by
 
     @property
     def headroom_bytes(self) -> int:
@@ -242,7 +246,7 @@ def memory_plan(config: Config, mesh: Union[MeshConfig, Mapping[str, int], None]
         max_model_len=max_model_len, page_size=page_size,
         param_bytes=_device_bytes(abstract, logical, sizes, rules), param_bytes_total=total,
         quantized_bytes=quantized, cache_bytes_per_sequence=per_seq,
-        cache_reserved_bytes=reserved, device_bytes=device_bytes,
+        cache_reserved_bytes=reserved, device_bytes=device_bytes, rules=config.parallel.rules,
         headroom_fraction=headroom, num_speculative_tokens=num_speculative_tokens)
 
 
@@ -252,6 +256,27 @@ def _size(nbytes: int) -> str:
         if abs(nbytes) >= scale:
             return f"{nbytes / scale:,.2f} {unit}"
     return f"{nbytes} B"
+
+
+# The server's rule tables: weight-stationary (no weight gathers per step) unless the weights,
+# replicated over fsdp x expert, leave no room for a sequence; then the FSDP split.
+SERVING_RULES, SERVING_FALLBACK_RULES = "ep_tp", "ep_fsdp_tp"
+
+
+def serving_plan(config: Config, mesh: Optional[MeshConfig], num_devices: int, *args,
+                 rules_given: bool = False, **kwargs) -> MemoryPlan:
+    """`memory_plan` under the rules the server picks: `config.parallel.rules` when
+    `rules_given`, else SERVING_RULES, or SERVING_FALLBACK_RULES when that does not fit."""
+    if rules_given:
+        return memory_plan(config, mesh, num_devices, *args, **kwargs)
+    plans = []
+    for rules in (SERVING_RULES, SERVING_FALLBACK_RULES):
+        parallel = dataclasses.replace(config.parallel, rules=rules)
+        plans.append(memory_plan(dataclasses.replace(config, parallel=parallel), mesh, num_devices,
+                                 *args, **kwargs))
+        if plans[-1].fits:
+            return plans[-1]
+    return plans[0]
 
 
 def format_plan(plan: MemoryPlan, title: str = "") -> str:
@@ -271,7 +296,9 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
                  ("KV pages per pool (--num-pages)", str(plan.num_pages)),
                  ("fits", "yes" if plan.fits else "NO")]
     head = title or "memory plan"
-    head += f": {plan.num_devices} devices, {_mesh_text(plan.mesh)}, weights {weights}"
+    head += f": {plan.num_devices} devices, {_mesh_text(plan.mesh)}"
+    head += f" (rules {plan.rules})" if plan.rules and plan.num_devices > 1 else ""
+    head += f", weights {weights}"
     width = max(len(r[0]) for r in rows) + 2
     return "\n".join([head] + [f"  {name:<{width}}{value:>14}" for name, value in rows])
 
@@ -306,9 +333,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                    f"model.dtype={args.dtype}"]
         config = load_config([resolve_config_path(c) for c in names], dtype + list(args.overrides))
         device = None if args.device_memory is None else parse_device_memory(args.device_memory)
-        plan = memory_plan(config, None, args.devices, args.quant, args.max_model_len, args.page_size,
-                           device, headroom=args.headroom,
-                           num_speculative_tokens=args.num_speculative_tokens)
+        rules_given = any(o.startswith("parallel.rules=") for o in args.overrides) or any(
+            "rules" in ((yaml.safe_load(open(resolve_config_path(c))) or {}).get("parallel") or {})
+            for c in names)
+        plan = serving_plan(config, None, args.devices, args.quant, args.max_model_len,
+                            args.page_size, device, headroom=args.headroom,
+                            num_speculative_tokens=args.num_speculative_tokens,
+                            rules_given=rules_given)
         print(format_plan(plan, " + ".join(names)))
         check_fits(plan)
         return 0

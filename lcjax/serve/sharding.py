@@ -105,10 +105,14 @@ def qtensor_specs(qt: QTensor, logical: Sequence[Optional[str]], par: Parallelis
 
 def variable_shardings(cfg: ModelConfig, variables: Any, par: Parallelism) -> Any:
     """NamedShardings for `variables` ({"params", "router_bias"}; float or QTensor leaves) from
-    the logical names the model declares, resolved by the rule table on the mesh."""
+    the logical names the model declares, resolved by the rule table on the mesh; any other
+    collection (LoRA adapters) replicated."""
     ids = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(LongCatModel(cfg).init, jax.random.key(0), ids)
-    logical = nn.get_partition_spec({k: boxed[k] for k in variables})
+    # Collections init does not make (LoRA adapters: rank-r, small) are replicated.
+    logical = {k: (nn.get_partition_spec(boxed[k]) if k in boxed
+                   else jax.tree.map(lambda _: PartitionSpec(), variables[k]))
+               for k in variables}
 
     def one(names, leaf):
         if names is None:

@@ -136,3 +136,44 @@ def test_init_from_a_hugging_face_directory(lora_run, tmp_path):
     assert step == 1
     for a, b in zip(jax.tree.leaves(base["params"]), jax.tree.leaves(variables["params"])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=0)
+
+
+def _full_forward_argmax(model_cfg, variables, ids):
+    """argmax of the full (uncached) forward at every position of `ids`."""
+    logits = LongCatModel(model_cfg).apply(variables, jax.numpy.asarray([ids], jax.numpy.int32))
+    return np.asarray(logits)[0].argmax(-1)
+
+
+def test_serve_lora_applies_unmerged_adapters_at_the_saved_lambda(lora_run, tmp_path):
+    """`--lora RUN` serves base + adapters apart, also at a step where lam != 0 (which merging
+    refuses): the engine's greedy tokens (paged cache, MTP drafts) equal full forwards with the
+    adapters, and differ from the base model's."""
+    from lcjax.lora.merge import load_unmerged_run
+    from lcjax.serve import Engine, EngineConfig, SamplingParams
+    from lcjax.serve.cli import build_parser, load_model
+
+    cfg, root = lora_run
+    early = tmp_path / "early"
+    shutil.copytree(root / "run", early)
+    for step in ("3", "4"):  # newest left: step 2, where lam = 0.5
+        shutil.rmtree(early / "checkpoints" / step)
+    loaded = load_model(build_parser().parse_args(["--lora", str(early)]))
+    assert LORA_COLLECTION in loaded.variables
+    config, variables, _, lam = load_unmerged_run(early)
+    variables = jax.device_put(variables)
+    assert lam == pytest.approx(0.5)
+    prompts = [[5, 17, 40, 99, 12], [7, 8, 9, 200, 31, 64, 3, 11]]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    base = {c: variables[c] for c in ("params", BIAS_COLLECTION)}
+    changed = False
+    for k in (0, 2):
+        engine = Engine(config, loaded.variables, loaded.tokenizer,
+                        EngineConfig(max_num_seqs=2, max_model_len=32, num_speculative_tokens=k))
+        for prompt, out in zip(prompts, engine.generate(prompts, greedy)):
+            seq = prompt + out.token_ids
+            # Greedy: every generated token is the adapted model's full-forward argmax.
+            want = _full_forward_argmax(config.model, variables, seq)[len(prompt) - 1:-1]
+            np.testing.assert_array_equal(out.token_ids, want, err_msg=f"k={k}")
+            got_base = _full_forward_argmax(config.model, base, seq)[len(prompt) - 1:-1]
+            changed |= bool((got_base != want).any())
+    assert changed, "the adapters change no greedy token: the test cannot fail"

@@ -24,7 +24,7 @@ PLANS = {
 
 def test_every_rules_preset_loads():
     names = sorted(p.stem for p in RULES_DIR.glob("*.yaml"))
-    assert names == ["ep_fsdp_tp", "fsdp", "fsdp_tp"]
+    assert names == ["ep_fsdp_tp", "ep_tp", "fsdp", "fsdp_tp"]
     for name in names:
         rules = load_rules(name)
         assert dict(rules)["batch"] and all(isinstance(r[0], str) for r in rules)
@@ -55,7 +55,7 @@ def test_bad_rule_tables_name_the_rule(bad, message):
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ValueError, match="presets: ep_fsdp_tp, fsdp, fsdp_tp"):
+    with pytest.raises(ValueError, match="presets: ep_fsdp_tp, ep_tp, fsdp, fsdp_tp"):
         load_rules("megatron")
 
 

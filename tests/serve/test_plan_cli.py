@@ -87,3 +87,27 @@ def test_num_pages_rule_takes_the_smaller_of_slots_and_memory():
 
 def plan_config(args):
     return launch_plan.model_config(args)[0]
+
+
+def test_weight_stationary_rules_by_default_and_the_fsdp_split_when_they_do_not_fit(capsys):
+    sharding = ("mesh.expert=4", "mesh.tensor=2")
+    flags = ("--config", "tiny", "--max-model-len", "64", "--page-size", "8")
+    args = _args(*flags, *sharding)
+    mesh, par = cli.serving_settings(args)
+    assert par.rules == cli.SERVING_RULES == "ep_tp"
+    stationary, _ = launch_plan.launch_plan(args, mesh, par, None)
+    split, _ = launch_plan.launch_plan(
+        args, mesh, dataclasses.replace(par, rules=cli.SERVING_FALLBACK_RULES), None)
+    assert split.param_bytes < stationary.param_bytes  # dense weights split over expert
+    # Room for one sequence with the split weights, none with the replicated ones.
+    need = split.param_bytes + split.cache_reserved_bytes + split.cache_bytes_per_sequence
+    device = str(int(need / 0.9) + 2)
+    assert not dataclasses.replace(stationary, device_bytes=int(device)).fits
+    chosen = cli.fit_rules(_args(*flags, "--device-memory", device, *sharding), mesh, par)
+    assert chosen.rules == "ep_fsdp_tp" and "splitting them (ep_fsdp_tp)" in capsys.readouterr().out
+    roomy = cli.fit_rules(_args(*flags, "--device-memory", str(100 * GB), *sharding), mesh, par)
+    assert roomy.rules == "ep_tp"
+    # Rules the user names are kept (memory_check then reports the misfit).
+    named = _args(*flags, "--device-memory", device, *sharding, "parallel.rules=ep_tp")
+    mesh, par = cli.serving_settings(named)
+    assert cli.fit_rules(named, mesh, par).rules == "ep_tp"

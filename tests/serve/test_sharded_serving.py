@@ -52,7 +52,7 @@ def test_sharded_serving_variants_on_8_host_devices():
 
 def test_mesh_and_parallel_overrides_layer_on_a_one_device_default(tmp_path):
     mesh, par = cli.serving_settings(cli.build_parser().parse_args([]))
-    assert mesh == MeshConfig(data=1) and par == ParallelConfig()
+    assert mesh == MeshConfig(data=1) and par == ParallelConfig(rules=cli.SERVING_RULES)
     args = cli.build_parser().parse_args(["--quantized-tp-comm", "int6", "mesh.tensor=2", "mesh.expert=4",
                                           "parallel.rules=fsdp_tp"])
     mesh, par = cli.serving_settings(args)
