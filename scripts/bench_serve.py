@@ -235,6 +235,13 @@ def table(m: dict) -> str:
         for stat in ("mean", "median", "p99"):
             lines.append(row(f"{stat.capitalize() if stat != 'p99' else 'P99'} {label} (ms):",
                              m[f"{stat}_{key}_ms"]))
+    if "acceptance_length" in m:
+        lines.append("{s:{c}^50}".format(s="Speculative Decoding", c="-"))
+        lines.append(row("Acceptance rate (%):", 100 * m["acceptance_rate"]))
+        lines.append(row("Acceptance length:", m["acceptance_length"]))
+        lines.append(row("Drafts (rounds):", m["spec_rounds"], "{}"))
+        lines.append(row("Draft tokens:", m["spec_draft_tokens"], "{}"))
+        lines.append(row("Accepted tokens:", m["spec_accepted_tokens"], "{}"))
     lines.append("{s:{c}^50}".format(s="Compilations", c="-"))
     if "compilations_during_run" in m:
         lines.append(row("Step shapes compiled at start:", m["compiled_shapes_at_start"], "{}"))
@@ -379,11 +386,13 @@ async def bench(args: argparse.Namespace, base_url: str, model: Optional[str]) -
                 raise RuntimeError(f"{len(failed)} warm-up request(s) failed, e.g. {failed[0]}")
         print(f"benchmark: {len(requests)} requests to {model} at {base_url}, request rate "
               f"{args.request_rate}, max concurrency {args.max_concurrency}", flush=True)
+        spec_before = await server_metrics(base_url, SPEC_COUNTERS)
         results, duration = await replay(client, model, requests, args.max_concurrency, args.temperature)
+        spec_after = await server_metrics(base_url, SPEC_COUNTERS)
         compiled_after = await compiled_shapes(base_url)
     finally:
         await client.close()
-    extra = {}
+    extra = speculative_figures(spec_before, spec_after)
     if args.mixed:
         extra["ttft_by_kind_ms"] = ttft_by_kind(requests, results)
         extra["p99_over_median_ttft_without_tools"] = ttft_ratio_without_tools(requests, results)
@@ -410,8 +419,8 @@ def ttft_ratio_without_tools(requests: list[Request], results: list[Result]) -> 
     return float(np.percentile(xs, 99) / np.median(xs)) if xs else None
 
 
-async def compiled_shapes(base_url: str) -> Optional[int]:
-    """The server's `lcjax_compiled_step_shapes` (None if its /metrics does not say)."""
+async def server_metrics(base_url: str, names: Sequence[str]) -> dict[str, float]:
+    """{name: value} of the server's /metrics samples named (missing ones left out)."""
     import httpx
 
     root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
@@ -419,9 +428,37 @@ async def compiled_shapes(base_url: str) -> Optional[int]:
         async with httpx.AsyncClient() as http:
             text = (await http.get(root + "/metrics", timeout=30)).text
     except httpx.HTTPError:
-        return None
-    match = re.search(r"^lcjax_compiled_step_shapes\{[^}]*\} (\S+)$", text, re.M)
-    return int(float(match.group(1))) if match else None
+        return {}
+    out = {}
+    for name in names:
+        match = re.search(rf"^{re.escape(name)}(?:_total)?(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
+        if match:
+            out[name] = float(match.group(1))
+    return out
+
+
+async def compiled_shapes(base_url: str) -> Optional[int]:
+    """The server's `lcjax_compiled_step_shapes` (None if its /metrics does not say)."""
+    value = (await server_metrics(base_url, ["lcjax_compiled_step_shapes"])).get("lcjax_compiled_step_shapes")
+    return None if value is None else int(value)
+
+
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens")
+
+
+def speculative_figures(before: dict, after: dict) -> dict:
+    """Acceptance over the run from the server's spec-decode counters (as `vllm bench serve`
+    reports them): length = 1 + accepted / rounds, rate = accepted / proposed. {} when the
+    server ran no speculative rounds."""
+    if any(n not in before or n not in after for n in SPEC_COUNTERS):
+        return {}
+    rounds, drafts, accepted = (after[n] - before[n] for n in SPEC_COUNTERS)
+    if rounds <= 0:
+        return {}
+    return {"spec_rounds": int(rounds), "spec_draft_tokens": int(drafts),
+            "spec_accepted_tokens": int(accepted), "acceptance_length": 1 + accepted / rounds,
+            "acceptance_rate": accepted / drafts if drafts else 0.0}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=8, help="host CPU devices to force (default 8)")
     p.add_argument("--mesh", nargs="+", default=["tensor=8"], metavar="AXIS=N",
                    help="serving mesh axes (default tensor=8)")
+    p.add_argument("--rules", default="ep_tp",
+                   help="parallel.rules (default ep_tp, the server's weight-stationary table)")
     p.add_argument("--modes", nargs="+", default=["int8", "int6", "int4"])
     p.add_argument("--group-size", type=int, default=16, help="parallel.comm_group_size (default 16)")
     p.add_argument("--num-seqs", type=int, default=8, help="concurrent requests = decode rows")
@@ -144,10 +146,10 @@ def bench_ep(args, model) -> list[dict]:
     sizes = dict(item.split("=") for item in args.ep_mesh)
     mesh = serving_mesh(MeshConfig(data=1, **{k: int(v) for k, v in sizes.items()}))
     ec = EngineConfig(max_num_seqs=max(args.ep_rows), max_model_len=64, page_size=16)
-    modes = {"gspmd": ParallelConfig(expert_dispatch="gspmd"),
-             "all_to_all dropless": ParallelConfig(expert_dispatch="all_to_all"),
+    modes = {"gspmd": ParallelConfig(expert_dispatch="gspmd", rules=args.rules),
+             "all_to_all dropless": ParallelConfig(expert_dispatch="all_to_all", rules=args.rules),
              f"all_to_all c={args.capacity:g}": ParallelConfig(
-                 expert_dispatch="all_to_all", expert_capacity_factor=args.capacity)}
+                 expert_dispatch="all_to_all", expert_capacity_factor=args.capacity, rules=args.rules)}
     rows_out = []
     for name, parallel in modes.items():
         eng = Engine(config, variables, tokenizer, ec, mesh=mesh, parallel=parallel)
@@ -197,7 +199,8 @@ def main(argv=None) -> int:
                      decode_tok_s=rate1))
     ref = None
     for mode in ["none", *args.modes]:
-        parallel = ParallelConfig(quantized_tp_comm=mode, comm_group_size=args.group_size)
+        parallel = ParallelConfig(quantized_tp_comm=mode, comm_group_size=args.group_size,
+                                  rules=args.rules)
         tokens, logprobs, rate, eng = serve(model, args, mesh, parallel)
         sent = collective_bytes(compiled_decode_text(eng, rows=args.num_seqs))
         if ref is None:
