@@ -79,3 +79,6 @@ def test_flag_parsing_and_apply(model):
                 ["--activation-sparsity", "chess", "--activation-sparsity-calib-batches", "0"]):
         with pytest.raises(SystemExit):
             chess_flag.check_flags(parser.parse_args(bad), parser)
+    serve_args = cli.build_parser().parse_args(["--activation-sparsity", "chess+:s=0.5"])
+    assert serve_args.activation_sparsity == "chess+:s=0.5"  # the server's own parser has it
+    assert cli.build_parser().parse_args([]).activation_sparsity is None  # off by default
