@@ -144,3 +144,18 @@ def test_engine_refuses_retrieval_with_sparse_verify():
         Engine(cfg, {}, None, EngineConfig(num_speculative_tokens=1,
                                            sparse_verify=SparseVerifyConfig()),
                kv_retrieval=object())
+
+
+@pytest.mark.slow
+def test_teacher_forced_evaluation_with_everything_equals_exact():
+    """evaluate(): NLL with every key retrieved equals exact attention; recall is then 1, and
+    below 1 with a 10% budget."""
+    from lcjax.sparsity.a2ats_calibrate import evaluate
+    cfg, variables, index = _tiny()
+    toks = jax.random.randint(jax.random.key(3), (1, 96), 3, cfg.model.vocab_size)
+    exact = evaluate(cfg.model, variables, toks, None)
+    every = evaluate(cfg.model, variables, toks, index.with_config(topk_fraction=1.0))
+    np.testing.assert_allclose(every["nll"], exact["nll"], rtol=1e-5, atol=1e-5)
+    assert all(np.allclose(r, 1.0, atol=1e-5) for r in every["recall"].values())
+    some = evaluate(cfg.model, variables, toks, index.with_config(topk_fraction=0.1))
+    assert all(float(np.asarray(r)[0, 40:].mean()) < 0.999 for r in some["recall"].values())
