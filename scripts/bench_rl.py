@@ -48,6 +48,7 @@ def one_run(policy, mode: str, steps: int, args) -> dict:
                               max_num_seqs=args.slots, max_model_len=args.max_tokens + 64),
         objective=ObjectiveConfig(filter_equal_groups=False))
     run = RLRun(cfg, policy, log=lambda s: None, write_files=False)
+    run.warmup()  # every packed-batch shape (compiled once per process)
     long_tailed(run, args.alpha, args.scale, seed=1)
     s = run.run()
     return {"mode": mode, "steps": s.steps, "samples": s.samples, "wall_s": s.wall_s,

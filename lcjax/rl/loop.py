@@ -139,10 +139,12 @@ class RLRun:
                     raise RuntimeError(f"trajectory of group {group.gid} mixed versions {traj.versions_used}")
                 rows.append({"tokens": traj.tokens, "gen_mask": traj.gen_mask,
                              "logprobs": traj.logprobs, "advantage": float(a)})
-        g = self.cfg.rollout.group_size
-        num_rows = (self.window.batch if len(groups) <= self.window.batch else self.window.max_batch) * g
         self.learner_tokens += sum(int(np.sum(r["gen_mask"])) for r in rows)
-        return build_batch(rows, num_rows, self.cfg.rollout.max_model_len), groups
+        return build_batch(rows, self.max_rows, self.cfg.rollout.max_model_len), groups
+
+    @property
+    def max_rows(self) -> int:
+        return self.window.max_batch * self.cfg.rollout.group_size
 
     def _train(self, state, batch):
         t0 = time.perf_counter()
@@ -179,14 +181,11 @@ class RLRun:
                      f"{record['wall_s']:.1f}s")
 
     def warmup(self) -> None:
-        """Compile the learner's batch shapes before the clock starts."""
-        g = self.cfg.rollout.group_size
-        self.learner.warmup(sorted({self.window.batch * g, self.window.max_batch * g}),
-                            self.cfg.rollout.max_model_len)
+        """Compile the learner's batch shapes (the clock of `run` does not include this)."""
+        self.learner.warmup(self.max_rows, self.cfg.rollout.max_model_len)
 
     def run(self) -> RunSummary:
         loop = self.cfg.rl
-        self.warmup()
         asynchronous = loop.mode == "async"
         pool = concurrent.futures.ThreadPoolExecutor(1) if asynchronous else None
         future, in_training = None, []

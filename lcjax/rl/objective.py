@@ -67,11 +67,16 @@ def informative(rewards) -> bool:
     return bool(rewards.size and rewards.max() > rewards.min())
 
 
+def _per_token(advantages, like):
+    """Advantages [B] (one per sequence) or [B, T] (per token, packed rows) as [B, T]."""
+    return jnp.broadcast_to(advantages[:, None] if advantages.ndim == 1 else advantages, like.shape)
+
+
 def token_objective(logp: Float[Array, "B T"], logp_old: Float[Array, "B T"],
-                    advantages: Float[Array, "B"], cfg: ObjectiveConfig) -> Float[Array, "B T"]:
+                    advantages: Float[Array, "B *T"], cfg: ObjectiveConfig) -> Float[Array, "B T"]:
     """The clipped surrogate obj per token (before the importance weight and the mask)."""
     ratio = jnp.exp(logp - logp_old)
-    adv = advantages[:, None]
+    adv = _per_token(advantages, ratio)
     clipped = jnp.clip(ratio, 1.0 - cfg.eps_neg_low, 1.0 + cfg.eps_pos_high)
     obj = jnp.minimum(ratio * adv, clipped * adv)
     dual = jnp.maximum(obj, (1.0 + cfg.eps_neg_high) * adv)
@@ -79,17 +84,18 @@ def token_objective(logp: Float[Array, "B T"], logp_old: Float[Array, "B T"],
 
 
 def grpo_loss(logp: Float[Array, "B T"], logp_old: Float[Array, "B T"],
-              logp_rollout: Float[Array, "B T"], advantages: Float[Array, "B"],
+              logp_rollout: Float[Array, "B T"], advantages: Float[Array, "B *T"],
               mask: Float[Array, "B T"], num_sequences, t_max: int, cfg: ObjectiveConfig):
-    """(loss scalar, metrics). `num_sequences` counts the real rows (padding rows have mask 0);
-    all log-probs are of the sampled tokens, float32."""
+    """(loss scalar, metrics). `num_sequences` counts the sequences (padding has mask 0);
+    advantages are per sequence [B] or per token [B, T] (packed rows); all log-probs are of
+    the sampled tokens, float32."""
     logp, logp_old, logp_rollout = (x.astype(jnp.float32) for x in (logp, logp_old, logp_rollout))
     weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(logp_old - logp_rollout), cfg.is_cap))
     obj = token_objective(logp, jax.lax.stop_gradient(logp_old), advantages, cfg)
     denom = jnp.maximum(jnp.asarray(num_sequences, jnp.float32), 1.0) * t_max
     loss = -jnp.sum(mask * weight * obj) / denom
     ratio = jnp.exp(logp - logp_old)
-    adv = advantages[:, None]
+    adv = _per_token(advantages, ratio)
     clipped = ((adv > 0) & (ratio > 1 + cfg.eps_pos_high)) | ((adv < 0) & (ratio < 1 - cfg.eps_neg_low))
     n = jnp.maximum(jnp.sum(mask), 1.0)
     metrics = {"clip_fraction": jnp.sum(mask * clipped) / n,

@@ -115,10 +115,6 @@ class Rollout:
     def running_versions(self) -> set[int]:
         return {v for v, e in self.engines.items() if e.has_unfinished()}
 
-    def warmup(self) -> int:
-        """Compile every engine shape once (the versions' engines share them)."""
-        return self.engines[max(self.engines)].warmup()
-
     # ------------------------------------------------------------------------------ groups
     def sampling_params(self) -> SamplingParams:
         """One turn's sampling settings (the benchmark replaces this to force long-tailed

@@ -115,3 +115,21 @@ def test_kill9_and_resume(tmp_path):
     assert "resumed from" in out.stdout
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
     assert steps[-1] == 6 and (run_dir / "reward.png").is_file()
+
+
+def test_packed_logprobs_equal_one_trajectory_per_row(policy):
+    """Segments isolate trajectories: packed rows give each its own logprobs."""
+    from lcjax.rl.learner import build_batch, token_logprobs
+    config, variables, _ = policy
+    rng = np.random.default_rng(0)
+    trajs = [{"tokens": rng.integers(3, 200, n).tolist(), "gen_mask": [True] * n,
+              "logprobs": [0.0] * n, "advantage": 0.0} for n in (9, 13, 6)]
+    packed = build_batch(trajs, 4, 32)
+    single = [build_batch([t], 4, 32) for t in trajs]
+    lp = lambda b: np.asarray(token_logprobs(config.model, variables["params"], variables["router_bias"],
+                                             b.tokens, b.segment_ids, b.positions))
+    got = lp(packed)
+    for t, b in zip(trajs, single):
+        want = lp(b)[0, : len(t["tokens"]) - 1]
+        row = np.argwhere((packed.tokens == t["tokens"][0]) & (packed.positions == 0))[0]
+        np.testing.assert_allclose(got[row[0], row[1]: row[1] + len(want)], want, rtol=2e-4, atol=2e-5)

@@ -83,3 +83,13 @@ def test_config_validation_names_key():
         ObjectiveConfig(is_cap=0.0)
     with pytest.raises(ValueError, match="objective.eps_neg_high"):
         ObjectiveConfig(eps_neg_high=0.1)
+
+
+def test_per_token_advantages_equal_per_sequence():
+    rng = np.random.default_rng(4)
+    lp, old, roll = (jnp.asarray(rng.normal(-1, 0.3, (3, 5)), jnp.float32) for _ in range(3))
+    adv = jnp.asarray(rng.normal(size=3), jnp.float32)
+    mask = jnp.ones((3, 5))
+    a = grpo_loss(lp, old, roll, adv, mask, 3, 6, CFG)[0]
+    b = grpo_loss(lp, old, roll, jnp.broadcast_to(adv[:, None], (3, 5)), mask, 3, 6, CFG)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
