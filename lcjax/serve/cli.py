@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from lcjax.config import TP_COMM_MODES, Config
 from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
-from lcjax.serve import chess_flag
+from lcjax.serve import chess_flag, retrieval_flags
 from lcjax.serve.plan import SERVING_FALLBACK_RULES, SERVING_RULES
 from lcjax.sparsity.sparse_verify import parse_settings
 
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(lcjax/sparsity/sparse_verify.py; keys: block_budget, sink_blocks, "
                              "local_blocks, reuse_layers, dense_first, moe_rule, ...; bare flag: "
                              "the defaults). Off by default")
+    retrieval_flags.add_flags(engine)
     engine.add_argument("--no-warmup", action="store_true",
                         help="skip compiling every step shape before printing ready (requests "
                              "with a new shape then wait for XLA)")
@@ -388,6 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quant_calib_batches < 1:
         parser.error(f"--quant-calib-batches {args.quant_calib_batches}: must be >= 1")
     chess_flag.check_flags(args, parser)
+    retrieval_flags.check_flags(args, parser)
     if args.sparse_verify is not None:
         try:
             parse_settings(args.sparse_verify).check(args.num_speculative_tokens + 1, args.page_size)
@@ -438,10 +440,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.quant is not None:
             model = quantize(args, model, ec.max_model_len)
         model = chess_flag.apply(args, model, ec.max_model_len, calibration_batches)
+        model, retrieval = retrieval_flags.apply(args, model, ec.max_model_len, calibration_batches)
         config, variables, tokenizer = model.config, model.variables, model.tokenizer
         name = args.served_model_name or model.name
         template = resolve_chat_template(args.chat_template, tokenizer)
-        engine = Engine(config, variables, tokenizer, ec, **sharded(mesh_cfg, parallel))
+        engine = Engine(config, variables, tokenizer, ec, **sharded(mesh_cfg, parallel), **retrieval)
         if engine.parallelism is not None:
             from lcjax.serve.sharding import per_device_bytes
 
