@@ -126,8 +126,9 @@ def test_packed_logprobs_equal_one_trajectory_per_row(policy):
               "logprobs": [0.0] * n, "advantage": 0.0} for n in (9, 13, 6)]
     packed = build_batch(trajs, 4, 32)
     single = [build_batch([t], 4, 32) for t in trajs]
-    lp = lambda b: np.asarray(token_logprobs(config.model, variables["params"], variables["router_bias"],
-                                             b.tokens, b.segment_ids, b.positions))
+    fn = jax.jit(lambda *a: token_logprobs(config.model, *a))
+    lp = lambda b: np.asarray(fn(variables["params"], variables["router_bias"], b.tokens,
+                                 b.segment_ids, b.positions))
     got = lp(packed)
     for t, b in zip(trajs, single):
         want = lp(b)[0, : len(t["tokens"]) - 1]
