@@ -157,7 +157,7 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in run_dir when one exists
     z_loss: float = 1e-4  # weight of mean(logsumexp(logits)^2)
     mtp_loss_weight: float = 0.3
-    update_router_bias: bool = True  # aux-loss-free balancing after each step
+    update_router_bias: bool = True  # aux-loss-free balancing after each step (not in LoRA runs)
     expected_ffn_topk: Optional[float] = None  # LongCat compute budget K_e (None: balance only)
     init_from: str = ""  # checkpoint directory (a run_dir) to initialise params from
     growth: str = "none"  # "none" (same shape) | "stack" (repeat a shallower model's layers)

@@ -110,7 +110,9 @@ def train_step(state: TrainState, batch: Batch, *, config: Config,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params, adapters = optax.apply_updates(state.params, updates), None
     bias = state.router_bias
-    if config.train.update_router_bias:
+    # The router bias belongs to the base: a LoRA run keeps it frozen with the base weights, so
+    # the served base (and a draft head tuned alone) routes exactly as before.
+    if config.train.update_router_bias and not config.lora.enabled:
         bias = _bias_tree_update(bias, counts, config)
     metrics["grad_norm"] = optax.tree.norm(grads)
     # Finite iff the new params and Adam moments are (they are finite before the step): the

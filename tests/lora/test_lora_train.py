@@ -63,6 +63,9 @@ def test_base_frozen_adapters_trained_and_lambda_logged(lora_run):
     fresh = init_state(config, create_optimizer(config), make_mesh(config.mesh))
     for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(variables["params"])):
         np.testing.assert_array_equal(np.asarray(a), b)
+    # The router bias is part of the frozen base: no balancing updates in a LoRA run.
+    for a, b in zip(jax.tree.leaves(fresh.router_bias), jax.tree.leaves(variables["router_bias"])):
+        np.testing.assert_array_equal(np.asarray(a), b)
     assert any(np.abs(ad["b"]).max() > 0 for ad in _sites(adapters))  # B moved off zero
     # Adam moments only for the adapters.
     n_adapter = sum(x.size for x in jax.tree.leaves(fresh.lora))
