@@ -88,6 +88,9 @@ def attention_case(mla, context: int, batch: int, page: int, a2: A2ATSConfig, re
     n_full = 16
     kmax = a2.topk_for(pages_per_seq * page)
     gathered = min(pages_per_seq * page, h * kmax + a2.sink_tokens + a2.local_window)
+    if a2.max_gather_fraction is not None:
+        gathered = min(gathered, math.ceil(a2.max_gather_fraction * pages_per_seq * page)
+                       + a2.sink_tokens + a2.local_window)
     rows_bytes = context * d * 4
     code_bytes = context * jnp.dtype(code_dtype(a2.codebook_size)).itemsize
     row["exact_kv_mib"] = n_full * rows_bytes / 2**20
@@ -134,17 +137,20 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--topk", type=float, default=0.03)
     p.add_argument("--codebook", type=int, default=4096)
+    p.add_argument("--max-gather", type=float, default=None,
+                   help="A2ATSConfig.max_gather_fraction (default: room for the whole union)")
     p.add_argument("--ngram-scale", type=int, default=256, help="Flash-Lite vocab divided by this")
     p.add_argument("--ngram-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json")
     args = p.parse_args(argv)
     mla = load_config(resolve_config_path("small")).model.mla
-    a2 = A2ATSConfig(topk_fraction=args.topk, codebook_size=args.codebook)
+    a2 = A2ATSConfig(topk_fraction=args.topk, codebook_size=args.codebook,
+                     max_gather_fraction=args.max_gather)
     rows = []
     print(f"A²ATS vs exact, one full sublayer of small (H={mla.num_heads}, C+R="
           f"{mla.kv_lora_rank + mla.qk_rope_head_dim}), batch {args.batch}, top {args.topk:.0%}, "
-          f"{args.codebook} centroids; {jax.devices()[0].device_kind}")
+          f"{args.codebook} centroids, gather cap {args.max_gather}; {jax.devices()[0].device_kind}")
     print(f"{'context':>8} {'exact ms':>9} {'a2ats ms':>9} {'ratio':>6} {'host ms':>8} {'ratio':>6} "
           f"{'exact KV MiB':>12} {'a2ats dev':>10} {'host dev':>9} {'ratio':>6} {'read ratio':>10}")
     for ctx in (int(x) for x in args.contexts.split(",")):
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(attention=rows, ngram=ng, topk=args.topk, codebook=args.codebook,
+                           max_gather=args.max_gather,
                            page_size=args.page_size, device=jax.devices()[0].device_kind), f, indent=1)
     return 0
 

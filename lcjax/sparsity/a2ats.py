@@ -53,6 +53,10 @@ class A2ATSConfig:
     kmeans_tol: float = 1e-4  # stop when the relative inertia change falls below this
     seed: int = 0
     offload: str = "none"  # "host": the latent pages live in host memory (see a2ats_cache)
+    # Serving only: cap on the rows a decode step gathers per sequence, as a fraction of the
+    # context (+ sinks + window). None: room for the whole union over heads (H * k rows at
+    # worst). When the union is larger, the keys some head ranks highest are kept.
+    max_gather_fraction: Optional[float] = None
 
     def __post_init__(self):
         if not 0.0 < self.topk_fraction <= 1.0:
@@ -63,6 +67,8 @@ class A2ATSConfig:
         for name in ("sink_tokens", "wrope_position"):
             if getattr(self, name) < 0:
                 raise ValueError(f"a2ats {name}={getattr(self, name)} must be >= 0")
+        if self.max_gather_fraction is not None and not 0.0 < self.max_gather_fraction <= 1.0:
+            raise ValueError(f"a2ats max_gather_fraction={self.max_gather_fraction} must be in (0, 1]")
         if self.offload not in ("none", "host"):
             raise ValueError(f"a2ats offload={self.offload!r} must be 'none' or 'host'")
 

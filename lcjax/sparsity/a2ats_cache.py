@@ -18,6 +18,7 @@ cross to the device.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -29,8 +30,10 @@ from lcjax.config import LozaConfig, ModelConfig, RopeConfig
 from lcjax.model.cache import LayerCache, write_layer_cache
 from lcjax.ops.host_rows import set_rows, take_rows
 from lcjax.sparsity.host_offload import to_host
-from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, approx_scores, assign_codes, code_dtype,
-                                  masked_attention, prerope_keys, selection_mask, wrope_queries)
+from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, always_exact, approx_scores,
+                                  assign_codes, code_dtype, masked_attention, prerope_keys,
+                                  selection_mask, wrope_queries)
+
 
 def gather_rows(pool: Float[Array, "P L D"], flat: Int[Array, "B N"]) -> Float[Array, "B N D"]:
     """pool rows at flat slot indices (page * L + offset), gathered where the pool lives."""
@@ -120,6 +123,19 @@ class RetrievalPagedCache:
         mask = selection_mask(cfg, scores, positions, kv_positions, kmax).any(axis=1)  # [B, T]
         s, h = q_abs.shape[1], q_abs.shape[2]
         n = min(t, s * (h * kmax + cfg.sink_tokens + cfg.local_window))
+        if cfg.max_gather_fraction is not None:
+            cap = math.ceil(cfg.max_gather_fraction * t) + cfg.sink_tokens + cfg.local_window
+            n = min(n, s * cap)
+        if n < t and cfg.max_gather_fraction is not None:
+            # Over budget: sinks and windows first, then keys by their best head's score
+            # relative to that head's top score.
+            exact = always_exact(cfg, positions, kv_positions).any(axis=1)
+            scores = jnp.where(kv_positions[:, None, None, :] >= 0, scores, -jnp.inf)
+            rel = scores - jnp.max(scores, axis=-1, keepdims=True)
+            best = jnp.max(rel, axis=(1, 2))  # [B, T], <= 0
+            prio = jnp.where(exact, 1.0, jnp.where(mask, best, -jnp.inf))
+            top, idx = jax.lax.top_k(prio, n)
+            return jnp.where(top > -jnp.inf, kv_positions[jnp.arange(idx.shape[0])[:, None], idx], -1)
         rank = jnp.where(mask, t - jnp.arange(t, dtype=jnp.int32)[None, :], 0)
         top, _ = jax.lax.top_k(rank, n)
         return jnp.where(top > 0, t - top, -1)  # ascending positions first, then -1s

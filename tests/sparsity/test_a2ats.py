@@ -192,5 +192,7 @@ def test_bad_settings_name_the_value():
         A2ATSConfig(topk_fraction=0.0)
     with pytest.raises(ValueError, match="offload='disk'"):
         A2ATSConfig(offload="disk")
+    with pytest.raises(ValueError, match="max_gather_fraction=1.5"):
+        A2ATSConfig(max_gather_fraction=1.5)
     with pytest.raises(ValueError, match="codebook_size=0"):
         A2ATSConfig(codebook_size=0)

@@ -3,6 +3,7 @@ dense selection (fast), and greedy engine output with retrieval = everything equ
 decoding under continuous batching, host offload, MTP speculation and quantized weights (slow)."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,40 @@ def test_retrieved_rows_are_the_dense_selection():
         assert sorted(selected[b][selected[b] >= 0]) == list(np.flatnonzero(np.asarray(mask[b, 0])))
         assert 0 < (selected[b] >= 0).sum() < int(positions[b, 0]) + 1  # a strict subset
     np.testing.assert_allclose(out, a2ats.masked_attention(q, keys, mask, 0.3, C), rtol=1e-5, atol=1e-5)
+
+
+def test_gather_budget_keeps_sinks_window_and_the_best_ranked_keys():
+    """With max_gather_fraction the step gathers at most ceil(f * T) + sinks + window rows:
+    every sink and window key, then the union's keys by their best head's relative score."""
+    import dataclasses
+    view, _, q, new, positions = _setup(0.5)
+    view = view.replace(config=dataclasses.replace(view.config, max_gather_fraction=0.2))
+    out, cache = _call(view, q, new, positions)
+    t = cache.block_tables.shape[1] * PAGE
+    kv_pos = jnp.where(jnp.arange(t)[None] <= positions, jnp.arange(t)[None], -1)
+    codes = cache.codes[cache.block_tables].reshape(2, t)
+    q_hat = a2ats.wrope_queries(q, positions, R, ROPE, view.config.wrope_position)
+    scores = np.asarray(a2ats.approx_scores(view.book, q_hat, codes))
+    union = np.asarray(a2ats.selection_mask(view.config, jnp.asarray(scores), positions, kv_pos))[:, 0]
+    exact = np.asarray(a2ats.always_exact(view.config, positions, kv_pos))[:, 0]
+    selected = np.asarray(cache.select(q, positions, kv_pos))
+    cap = math.ceil(0.2 * t) + view.config.sink_tokens + view.config.local_window
+    for b in range(2):
+        got = set(selected[b][selected[b] >= 0].tolist())
+        assert len(got) == min(cap, union[b].sum())
+        assert set(np.flatnonzero(exact[b])) <= got <= set(np.flatnonzero(union[b]))
+        valid = np.asarray(kv_pos[b]) >= 0
+        rel = np.where(valid, scores[b, 0], -np.inf)
+        best = (rel - rel.max(-1, keepdims=True)).max(0)
+        rest = [k for k in np.flatnonzero(union[b] & ~exact[b])]
+        kept = sorted(rest, key=lambda k: -best[k])[: len(got) - exact[b].sum()]
+        assert got == set(np.flatnonzero(exact[b])) | set(kept)
+    keys = cache.pages[cache.block_tables].reshape(2, t, C + R)
+    mask = np.zeros((2, 1, t), bool)
+    for b in range(2):
+        mask[b, 0, selected[b][selected[b] >= 0]] = True
+    np.testing.assert_allclose(out, a2ats.masked_attention(q, keys, jnp.asarray(mask), 0.3, C),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_host_memory_kind_is_reported():
