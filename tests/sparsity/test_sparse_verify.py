@@ -87,8 +87,11 @@ def _numpy_sparse_attend(q, tokens, length, kept_tokens, c, scale):
     return out
 
 
-@pytest.mark.parametrize("budget", [4, 5, 0])
-def test_sparse_attend_matches_numpy_selection(budget):
+@pytest.mark.parametrize("budget,impl", [(4, "xla"), (5, "xla"), (0, "xla"),
+                                         (4, "pallas_gpu_interpret")])
+def test_sparse_attend_matches_numpy_selection(budget, impl):
+    """The paged decode backends (the Pallas GPU kernel interpreted too) on the compressed
+    block table equal numpy attention over the pages numpy's Quest selection keeps."""
     rng = np.random.default_rng(2)
     page, length, s_len = 4, 22, 3
     cache, tables, tokens = _written_cache(rng, length=length - s_len)
@@ -97,7 +100,7 @@ def test_sparse_attend_matches_numpy_selection(budget):
     tokens[:, length - s_len: length] = new
     q = rng.normal(size=(2, s_len, 3, 6)).astype(np.float32)
     pos = jnp.asarray(np.broadcast_to(np.arange(length - s_len, length), (2, s_len)), jnp.int32)
-    view = dataclasses.replace(cache, all_valid=True, implementation="xla", select=sv.Selector(cfg))
+    view = dataclasses.replace(cache, all_valid=True, implementation=impl, select=sv.Selector(cfg))
     got, _ = view.update_and_attend(jnp.asarray(q), jnp.asarray(new[..., :-2]), jnp.asarray(new[..., -2:]),
                                     pos, jnp.ones((2, s_len), bool), sparse=False, loza=LozaConfig(),
                                     attend=lambda *a, **k: None, scale=0.5)
