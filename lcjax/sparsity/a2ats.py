@@ -53,9 +53,9 @@ class A2ATSConfig:
     kmeans_tol: float = 1e-4  # stop when the relative inertia change falls below this
     seed: int = 0
     offload: str = "none"  # "host": the latent pages live in host memory (see a2ats_cache)
-    # Serving only: cap on the rows a decode step gathers per sequence, as a fraction of the
-    # context (+ sinks + window). None: room for the whole union over heads (H * k rows at
-    # worst). When the union is larger, the keys some head ranks highest are kept.
+    # Cap on the keys a query (serving: a step's rows) attends, as a fraction of the cache
+    # capacity T (+ sinks + window). None: the whole union over heads (H * k keys at worst).
+    # When the union is larger, the keys some head ranks highest are kept (`cap_selection`).
     max_gather_fraction: Optional[float] = None
 
     def __post_init__(self):
@@ -261,6 +261,24 @@ def selection_mask(cfg: A2ATSConfig, scores: Float[Array, "B S H T"], q_position
     picked = jnp.zeros((b, s, t), bool).at[
         jnp.arange(b)[:, None, None, None], jnp.arange(s)[None, :, None, None], idx].max(keep)
     return exact | picked
+
+
+def cap_selection(cfg: A2ATSConfig, scores: Float[Array, "B S H T"], mask: Bool[Array, "B S T"],
+                  q_positions: Int[Array, "B S"], kv_positions: Int[Array, "B T"]) -> Bool[Array, "B S T"]:
+    """`mask` limited to ceil(max_gather_fraction * T) + sinks + window keys per query: sinks
+    and window first, then keys by their best head's score relative to that head's top score."""
+    t = kv_positions.shape[-1]
+    if cfg.max_gather_fraction is None:
+        return mask
+    n = min(t, math.ceil(cfg.max_gather_fraction * t) + cfg.sink_tokens + cfg.local_window)
+    s_bsht = jnp.where(kv_positions[:, None, None, :] >= 0, scores, -jnp.inf)
+    best = jnp.max(s_bsht - jnp.max(s_bsht, axis=-1, keepdims=True), axis=2)  # [B, S, T]
+    exact = always_exact(cfg, q_positions, kv_positions)
+    prio = jnp.where(exact, 1.0, jnp.where(mask, best, -jnp.inf))
+    top, idx = jax.lax.top_k(prio, n)
+    b, s = idx.shape[:2]
+    return jnp.zeros_like(mask).at[jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None],
+                                   idx].max(top > -jnp.inf)
 
 
 def masked_attention(q_abs: Float[Array, "B S H D"], keys: Float[Array, "B T D"],

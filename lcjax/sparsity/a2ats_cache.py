@@ -31,8 +31,8 @@ from lcjax.model.cache import LayerCache, write_layer_cache
 from lcjax.ops.host_rows import set_rows, take_rows
 from lcjax.sparsity.host_offload import to_host
 from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, always_exact, approx_scores,
-                                  assign_codes, code_dtype, masked_attention, prerope_keys,
-                                  selection_mask, wrope_queries)
+                                  assign_codes, cap_selection, code_dtype, masked_attention,
+                                  prerope_keys, selection_mask, wrope_queries)
 
 
 def gather_rows(pool: Float[Array, "P L D"], flat: Int[Array, "B N"]) -> Float[Array, "B N D"]:
@@ -235,6 +235,7 @@ class RetrievalDenseCache:
         if self.oracle:
             scores = jnp.einsum("BSHD,BTD->BSHT", q_abs.astype(jnp.float32), keys.astype(jnp.float32))
         mask = selection_mask(self.config, scores, positions, kv_positions)
+        mask = cap_selection(self.config, scores, mask, positions, kv_positions)
         out = masked_attention(q_abs, keys, mask, scale, c)
         new = write_layer_cache(inner, latent, k_rope, positions, valid, sparse, loza)
         return out, self.replace(inner=new, mask=mask, q_abs=q_abs, keys=keys,

@@ -118,6 +118,11 @@ def test_gather_budget_keeps_sinks_window_and_the_best_ranked_keys():
         rest = [k for k in np.flatnonzero(union[b] & ~exact[b])]
         kept = sorted(rest, key=lambda k: -best[k])[: len(got) - exact[b].sum()]
         assert got == set(np.flatnonzero(exact[b])) | set(kept)
+    # The dense evaluation path applies the same cap per query.
+    dense = np.asarray(a2ats.cap_selection(view.config, jnp.asarray(scores), jnp.asarray(union[:, None]),
+                                           positions, kv_pos))[:, 0]
+    for b in range(2):
+        assert set(np.flatnonzero(dense[b])) == set(selected[b][selected[b] >= 0].tolist())
     keys = cache.pages[cache.block_tables].reshape(2, t, C + R)
     mask = np.zeros((2, 1, t), bool)
     for b in range(2):
