@@ -10,7 +10,8 @@ Data: standard-library files of the run's held-out split long enough for `--seq-
 attention sublayer; LoZA sparse sublayers stay as they are.
 
 Rows: the oracle (top-k by exact scores, the ceiling of any top-k retrieval); query-aware VQ for each codebook size x top-k fraction; plain VQ (k-means on raw keys);
-the WRoPE position ablation (codebook calibrated and queries rotated at each W). Columns:
+the WRoPE position ablation (codebook calibrated and queries rotated at each W); "capped f":
+at most ceil(f * T) + sinks + window keys per query (A2ATSConfig.max_gather_fraction). Columns:
 recall = mean share of each head's exact attention probability on the selected keys (queries
 at positions >= --long-from, averaged over heads and full sublayers); ppl = exp(mean NLL) over
 all positions and over positions >= --long-from, where retrieval is active.
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--topk", default="0.01,0.03,0.05,0.10")
     p.add_argument("--wrope", default="0,256,1024,2048,4096", help="WRoPE positions to ablate")
     p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--caps", default="0.05,0.10",
+                   help="max_gather_fraction values to add (largest codebook, 3%%; '' = none)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.codebooks.split(",")]
     fracs = [float(x) for x in args.topk.split(",")]
     t0 = time.time()
-    rows = [dict(method="exact", codebook=None, topk=None, wrope=None,
+    rows = [dict(method="exact", codebook=None, topk=None, wrope=None, cap=None,
                  **score(cfg, variables, evals, None, args.long_from))]
     books = {}
 
@@ -91,11 +94,11 @@ def main(argv=None) -> int:
             books[size, aware, w] = calibrate(cfg, variables, [calib[i: i + 4] for i in range(0, len(calib), 4)], a2)
         return books[size, aware, w]
 
-    def add(method, size, aware, w, frac):
-        index = book(size, aware, w).with_config(topk_fraction=frac)
+    def add(method, size, aware, w, frac, cap=None):
+        index = book(size, aware, w).with_config(topk_fraction=frac, max_gather_fraction=cap)
         oracle = method == "oracle"
         rows.append(dict(method=method, codebook=None if oracle else size, topk=frac, wrope=w,
-                         **score(cfg, variables, evals, index, args.long_from, oracle)))
+                         cap=cap, **score(cfg, variables, evals, index, args.long_from, oracle)))
         r = rows[-1]
         print(f"  {method:<10} K={size:<5} k={frac:.2f} W={w:<5} recall={r['recall']:.4f} "
               f"ppl={r['ppl']:.4f} ppl_long={r['ppl_long']:.4f}  ({time.time() - t0:.0f}s)", flush=True)
@@ -107,16 +110,18 @@ def main(argv=None) -> int:
             add("query-VQ", size, True, 2048, frac)
     for size in sizes:
         add("plain-VQ", size, False, 2048, 0.03)
+    for cap in (float(x) for x in filter(None, args.caps.split(","))):
+        add(f"capped {cap:.2f}", max(sizes), True, 2048, 0.03, cap)
     for w in (int(x) for x in args.wrope.split(",")):
         if w != 2048:
             add("query-VQ", max(sizes), True, w, 0.03)
 
     print(f"\nA²ATS quality: {args.run}, {len(evals)} held-out x {args.seq_len} tokens, "
           f"calibration {len(calib)} x {args.seq_len}; recall and ppl_long over positions >= {args.long_from}")
-    print(f"{'method':<10} {'codebook':>8} {'top-k':>6} {'WRoPE':>6} {'recall':>8} {'ppl':>8} {'ppl_long':>9}")
+    print(f"{'method':<12} {'codebook':>8} {'top-k':>6} {'WRoPE':>6} {'recall':>8} {'ppl':>8} {'ppl_long':>9}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['method']:<10} {fmt(r['codebook'], 'd'):>8} {fmt(r['topk'], '.2f'):>6} "
+        print(f"{r['method']:<12} {fmt(r['codebook'], 'd'):>8} {fmt(r['topk'], '.2f'):>6} "
               f"{fmt(r['wrope'], 'd'):>6} {r['recall']:>8.4f} {r['ppl']:>8.4f} {r['ppl_long']:>9.4f}")
     if args.json:
         with open(args.json, "w") as f:
