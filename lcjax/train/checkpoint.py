@@ -78,6 +78,12 @@ class RunCheckpoints:
 
 def restore_params(run_dir: str, abstract_params: Any) -> Any:
     """Only the params of the newest checkpoint in `run_dir` (for init_from / growth)."""
+    return restore_init(run_dir)[0]
+
+
+def restore_init(run_dir: str) -> tuple[Any, Any]:
+    """(params, router_bias) of the newest checkpoint in `run_dir`: what a run started with
+    `train.init_from` takes over (the router bias is trained state of the model too)."""
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")),
                                     item_names=("state", "data"))
     step = manager.latest_step()
@@ -86,4 +92,4 @@ def restore_params(run_dir: str, abstract_params: Any) -> Any:
                          f"{os.path.join(run_dir, 'checkpoints')})")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
     manager.close()
-    return restored["state"]["params"]
+    return restored["state"]["params"], restored["state"].get("router_bias")

@@ -26,7 +26,7 @@ from lcjax.config_io import dump_config
 from lcjax.model import BIAS_COLLECTION
 from lcjax.parallel import is_primary, make_mesh, rules_for, use_parallelism
 from lcjax.train import data_setup
-from lcjax.train.checkpoint import RunCheckpoints, check_writable, restore_params
+from lcjax.train.checkpoint import RunCheckpoints, check_writable, restore_init
 from lcjax.train.flops import device_peak_flops, train_flops_per_token
 from lcjax.train.growth import stack_layers
 from lcjax.train.metrics import MetricsWriter
@@ -105,12 +105,13 @@ def _initial_state(config, tx, mesh, shardings):
         _, variables = load_hf_checkpoint(config.train.init_from, config)
         old, bias = variables["params"], variables.get(BIAS_COLLECTION)
     else:
-        old = restore_params(config.train.init_from, None)
+        old, bias = restore_init(config.train.init_from)
     # growth=stack repeats the checkpoint's layers; growth=none needs identical shapes.
     params = stack_layers(old, abstract.params)
     params = jax.device_put(params, shardings.params)
     state = state.replace(params=params)
     if bias is not None:
+        bias = stack_layers(bias, abstract.router_bias)
         state = state.replace(router_bias=jax.device_put(bias, shardings.router_bias))
     # LoRA keeps its fresh adapters' optimizer state; full fine-tuning restarts Adam on the params.
     return state if state.lora is not None else state.replace(opt_state=tx.init(params))

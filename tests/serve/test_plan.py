@@ -98,8 +98,12 @@ def test_flash_bf16_on_one_h100_names_the_numbers():
 def test_cli_prints_the_table_and_exits_2_when_it_does_not_fit(capsys):
     assert main(["--config", "longcat_flash", "--devices", "8", "--device-memory", "141GB",
                  "--quant", "w8a8", "mesh.data=1", "mesh.expert=-1"]) == 0
-    out = capsys.readouterr().out
-    assert "parameters per device" in out and "70.65 GB" in out
+    out = capsys.readouterr().out  # the server's weight-stationary default: dense weights whole
+    assert "(rules ep_tp)" in out and "parameters per device" in out and "91.06 GB" in out
+    assert main(["--config", "longcat_flash", "--devices", "8", "--device-memory", "141GB",
+                 "--quant", "w8a8", "mesh.data=1", "mesh.expert=-1", "parallel.rules=ep_fsdp_tp"]) == 0
+    out = capsys.readouterr().out  # dense weights split over expert: 8x smaller
+    assert "(rules ep_fsdp_tp)" in out and "70.65 GB" in out
     assert main(["--config", "longcat_flash", "--devices", "1", "--device-memory", "h100"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

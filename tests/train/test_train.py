@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lcjax.train import loop
-from lcjax.train.checkpoint import restore_params
+from lcjax.train.checkpoint import restore_init
 
 from .conftest import train_config
 
@@ -43,13 +43,19 @@ def test_growth_stacks_a_shallower_checkpoint(corpus, tmp_path):
                         "model.loza.layer_pattern=0101", f"train.init_from={tmp_path / 'shallow'}",
                         "train.growth=stack")
     grown = loop._initial_state(deep, *_tx_mesh_shardings(deep))
-    old = restore_params(str(tmp_path / "shallow"), None)
+    old, old_bias = restore_init(str(tmp_path / "shallow"))
     for path, leaf in jax.tree_util.tree_flatten_with_path(grown.params["layers"])[0]:
         src = old["layers"]
         for k in path:
             src = src[k.key]
         np.testing.assert_array_equal(np.asarray(leaf), np.concatenate([src, src]))
     np.testing.assert_array_equal(grown.params["lm_head"], old["lm_head"])
+    # The trained router bias comes along, stacked like the layers (it is not re-learned).
+    bias = old_bias["layers"]["moe"]["e_score_correction_bias"]
+    assert np.abs(bias).max() > 0
+    np.testing.assert_array_equal(
+        np.asarray(grown.router_bias["layers"]["moe"]["e_score_correction_bias"]),
+        np.concatenate([bias, bias]))
 
 
 def _tx_mesh_shardings(config):
