@@ -7,7 +7,7 @@ trajectory decoding exactly L tokens (EOS ignored), L = min(max_tokens, 2 + floo
 Pareto(alpha))), so most are short and a few run to the cap. Both modes run in one process
 after one warm-up run each (every jitted shape compiled), same seeds.
 
-    python scripts/bench_rl.py [--steps 12] [--json out.json]
+    python scripts/bench_rl.py [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ def one_run(policy, mode: str, steps: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--staleness", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--slots", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=1.2)
-    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--scale", type=float, default=8.0)
     p.add_argument("--json", default="")
     args = p.parse_args()
     policy = random_model(load_config(resolve_config_path("tiny")))
