@@ -79,7 +79,7 @@ def update(state: LearnerState, batch: Batch, router_bias: Any, logp_old: Option
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), metrics
 
