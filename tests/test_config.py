@@ -12,7 +12,8 @@ from lcjax.config_io import (PRESET_DIR, REPO_ROOT, config_to_dict, dump_config,
                              resolve_config_path)
 
 CONFIG_FILES = sorted(p for p in (REPO_ROOT / "configs").rglob("*.y*ml")
-                      if "rules" not in p.parts)  # rule tables: tests/parallel/test_sharding_plan.py
+                      if "rules" not in p.parts  # rule tables: tests/parallel/test_sharding_plan.py
+                      and "rl" not in p.parts)  # RL run configs: tests/rl/test_config_rl.py
 PRESETS = {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
 
 
