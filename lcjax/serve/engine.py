@@ -58,6 +58,7 @@ from lcjax.serve.engine_state import EngineConfig, LogitsProcessor  # noqa: F401
 from lcjax.serve.engine_state import RequestState as _Request
 from lcjax.serve.engine_state import bucket as _bucket
 from lcjax.serve.engine_state import buckets as _buckets
+from lcjax.serve.engine_state import check_engine_config, find_stop
 
 
 class Engine:
@@ -73,20 +74,11 @@ class Engine:
         self.model_cfg = cfg = model_config(config)
         self.engine_config = ec = engine_config
         self.tokenizer = tokenizer
-        if ec.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={ec.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        check_engine_config(cfg, ec)
         k = ec.num_speculative_tokens
-        if k and not cfg.mtp_layers:
-            raise ValueError(f"num_speculative_tokens={k} needs an MTP head (model.mtp_layers=0)")
-        if k and any(cfg.sparse_layers) and k > cfg.loza.block_size:
-            raise ValueError(f"num_speculative_tokens={k} exceeds loza.block_size="
-                             f"{cfg.loza.block_size}, the rejected tokens a sparse ring can absorb")
         num_pages = ec.num_pages or ec.max_num_seqs * ec.pages_per_seq + 1
         self.allocator = PageAllocator(num_pages)
         self.variables = variables
-        if ec.sparse_verify is not None:
-            ec.sparse_verify.check(k + 1, ec.page_size)
         self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k,
                                               page_bounds=ec.sparse_verify is not None)
         if kv_retrieval is not None:
@@ -460,7 +452,7 @@ class Engine:
             text_ids = req.output[:-1] if skip_last else req.output
             req.text = self.tokenizer.decode(text_ids)
             if p.stop and reason != "stop":
-                hit = self._find_stop(req.text, p.stop, req.emitted_text)
+                hit = find_stop(req.text, p.stop, req.emitted_text)
                 if hit is not None:
                     cut, stop = hit
                     req.text, reason, stop_reason = req.text[:cut], "stop", stop
@@ -490,15 +482,3 @@ class Engine:
             self._running.remove(req)
             self._release(req)
         return out
-
-    @staticmethod
-    def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[tuple[int, str]]:
-        """Earliest stop string in text that ends after `start` (already streamed text was
-        checked before); returns (cut position, the stop string)."""
-        best = None
-        for s in stops:
-            i = text.find(s, max(0, start - len(s) + 1))
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        return best
-

@@ -90,3 +90,29 @@ def buckets(limit: int, start: int = 1) -> list[int]:
 def bucket(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds `n`."""
     return next(b for b in buckets if b >= n)
+
+
+def check_engine_config(cfg, ec: EngineConfig) -> None:
+    """ValueError naming the engine setting the model (a ModelConfig) cannot serve."""
+    if ec.max_model_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_model_len={ec.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    k = ec.num_speculative_tokens
+    if k and not cfg.mtp_layers:
+        raise ValueError(f"num_speculative_tokens={k} needs an MTP head (model.mtp_layers=0)")
+    if k and any(cfg.sparse_layers) and k > cfg.loza.block_size:
+        raise ValueError(f"num_speculative_tokens={k} exceeds loza.block_size="
+                         f"{cfg.loza.block_size}, the rejected tokens a sparse ring can absorb")
+    if ec.sparse_verify is not None:
+        ec.sparse_verify.check(k + 1, ec.page_size)
+
+
+def find_stop(text: str, stops: Sequence[str], start: int) -> Optional[tuple[int, str]]:
+    """Earliest stop string in text that ends after `start` (already streamed text was checked
+    before); returns (cut position, the stop string)."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, start - len(s) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
