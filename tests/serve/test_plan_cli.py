@@ -30,7 +30,7 @@ def test_plan_of_a_large_model_on_a_mesh_with_a_recipe(no_loading, capsys):
             "--max-model-len", "4096", "mesh.expert=8"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "8 devices, mesh data=1 fsdp=1 expert=8 tensor=1, weights w8a8" in out
+    assert "8 devices, mesh data=1 fsdp=1 expert=8 tensor=1 (rules ep_tp), weights w8a8" in out
     fits = out.splitlines()[-1].split()
     assert fits == ["fits", "yes"], out
 
