@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.sparse_gemv import pallas_gpu_kernel
+from pallas_kernels.sparse_gemv.checks import check_backend
 from pallas_kernels.sparse_gemv.reference import active_rows
 
 NAME = "pallas_gpu"
@@ -62,17 +62,7 @@ def search_space(t: int, k: int, n: int) -> tuple[Config, ...]:
 
 def check(x, w, *, config=None, interpret=False) -> None:
     """Raise NotImplementedError for a case this backend cannot run."""
-    if config is not None and not isinstance(config, Config):
-        raise ValueError(f"config={config!r} must be a {NAME}.Config")
-    platform = jax.default_backend()
-    if platform != "gpu" and not interpret:
-        raise NotImplementedError(f"{NAME} runs on platform {platform!r}; supported: ('gpu',), "
-                                  f"or implementation='{NAME}_interpret' anywhere")
-    if x.shape[0] > MAX_ROWS:
-        raise NotImplementedError(f"{NAME}: {x.shape[0]} rows; supported: <= {MAX_ROWS} (decode)")
-    if jnp.dtype(x.dtype).name not in SUPPORTED_DTYPES:
-        raise NotImplementedError(f"{NAME}: x.dtype={jnp.dtype(x.dtype).name} is not supported; "
-                                  f"supported: {SUPPORTED_DTYPES}")
+    check_backend(NAME, "gpu", Config, x, config, interpret, MAX_ROWS, SUPPORTED_DTYPES)
     cfg = config or default_config(*x.shape, w.shape[1])
     if w.shape[1] % cfg.block_n:
         raise NotImplementedError(f"{NAME}: N={w.shape[1]} is not a multiple of block_n="
