@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 from lcjax.config import TP_COMM_MODES, Config
 from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
 from lcjax.serve import chess_flag, retrieval_flags
-from lcjax.serve.plan import SERVING_FALLBACK_RULES, SERVING_RULES
+from lcjax.serve.plan import SERVING_FALLBACK_RULES, SERVING_RULES, rules_named  # noqa: F401
 from lcjax.sparsity.sparse_verify import parse_settings
 
 PREFIX = "lcjax.serve:"
@@ -161,34 +161,31 @@ def serving_settings(args: argparse.Namespace) -> tuple[Any, Any]:
     overrides = [o for o in getattr(args, "overrides", []) if o.startswith(SHARDING_SECTIONS)]
     if args.quantized_tp_comm is not None:
         overrides.append(f"parallel.quantized_tp_comm={args.quantized_tp_comm}")
-    sets_rules = any("rules" in ((yaml.safe_load(f.read_text()) or {}).get("parallel") or {})
-                     for f in files) or any(o.startswith("parallel.rules=") for o in overrides)
-    defaults = ([] if sets_data else ["mesh.data=1"]) + ([] if sets_rules else
-                                                         [f"parallel.rules={SERVING_RULES}"])
+    defaults = ([] if sets_data else ["mesh.data=1"]) + (
+        [] if rules_named(files, overrides) else [f"parallel.rules={SERVING_RULES}"])
     config = load_config(files, defaults + overrides)
     return config.mesh, config.parallel
 
 
 def fit_rules(args: argparse.Namespace, mesh_cfg, parallel) -> Any:
-    """`parallel` with the weight-stationary default rules replaced by the FSDP split when the
-    device memory is known and the weights with their cache reserve do not fit without it.
-    Rules the flags or files name are kept (memory_check then reports a misfit)."""
+    """`parallel` with the rules the server picks (plan.serving_plan): the weight-stationary
+    default, or the FSDP split when the device memory is known and the default leaves no room
+    for a sequence. Rules the flags or files name are kept (memory_check then reports a misfit)."""
     import dataclasses
 
+    from lcjax.config_io import resolve_config_path
     from lcjax.serve.launch_plan import device_memory, launch_plan
 
-    if parallel.rules != SERVING_RULES or "parallel.rules=" in " ".join(args.overrides):
-        return parallel
+    files = [resolve_config_path(c) for c in (args.config or [])]
     device_bytes = device_memory(args.device_memory)
-    if device_bytes is None:
+    if rules_named(files, args.overrides) or device_bytes is None:
         return parallel
-    plan, _ = launch_plan(args, mesh_cfg, parallel, device_bytes)
-    if plan.fits:
+    plan, _ = launch_plan(args, mesh_cfg, parallel, device_bytes, rules_given=False)
+    if plan.rules == parallel.rules:
         return parallel
-    fallback = dataclasses.replace(parallel, rules=SERVING_FALLBACK_RULES)
-    print(f"{PREFIX} weights replicated over fsdp x expert ({SERVING_RULES}) leave no room for a "
-          f"sequence; splitting them ({SERVING_FALLBACK_RULES})", flush=True)
-    return fallback
+    print(f"{PREFIX} weights replicated over fsdp x expert ({parallel.rules}) leave no room for a "
+          f"sequence; splitting them ({plan.rules})", flush=True)
+    return dataclasses.replace(parallel, rules=plan.rules)
 
 
 def _recipe_names() -> list[str]:

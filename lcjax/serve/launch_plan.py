@@ -19,7 +19,7 @@ import pathlib
 from typing import Any, Optional
 
 from lcjax.config import Config
-from lcjax.serve.plan import MemoryPlan, memory_plan, parse_device_memory
+from lcjax.serve.plan import MemoryPlan, parse_device_memory, serving_plan
 
 DEFAULT_MAX_MODEL_LEN = 512  # the server's default, capped by max_position_embeddings
 
@@ -80,13 +80,15 @@ def mesh_devices(mesh_cfg: Any) -> int:
 
 
 def launch_plan(args: argparse.Namespace, mesh_cfg: Any, parallel: Any,
-                device_bytes: Optional[int]) -> tuple[MemoryPlan, str]:
-    """(plan, title) for the flags' model, mesh, `--quant` and engine sizes."""
+                device_bytes: Optional[int], rules_given: bool = True) -> tuple[MemoryPlan, str]:
+    """(plan, title) for the flags' model, mesh, `--quant` and engine sizes; with
+    `rules_given=False`, under the rules the server picks (plan.serving_plan)."""
     config, title = model_config(args)
     config = dataclasses.replace(config, mesh=mesh_cfg, parallel=parallel)
     max_len = args.max_model_len or min(DEFAULT_MAX_MODEL_LEN, config.model.max_position_embeddings)
-    plan = memory_plan(config, mesh_cfg, mesh_devices(mesh_cfg), args.quant, max_len, args.page_size,
-                       device_bytes, num_speculative_tokens=args.num_speculative_tokens)
+    plan = serving_plan(config, mesh_cfg, mesh_devices(mesh_cfg), args.quant, max_len,
+                        args.page_size, device_bytes, num_speculative_tokens=args.num_speculative_tokens,
+                        rules_given=rules_given)
     return plan, title
 
 

@@ -263,6 +263,12 @@ def _size(nbytes: int) -> str:
 SERVING_RULES, SERVING_FALLBACK_RULES = "ep_tp", "ep_fsdp_tp"
 
 
+def rules_named(files: Sequence, overrides: Sequence[str]) -> bool:
+    """Whether YAML `files` or dotted `overrides` set parallel.rules (else the server picks)."""
+    return any(o.startswith("parallel.rules=") for o in overrides) or any(
+        "rules" in ((yaml.safe_load(open(f)) or {}).get("parallel") or {}) for f in files)
+
+
 def serving_plan(config: Config, mesh: Optional[MeshConfig], num_devices: int, *args,
                  rules_given: bool = False, **kwargs) -> MemoryPlan:
     """`memory_plan` under the rules the server picks: `config.parallel.rules` when
@@ -333,9 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                    f"model.dtype={args.dtype}"]
         config = load_config([resolve_config_path(c) for c in names], dtype + list(args.overrides))
         device = None if args.device_memory is None else parse_device_memory(args.device_memory)
-        rules_given = any(o.startswith("parallel.rules=") for o in args.overrides) or any(
-            "rules" in ((yaml.safe_load(open(resolve_config_path(c))) or {}).get("parallel") or {})
-            for c in names)
+        rules_given = rules_named([resolve_config_path(c) for c in names], args.overrides)
         plan = serving_plan(config, None, args.devices, args.quant, args.max_model_len,
                             args.page_size, device, headroom=args.headroom,
                             num_speculative_tokens=args.num_speculative_tokens,
