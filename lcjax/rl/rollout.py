@@ -24,7 +24,7 @@ from lcjax.serve.engine import Engine, EngineConfig
 from lcjax.serve.sampling import SamplingParams
 
 
-_SHARED_STEPS: dict = {}  # (ModelConfig, EngineConfig) -> the jitted steps and their shape log
+_SHARED_STEPS: dict = {}  # (ModelConfig, EngineConfig) -> Engine.compiled_steps every engine shares
 
 
 @dataclasses.dataclass
@@ -84,11 +84,12 @@ class Rollout:
     def _new_engine(self, variables: dict) -> Engine:
         engine = Engine(self.model_cfg, variables, self.tokenizer, self.engine_config)
         key = (self.model_cfg, self.engine_config)
-        if key not in _SHARED_STEPS:
-            _SHARED_STEPS[key] = (engine._prefill, engine._decode, engine._spec, engine._compiled)
         # Engines of one configuration share compiled steps (variables are an argument), so a
         # new version's engine, or a new run in the same process, compiles nothing again.
-        engine._prefill, engine._decode, engine._spec, engine._compiled = _SHARED_STEPS[key]
+        if key in _SHARED_STEPS:
+            engine.share_steps(_SHARED_STEPS[key])
+        else:
+            _SHARED_STEPS[key] = engine.compiled_steps
         return engine
 
     def load(self, version: int, variables: dict) -> None:

@@ -167,6 +167,21 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 
+    @property
+    def compiled_steps(self) -> tuple:
+        """(key, jitted steps, shape log) to hand to another engine's `share_steps`."""
+        key = (self.model_cfg, self.engine_config, self.parallelism is None)
+        return key, (self._prefill, self._decode, self._spec, self._compiled)
+
+    def share_steps(self, steps: tuple) -> None:
+        """Run another engine's `compiled_steps`: variables are an argument, so engines of one
+        model and engine config (e.g. one per policy version) compile each shape once."""
+        key, shared = steps
+        if key != (self.model_cfg, self.engine_config, self.parallelism is None):
+            raise ValueError("share_steps needs steps of an engine with the same model config, "
+                             "engine config and placement")
+        self._prefill, self._decode, self._spec, self._compiled = shared
+
     def stats(self) -> EngineStats:
         c = self._counters
         return EngineStats(num_waiting=len(self._waiting), num_running=len(self._running),
