@@ -58,7 +58,7 @@ from lcjax.serve.engine_state import EngineConfig, LogitsProcessor  # noqa: F401
 from lcjax.serve.engine_state import RequestState as _Request
 from lcjax.serve.engine_state import bucket as _bucket
 from lcjax.serve.engine_state import buckets as _buckets
-from lcjax.serve.engine_state import check_engine_config, find_stop
+from lcjax.serve.engine_state import check_engine_config, find_stop, page_bounds_needed
 
 
 class Engine:
@@ -79,8 +79,9 @@ class Engine:
         num_pages = ec.num_pages or ec.max_num_seqs * ec.pages_per_seq + 1
         self.allocator = PageAllocator(num_pages)
         self.variables = variables
+        bounds = page_bounds_needed(ec.sparse_verify, kv_retrieval is not None)
         self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k,
-                                              page_bounds=ec.sparse_verify is not None)
+                                              page_bounds=bounds)
         if kv_retrieval is not None:
             if mesh is not None or ec.sparse_verify is not None:
                 raise ValueError("kv_retrieval runs on one device without sparse_verify")

@@ -47,6 +47,12 @@ class EngineConfig:
         return math.ceil((self.max_model_len + self.num_speculative_tokens) / self.page_size)
 
 
+def page_bounds_needed(sparse_verify: Optional[SparseVerifyConfig], kv_retrieval: bool) -> bool:
+    """Whether the engine keeps per-page key bounds beside the paged cache (Quest scoring of
+    sparse verification); the memory plan counts them by the same rule."""
+    return sparse_verify is not None
+
+
 @dataclasses.dataclass
 class RequestState:
     """One request's scheduling state inside the engine (slot, pages, progress, output)."""
