@@ -23,7 +23,11 @@ ENVIRONMENTS = ("arithmetic", "python_tests", "calculator")
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     """path: a training run directory (config.yaml, tokenizer.json, checkpoints/) or a Hugging
-    Face LongCat directory; format "auto" tells them apart by config.yaml. format "random":
+    Face LongCat directory; format "auto" tells them apart by config.yaml. A Hugging Face
+    directory gives the weights (config.json + safetensors, lcjax.convert) and the tokenizer:
+    its tokenizer.json (required), with bos / eos taken from tokenizer_config.json when it names
+    them, else config.json's ids (`python -m lcjax.convert` copies a run's tokenizer.json
+    along). format "random":
     path is a model preset (configs/models, e.g. tiny), randomly initialised with a byte
     tokenizer (for tests and benchmarks of the machinery, not for learning)."""
 

@@ -1,5 +1,7 @@
-"""The initial policy: (Config, variables, tokenizer) from a training run or a Hugging Face
-directory (lcjax.serve.loading does the reading)."""
+"""The initial policy: (Config, variables, tokenizer) from a training run (its tokenizer.json
+and newest checkpoint) or a Hugging Face directory (config.json + safetensors, and the
+directory's tokenizer.json with tokenizer_config.json's special tokens); lcjax.serve.loading
+does the reading."""
 
 from __future__ import annotations
 
