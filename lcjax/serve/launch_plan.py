@@ -8,6 +8,12 @@ Page rule: with the plan known and no `--num-pages`, each KV pool gets
 `min(max_num_seqs x pages_per_seq + 1, plan.num_pages)` pages: never more than the slots can
 use, never more than the memory left beside the weights and the headroom holds. Fewer pages
 than the slots need only make requests wait for pages at admission (the engine's page policy).
+
+KV placement: `--kv-retrieval a2ats` adds the codes and codebooks to the device; with `--a2ats
+offload=host` the full-attention pools live in host memory (`--host-memory`, default half the
+RAM), so the same device holds many more sequences and the planned page count grows with it;
+`--sparse-verify` adds the page key bounds (lcjax/serve/plan_kv.py). When more sequences fit than
+`--max-num-seqs` slots, the launch says so: the slots, not the memory, then cap concurrency.
 """
 
 from __future__ import annotations
@@ -20,8 +26,20 @@ from typing import Any, Optional
 
 from lcjax.config import Config
 from lcjax.serve.plan import MemoryPlan, parse_device_memory, serving_plan
+from lcjax.serve.plan_kv import add_host_memory_flag, kv_settings
 
 DEFAULT_MAX_MODEL_LEN = 512  # the server's default, capped by max_position_embeddings
+
+
+def add_flags(group: argparse._ArgumentGroup) -> None:
+    """The server's memory plan flags: --plan, --device-memory, --host-memory."""
+    group.add_argument("--plan", action="store_true",
+                       help="print the memory plan of this model, mesh and --quant and exit (no "
+                            "weights are loaded)")
+    group.add_argument("--device-memory", metavar="NAME|SIZE",
+                       help="memory of one device (h100, h200, 141GB, 80GiB); default: a GPU/TPU's "
+                            "bytes_limit, none on CPU (no fit check)")
+    add_host_memory_flag(group)
 
 
 def model_config(args: argparse.Namespace) -> tuple[Config, str]:
@@ -88,7 +106,7 @@ def launch_plan(args: argparse.Namespace, mesh_cfg: Any, parallel: Any,
     max_len = args.max_model_len or min(DEFAULT_MAX_MODEL_LEN, config.model.max_position_embeddings)
     plan = serving_plan(config, mesh_cfg, mesh_devices(mesh_cfg), args.quant, max_len,
                         args.page_size, device_bytes, num_speculative_tokens=args.num_speculative_tokens,
-                        rules_given=rules_given)
+                        rules_given=rules_given, **kv_settings(args))
     return plan, title
 
 
@@ -97,3 +115,14 @@ def planned_num_pages(plan: MemoryPlan, max_num_seqs: int) -> Optional[int]:
     if plan.num_pages is None:
         return None
     return min(max_num_seqs * plan.pages_per_sequence + 1, plan.num_pages)
+
+
+def plan_message(plan: MemoryPlan, pages: int, max_num_seqs: int) -> str:
+    """The launch's line on the plan; says when the slots, not the memory, cap concurrency."""
+    where = " (KV pages in host memory)" if plan.offload else ""
+    text = (f"memory plan: {plan.max_sequences} sequences of {plan.max_model_len} tokens fit per "
+            f"device{where}; {pages} KV pages per pool")
+    if plan.max_sequences > max_num_seqs:
+        text += (f"; --max-num-seqs {max_num_seqs} caps concurrency (raise it to admit up to "
+                 f"{plan.max_sequences})")
+    return text

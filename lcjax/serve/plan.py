@@ -16,6 +16,10 @@ runs on a laptop. Per device:
   headroom     a fraction of device memory (default 10 %, vLLM's gpu_memory_utilization=0.9) for
                activations, logits, XLA workspace, compiled programs and fragmentation.
 `max_sequences` = floor((device - parameters - headroom - reserved pages) / cache per sequence).
+With A²ATS (`retrieval`) the device also holds codes and codebooks; with its host offload the
+full-attention pools live in host memory (lcjax/serve/plan_kv.py), and `max_sequences` is the
+smaller of what the device and the host budget (`host_bytes`: per process, holding a copy per
+device) hold. Page key bounds (sparse verification) are counted when the engine keeps them.
 Rules: what the server uses (`serving_plan`): `parallel.rules` when the config or an override
 names it, else the weight-stationary `ep_tp`, or `ep_fsdp_tp` when `ep_tp` leaves no room.
 
@@ -30,7 +34,7 @@ import dataclasses
 import functools
 import math
 import sys
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -44,6 +48,7 @@ from lcjax.model import BIAS_COLLECTION, LongCatModel
 from lcjax.parallel.mesh import MESH_AXES, mesh_shape
 from lcjax.parallel.rules import Rules, resolve_spec, rules_for, shard_bytes
 from lcjax.quant.abstract import abstract_quantize
+from lcjax.serve.plan_kv import KVBytes, add_kv_flags, kv_bytes, kv_settings
 
 GB = 10**9
 MIB = 2**20
@@ -57,25 +62,35 @@ _UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
 
 
-def parse_device_memory(text: Union[str, int]) -> int:
-    """Bytes from a device name (h100, h200, ...) or a size ("141GB", "80GiB", 8e10)."""
+def parse_size(text: Union[str, int], what: str = "memory") -> int:
+    """Bytes of a size ("141GB", "80GiB", "2TB", 8e10); ValueError names `what` and the text."""
     if isinstance(text, int):
         value = text
     else:
-        key = str(text).strip().lower()
-        if key in DEVICE_MEMORY:
-            return DEVICE_MEMORY[key]
-        upper = key.upper()
+        upper = str(text).strip().upper()
         unit = next((u for u in _UNITS if upper.endswith(u)), None)
         try:
             value = int(float(upper[: -len(unit)] if unit else upper) * (_UNITS[unit] if unit else 1))
         except ValueError:
-            raise ValueError(f"device memory {text!r} is neither a device name "
-                             f"({', '.join(sorted(DEVICE_MEMORY))}) nor a size like 141GB or "
-                             "80GiB") from None
+            raise ValueError(f"{what} {text!r} is not a size like 141GB or 80GiB") from None
     if value <= 0:
-        raise ValueError(f"device memory {text!r} must be positive")
+        raise ValueError(f"{what} {text!r} must be positive")
     return value
+
+
+def parse_device_memory(text: Union[str, int]) -> int:
+    """Bytes from a device name (h100, h200, ...) or a size ("141GB", "80GiB", 8e10)."""
+    key = str(text).strip().lower()
+    if key in DEVICE_MEMORY:
+        return DEVICE_MEMORY[key]
+    try:
+        return parse_size(text, "device memory")
+    except ValueError as err:
+        if "positive" in str(err):
+            raise
+        raise ValueError(f"device memory {text!r} is neither a device name "
+                         f"({', '.join(sorted(DEVICE_MEMORY))}) nor a size like 141GB or "
+                         "80GiB") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +113,12 @@ class MemoryPlan:
     headroom_fraction: float = DEFAULT_HEADROOM
     num_speculative_tokens: int = 0
     rules: str = ""  # parallel.rules the weights were placed by
+    kv_retrieval: str = "none"  # "a2ats", "a2ats offload=host" (where the pools live)
+    host_cache_bytes_per_sequence: int = 0  # one device's offloaded pools, in host memory
+    host_cache_reserved_bytes: int = 0  # one device's reserved pages of offloaded pools
+    codebook_bytes: int = 0  # per device, once: A²ATS codebooks
+    bounds_bytes_per_sequence: int = 0  # page key bounds, part of cache_bytes_per_sequence
+    host_bytes: Optional[int] = None  # host memory budget of the process; None: unbounded
 
     @property
     def headroom_bytes(self) -> int:
@@ -108,13 +129,46 @@ class MemoryPlan:
         """Per device, what is left for sequences' pages after params, headroom, reserved pages."""
         if self.device_bytes is None:
             return None
-        return self.device_bytes - self.param_bytes - self.headroom_bytes - self.cache_reserved_bytes
+        return (self.device_bytes - self.param_bytes - self.headroom_bytes
+                - self.cache_reserved_bytes - self.codebook_bytes)
+
+    @property
+    def offload(self) -> bool:
+        """Whether pools live in host memory (A²ATS offload=host)."""
+        return self.host_cache_bytes_per_sequence > 0
+
+    @property
+    def host_copies(self) -> int:
+        """Device caches whose offloaded pools one host holds: every device keeps a full copy
+        (the engine replicates its cache), and one process holds all the plan's devices."""
+        return self.num_devices
+
+    @property
+    def host_budget_bytes(self) -> Optional[int]:
+        """Host memory left for sequences' offloaded pages (None: no offload or no host budget)."""
+        if not self.offload or self.host_bytes is None:
+            return None
+        return self.host_bytes - self.host_copies * self.host_cache_reserved_bytes
+
+    @property
+    def host_sequences(self) -> Optional[int]:
+        """max_model_len sequences the host budget holds (None: not bounded by the host)."""
+        budget = self.host_budget_bytes
+        return None if budget is None else max(
+            0, budget // (self.host_copies * self.host_cache_bytes_per_sequence))
+
+    @property
+    def device_sequences(self) -> Optional[int]:
+        """max_model_len sequences the device budget holds (None without device_bytes)."""
+        budget = self.cache_budget_bytes
+        return None if budget is None else max(0, budget // self.cache_bytes_per_sequence)
 
     @property
     def max_sequences(self) -> Optional[int]:
-        """max_model_len sequences the deployment holds at once (None without device_bytes)."""
-        budget = self.cache_budget_bytes
-        return None if budget is None else max(0, budget // self.cache_bytes_per_sequence)
+        """max_model_len sequences the deployment holds at once: what the device holds, capped
+        by the host with offload (None without device_bytes)."""
+        device, host = self.device_sequences, self.host_sequences
+        return device if device is None or host is None else min(device, host)
 
     @property
     def pages_per_sequence(self) -> int:
@@ -138,11 +192,18 @@ class MemoryPlan:
                 f"({self.headroom_fraction:.0%})")
         if self.device_bytes is not None:
             text += f"; a device has {self.device_bytes / GB:.1f} GB"
+        if self.host_budget_bytes is not None:
+            text += (f"; host memory {self.host_bytes / GB:.1f} GB holds {self.host_sequences} "
+                     f"sequences' offloaded pages ({self.host_copies} device copies of "
+                     f"{self.host_cache_bytes_per_sequence / GB:.2f} GB)")
         return text
 
 
 def check_fits(plan: MemoryPlan) -> None:
     """ValueError naming the numbers when not one max_model_len sequence fits beside the weights."""
+    if not plan.fits and plan.device_sequences and plan.host_sequences == 0:
+        raise ValueError(f"memory plan does not fit: {plan.summary()}; give the offloaded KV "
+                         "pages more host memory (--host-memory) or use a shorter max_model_len")
     if not plan.fits:
         raise ValueError(f"memory plan does not fit: {plan.summary()} "
                          f"({_mesh_text(plan.mesh)}, {plan.num_devices} devices); use more "
@@ -178,22 +239,18 @@ def _device_bytes(abstract, logical, sizes: Mapping[str, int], rules: Rules) -> 
 
 def cache_bytes(config: Config, max_model_len: int, page_size: int,
                 num_speculative_tokens: int = 0) -> tuple[int, int]:
-    """(bytes of one sequence's cache, bytes of the reserved page of every pool), unsharded."""
-    m = config.model
-    itemsize = jnp.dtype(m.dtype).itemsize
-    width = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
-    pools = sum(not s for s in m.sparse_layers) + (1 if m.mtp_layers else 0)
-    pages = math.ceil((max_model_len + num_speculative_tokens) / page_size)
-    page_bytes = page_size * width * itemsize
-    rings = sum(m.sparse_layers) * m.loza.cache_tokens * (width * itemsize + 4)  # + int32 slot_pos
-    history = 4 * (m.ngram.neighbor_num - 1 if m.ngram.enabled else 0)
-    return pools * pages * page_bytes + rings + history, pools * page_bytes
+    """(bytes of one sequence's cache, bytes of the reserved page of every pool), unsharded,
+    exact serving (plan_kv.kv_bytes splits them by device / host with A²ATS)."""
+    kv = kv_bytes(config.model, max_model_len, page_size, num_speculative_tokens)
+    return kv.device_per_sequence, kv.device_reserved
 
 
 def memory_plan(config: Config, mesh: Union[MeshConfig, Mapping[str, int], None] = None,
                 num_devices: int = 1, recipe: Optional[str] = None, max_model_len: Optional[int] = None,
                 page_size: int = 16, device_bytes: Optional[int] = None, *,
-                headroom: float = DEFAULT_HEADROOM, num_speculative_tokens: int = 0) -> MemoryPlan:
+                headroom: float = DEFAULT_HEADROOM, num_speculative_tokens: int = 0,
+                retrieval: Any = None, page_bounds: bool = False,
+                host_bytes: Optional[int] = None) -> MemoryPlan:
     """The memory plan of serving `config` on `num_devices` devices; no device is touched.
 
     Args:
@@ -206,6 +263,10 @@ def memory_plan(config: Config, mesh: Union[MeshConfig, Mapping[str, int], None]
       device_bytes: memory of one device (see `parse_device_memory`); None plans bytes only.
       headroom: fraction of device memory kept for activations and workspace.
       num_speculative_tokens: MTP draft tokens per round (pages hold them too).
+      retrieval: the A2ATSConfig of --kv-retrieval a2ats (codes, codebooks; offload='host'
+        puts the full-attention pools in host memory), or None (exact).
+      page_bounds: the engine keeps per-page key bounds (engine_state.page_bounds_needed).
+      host_bytes: host memory for offloaded pools, per process (None: not bounded).
     """
     if num_devices < 1:
         raise ValueError(f"num_devices={num_devices} must be >= 1")
@@ -239,15 +300,22 @@ def memory_plan(config: Config, mesh: Union[MeshConfig, Mapping[str, int], None]
                                         jax.tree.leaves(qspecs, is_leaf=lambda x: qt(x) or _is_spec(x)))
                  if qt(a)]
         quantized = sum(_device_bytes(a, s, sizes, rules) for a, s in parts)
-    per_seq, reserved = cache_bytes(config, max_model_len, page_size, num_speculative_tokens)
+    kv: KVBytes = kv_bytes(config.model, max_model_len, page_size, num_speculative_tokens,
+                           retrieval=retrieval, page_bounds=page_bounds)
+    placement = "none" if retrieval is None else (
+        "a2ats offload=host" if retrieval.offload == "host" else "a2ats")
     return MemoryPlan(
         num_devices=num_devices, mesh=tuple((a, sizes[a]) for a in MESH_AXES),
         recipe=recipe or None, param_dtype=config.model.param_dtype, cache_dtype=config.model.dtype,
         max_model_len=max_model_len, page_size=page_size,
         param_bytes=_device_bytes(abstract, logical, sizes, rules), param_bytes_total=total,
-        quantized_bytes=quantized, cache_bytes_per_sequence=per_seq,
-        cache_reserved_bytes=reserved, device_bytes=device_bytes, rules=config.parallel.rules,
-        headroom_fraction=headroom, num_speculative_tokens=num_speculative_tokens)
+        quantized_bytes=quantized, cache_bytes_per_sequence=kv.device_per_sequence,
+        cache_reserved_bytes=kv.device_reserved, device_bytes=device_bytes,
+        rules=config.parallel.rules, headroom_fraction=headroom,
+        num_speculative_tokens=num_speculative_tokens, kv_retrieval=placement,
+        host_cache_bytes_per_sequence=kv.host_per_sequence,
+        host_cache_reserved_bytes=kv.host_reserved, codebook_bytes=kv.codebook_bytes,
+        bounds_bytes_per_sequence=kv.bounds_per_sequence, host_bytes=host_bytes)
 
 
 def _size(nbytes: int) -> str:
@@ -292,12 +360,26 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
     rows.append(("parameters per device", _size(plan.param_bytes)))
     if plan.recipe:
         rows.append(("  of which quantized weights", _size(plan.quantized_bytes)))
-    rows.append((f"KV cache per sequence ({plan.max_model_len} tokens, {plan.cache_dtype})",
+    where = " on the device" if plan.offload else ""
+    rows.append((f"KV cache per sequence{where} ({plan.max_model_len} tokens, {plan.cache_dtype})",
                  _size(plan.cache_bytes_per_sequence)))
+    if plan.bounds_bytes_per_sequence:
+        rows.append(("  of which page key bounds", _size(plan.bounds_bytes_per_sequence)))
+    if plan.codebook_bytes:
+        rows.append(("A²ATS codebooks per device", _size(plan.codebook_bytes)))
+    if plan.offload:
+        rows.append((f"KV cache per sequence in host memory ({plan.host_copies} device copies)",
+                     _size(plan.host_copies * plan.host_cache_bytes_per_sequence)))
     if plan.device_bytes is not None:
         rows += [("device memory", _size(plan.device_bytes)),
                  (f"headroom ({plan.headroom_fraction:.0%})", _size(plan.headroom_bytes)),
                  ("left for the KV cache", _size(plan.cache_budget_bytes))]
+        if plan.offload:
+            rows += [("sequences the device memory holds", str(plan.device_sequences)),
+                     ("host memory (--host-memory)",
+                      "unbounded" if plan.host_bytes is None else _size(plan.host_bytes))]
+            if plan.host_sequences is not None:
+                rows.append(("sequences the host memory holds", str(plan.host_sequences)))
         rows += [("max_model_len sequences that fit", str(plan.max_sequences)),
                  ("KV pages per pool (--num-pages)", str(plan.num_pages)),
                  ("fits", "yes" if plan.fits else "NO")]
@@ -305,6 +387,7 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
     head += f": {plan.num_devices} devices, {_mesh_text(plan.mesh)}"
     head += f" (rules {plan.rules})" if plan.rules and plan.num_devices > 1 else ""
     head += f", weights {weights}"
+    head += f", KV retrieval {plan.kv_retrieval}" if plan.kv_retrieval != "none" else ""
     width = max(len(r[0]) for r in rows) + 2
     return "\n".join([head] + [f"  {name:<{width}}{value:>14}" for name, value in rows])
 
@@ -329,6 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num-speculative-tokens", type=int, default=0)
     parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
                         help="fraction of device memory kept for activations (default 0.1)")
+    add_kv_flags(parser)
     parser.add_argument("--traceback", action="store_true")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.expert=8")
     args = parser.parse_args(argv)
@@ -343,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plan = serving_plan(config, None, args.devices, args.quant, args.max_model_len,
                             args.page_size, device, headroom=args.headroom,
                             num_speculative_tokens=args.num_speculative_tokens,
-                            rules_given=rules_given)
+                            rules_given=rules_given, **kv_settings(args))
         print(format_plan(plan, " + ".join(names)))
         check_fits(plan)
         return 0
