@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from lcjax.config import TP_COMM_MODES, Config
 from lcjax.parallel.distributed import add_distributed_flags, initialize_from_flags
-from lcjax.serve import chess_flag, retrieval_flags
+from lcjax.serve import chess_flag, launch_plan, retrieval_flags
 from lcjax.serve.plan import SERVING_FALLBACK_RULES, SERVING_RULES, rules_named  # noqa: F401
 from lcjax.sparsity.sparse_verify import parse_settings
 
@@ -128,13 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--quantized-tp-comm", choices=TP_COMM_MODES,
                      help="tensor-parallel all-reduce of o_proj / down_proj partial sums: none "
                           "(exact) or quantized (Flash Communication); sets parallel.quantized_tp_comm")
-    plan = p.add_argument_group("memory plan (lcjax.serve.launch_plan)")
-    plan.add_argument("--plan", action="store_true",
-                      help="print the memory plan of this model, mesh and --quant and exit (no "
-                           "weights are loaded)")
-    plan.add_argument("--device-memory", metavar="NAME|SIZE",
-                      help="memory of one device (h100, h200, 141GB, 80GiB); default: a GPU/TPU's "
-                           "bytes_limit, none on CPU (no fit check)")
+    launch_plan.add_flags(p.add_argument_group("memory plan (lcjax.serve.launch_plan)"))
     par.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted config overrides, e.g. mesh.tensor=2 mesh.expert=4 "
                           "parallel.rules=fsdp_tp (random models: any key, e.g. model.num_layers=1)")
@@ -478,18 +472,16 @@ def memory_check(args: argparse.Namespace, mesh_cfg, parallel) -> Optional[int]:
     """The memory plan before loading (lcjax.serve.launch_plan): printed with `--plan`; checked
     when the device memory is known (ValueError when it does not fit). Returns the planned page
     count for a launch without --num-pages (None: no bound known)."""
-    from lcjax.serve.launch_plan import device_memory, launch_plan, planned_num_pages
     from lcjax.serve.plan import check_fits, format_plan
 
-    device_bytes = device_memory(args.device_memory)
+    device_bytes = launch_plan.device_memory(args.device_memory)
     if device_bytes is None and not args.plan:
         return None
-    plan, title = launch_plan(args, mesh_cfg, parallel, device_bytes)
+    plan, title = launch_plan.launch_plan(args, mesh_cfg, parallel, device_bytes)
     if args.plan:
         print(format_plan(plan, title), flush=True)
     check_fits(plan)
-    pages = planned_num_pages(plan, args.max_num_seqs)
+    pages = launch_plan.planned_num_pages(plan, args.max_num_seqs)
     if pages is not None and not args.plan and args.num_pages is None:
-        print(f"{PREFIX} memory plan: {plan.max_sequences} sequences of {plan.max_model_len} tokens "
-              f"fit per device; {pages} KV pages per pool", flush=True)
+        print(f"{PREFIX} {launch_plan.plan_message(plan, pages, args.max_num_seqs)}", flush=True)
     return pages
