@@ -368,7 +368,8 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
     if plan.codebook_bytes:
         rows.append(("A²ATS codebooks per device", _size(plan.codebook_bytes)))
     if plan.offload:
-        rows.append((f"KV cache per sequence in host memory ({plan.host_copies} device copies)",
+        copies = f"{plan.host_copies} device cop{'ies' if plan.host_copies > 1 else 'y'}"
+        rows.append((f"KV cache per sequence in host memory ({copies})",
                      _size(plan.host_copies * plan.host_cache_bytes_per_sequence)))
     if plan.device_bytes is not None:
         rows += [("device memory", _size(plan.device_bytes)),

@@ -94,6 +94,9 @@ def test_page_bounds_follow_the_engine_rule(tiny, monkeypatch):
     cache = init_serve_cache(tiny.model, 2, pages, PAGE, bounds=rule)
     assert cache.nbytes() == plan.cache_reserved_bytes + 2 * plan.cache_bytes_per_sequence
     assert (plan.bounds_bytes_per_sequence > 0) == rule
+    with_retrieval = argparse.Namespace(kv_retrieval="a2ats", a2ats="", sparse_verify="")
+    assert kv_settings(with_retrieval)["page_bounds"] == engine_state.page_bounds_needed(
+        SparseVerifyConfig(), True)
     monkeypatch.setattr(engine_state, "page_bounds_needed", lambda sv, kv: False)
     assert kv_settings(args)["page_bounds"] is False
     assert kv_settings(argparse.Namespace(sparse_verify=None))["page_bounds"] is False
