@@ -69,7 +69,7 @@ class Engine:
                  parallel: Optional[ParallelConfig] = None, kv_retrieval: Any = None):
         """`mesh` (with `parallel`: rule table, expert dispatch, TP comm) shards the engine over
         its devices (lcjax.serve.sharding); None runs on the default device. `kv_retrieval` (an
-        lcjax.sparsity A2ATSIndex) makes decode attend retrieved keys (A²ATS); None: exact."""
+        A2ATSIndex) makes decode and verify attend retrieved keys (A²ATS); None: exact."""
         self.config = config
         self.model_cfg = cfg = model_config(config)
         self.engine_config = ec = engine_config
@@ -83,8 +83,8 @@ class Engine:
         self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k,
                                               page_bounds=bounds)
         if kv_retrieval is not None:
-            if mesh is not None or ec.sparse_verify is not None:
-                raise ValueError("kv_retrieval runs on one device without sparse_verify")
+            if mesh is not None:
+                raise ValueError("kv_retrieval (A²ATS) runs on one device: drop the mesh")
             self.state = self.state.replace(
                 cache=kv_retrieval.attach(self.state.cache, num_pages, ec.page_size))
         self.eos_id = cfg.eos_token_id

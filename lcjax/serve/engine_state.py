@@ -49,8 +49,9 @@ class EngineConfig:
 
 def page_bounds_needed(sparse_verify: Optional[SparseVerifyConfig], kv_retrieval: bool) -> bool:
     """Whether the engine keeps per-page key bounds beside the paged cache (Quest scoring of
-    sparse verification); the memory plan counts them by the same rule."""
-    return sparse_verify is not None
+    sparse verification); the memory plan counts them by the same rule. Under A²ATS retrieval
+    sparse verification picks keys from their codes instead, so no bounds are kept."""
+    return sparse_verify is not None and not kv_retrieval
 
 
 @dataclasses.dataclass

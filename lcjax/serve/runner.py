@@ -28,6 +28,7 @@ from lcjax.serve import sampling
 from lcjax.serve.kv_cache import (PagedLayerCache, ServeCache, gather_rings, init_serve_cache,
                                   scatter_rings)
 from lcjax.sparsity import sparse_verify as sv
+from lcjax.sparsity.sparse_verify_retrieval import RetrievalSelector
 
 DRAFT_SEED_SALT = 0x5BD1E995  # draft keys must be independent of the verify/sample keys
 
@@ -92,8 +93,9 @@ def forward_step(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepI
 
     The model's own cached stack (`forward_hidden`) runs over this step's cache views: the rows'
     rings of sparse sublayers and the page pools of full ones, seen through the block tables.
-    Page key bounds, when the cache keeps them, are updated; `select` (a sparse_verify.Selector)
-    picks the pages each full sublayer attends to.
+    Page key bounds, when the cache keeps them, are updated; `select` (a sparse_verify.Selector,
+    or with A²ATS retrieval a sparse_verify_retrieval.RetrievalSelector) picks the pages or keys
+    each full sublayer attends to.
     """
     s = inp.tokens.shape[1]
     positions = inp.starts[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
@@ -109,7 +111,7 @@ def forward_step(cfg: ModelConfig, variables: Any, cache: ServeCache, inp: StepI
             select=None if bnd is None else select)
         for held, bnd, sparse in zip(cache.layers, bounds, cfg.sparse_layers))
     if cache.retrieval is not None:  # A²ATS: full sublayers attend their retrieved keys
-        views = cache.retrieval.views(views)
+        views = cache.retrieval.views(views, select)
     hidden, new = forward_hidden(cfg, variables, inp.tokens, positions, views, valid, history)
     if cache.retrieval is not None:
         cache = cache.replace(retrieval=cache.retrieval.absorb(new))
@@ -254,7 +256,9 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
     of a round feed the MTP's own features back (one MTP layer, applied k times).
 
     With `sparse_verify` (and page bounds in the state) the verify pass attends to the pages
-    lcjax/sparsity/sparse_verify.py selects; the acceptance rule is unchanged.
+    lcjax/sparsity/sparse_verify.py selects; with A²ATS retrieval in the cache instead, to the
+    keys the score query retrieves (lcjax/sparsity/sparse_verify_retrieval.py). The acceptance
+    rule is unchanged.
 
     Returns (state, tokens [B, k+1] (first accepted+1 valid), accepted [B], scores).
     """
@@ -293,9 +297,12 @@ def speculative_step(cfg: ModelConfig, variables: Any, state: EngineState, inp: 
                          num_valid=jnp.full((b,), k1, jnp.int32))
     select, verify_cfg, verify_vars = None, cfg, variables
     if sparse_verify is not None:
-        if not state.cache.bounds:
+        if state.cache.retrieval is not None:
+            select = RetrievalSelector(sparse_verify)
+        elif not state.cache.bounds:
             raise ValueError("sparse_verify needs page bounds: init_engine_state(page_bounds=True)")
-        select = sv.Selector(sparse_verify)
+        else:
+            select = sv.Selector(sparse_verify)
         verify_cfg = sv.verify_model_config(cfg, sparse_verify)  # the MoE rule
         verify_vars = sv.verify_variables(variables)  # verify-only FFN thresholds, if any
     hidden, cache, history = forward_step(verify_cfg, verify_vars, state.cache, verify,

@@ -59,6 +59,9 @@ class RetrievalPagedCache:
     rope: RopeConfig = flax.struct.field(pytree_node=False)
     config: A2ATSConfig = flax.struct.field(pytree_node=False)
     all_valid: bool = flax.struct.field(pytree_node=False, default=False)
+    # Sparse verification: picks the positions a verify step attends, shared by its tokens and
+    # by consecutive sublayers (lcjax/sparsity/sparse_verify_retrieval.py); None: per step.
+    share: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def page_size(self) -> int:
@@ -101,18 +104,24 @@ class RetrievalPagedCache:
             keys = rows[:, :, None, :].astype(q_abs.dtype)
             return attend(q_abs, keys, keys[..., :c], q_positions=positions,
                           kv_positions=kv_positions), cache
-        selected = cache.select(q_abs, positions, kv_positions)  # [B, n]
+        if self.share is not None:
+            selected = self.share(cache, q_abs, positions, kv_positions)  # [B, n]
+        else:
+            selected = cache.select(q_abs, positions, kv_positions)  # [B, n]
         rows = gather_rows(cache.pages, self._flat(selected))  # [B, n, C+R]
         keys = rows[:, :, None, :].astype(q_abs.dtype)
         return attend(q_abs, keys, keys[..., :c], q_positions=positions,
                       kv_positions=selected), cache
 
     def select(self, q_abs: Float[Array, "B S H D"], positions: Int[Array, "B S"],
-               kv_positions: Int[Array, "B T"]) -> Int[Array, "B N"]:
+               kv_positions: Int[Array, "B T"], extra: Optional[Bool[Array, "B T"]] = None,
+               num_extra: int = 0) -> Int[Array, "B N"]:
         """Positions the step's queries attend (ascending; -1 = unused entry of the buffer).
 
         The union over the step's S queries of sinks + window + per-head top-k, compacted into a
-        static buffer of min(T, S * (H * kmax + sinks + window)) entries.
+        static buffer of min(T, S * (H * kmax + sinks + window)) entries; `extra` (at most
+        `num_extra` per row, e.g. the verify tokens' own positions) joins the union beyond
+        that budget and any max_gather_fraction cap.
         """
         cfg, t = self.config, kv_positions.shape[1]
         codes = self.codes[self.block_tables].reshape(kv_positions.shape)  # [B, T]
@@ -126,16 +135,19 @@ class RetrievalPagedCache:
         if cfg.max_gather_fraction is not None:
             cap = math.ceil(cfg.max_gather_fraction * t) + cfg.sink_tokens + cfg.local_window
             n = min(n, s * cap)
+        n = min(t, n + num_extra) if extra is not None else n
         if n < t and cfg.max_gather_fraction is not None:
-            # Over budget: sinks and windows first, then keys by their best head's score
-            # relative to that head's top score.
+            # Over budget: sinks, windows and extras first, then keys by their best head's
+            # score relative to that head's top score.
             exact = always_exact(cfg, positions, kv_positions).any(axis=1)
+            exact = exact if extra is None else exact | extra
             scores = jnp.where(kv_positions[:, None, None, :] >= 0, scores, -jnp.inf)
             rel = scores - jnp.max(scores, axis=-1, keepdims=True)
             best = jnp.max(rel, axis=(1, 2))  # [B, T], <= 0
             prio = jnp.where(exact, 1.0, jnp.where(mask, best, -jnp.inf))
             top, idx = jax.lax.top_k(prio, n)
             return jnp.where(top > -jnp.inf, kv_positions[jnp.arange(idx.shape[0])[:, None], idx], -1)
+        mask = mask if extra is None else mask | extra
         rank = jnp.where(mask, t - jnp.arange(t, dtype=jnp.int32)[None, :], 0)
         top, _ = jax.lax.top_k(rank, n)
         return jnp.where(top > 0, t - top, -1)  # ascending positions first, then -1s
@@ -152,8 +164,9 @@ class ServeRetrieval:
     rope: RopeConfig = flax.struct.field(pytree_node=False)
     config: A2ATSConfig = flax.struct.field(pytree_node=False)
 
-    def views(self, views: tuple) -> tuple:
-        """Replace each paged view of a retrieval sublayer by a RetrievalPagedCache."""
+    def views(self, views: tuple, share: Optional[Callable] = None) -> tuple:
+        """Replace each paged view of a retrieval sublayer by a RetrievalPagedCache (`share`:
+        the sparse-verify selection its all-valid steps use, see RetrievalPagedCache.share)."""
         out = []
         for view, codes, book in zip(views, self.codes, self.books):
             if book is None:
@@ -162,7 +175,7 @@ class ServeRetrieval:
             out.append(RetrievalPagedCache(
                 pages=view.pages, codes=codes, block_tables=view.block_tables, book=book,
                 kv_lora_rank=view.kv_lora_rank, rope=self.rope, config=self.config,
-                all_valid=view.all_valid))
+                all_valid=view.all_valid, share=share if view.all_valid else None))
         return tuple(out)
 
     def absorb(self, views: tuple) -> "ServeRetrieval":

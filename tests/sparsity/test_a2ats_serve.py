@@ -175,17 +175,6 @@ def test_engine_greedy_with_everything_retrieved_equals_exact(case):
     assert engine.stats().free_pages == engine.stats().total_pages
 
 
-def test_engine_refuses_retrieval_with_sparse_verify():
-    from lcjax.serve.engine import Engine, EngineConfig
-    from lcjax.sparsity.sparse_verify import SparseVerifyConfig
-    from lcjax.config_io import load_config, resolve_config_path
-    cfg = load_config(resolve_config_path("tiny"))
-    with pytest.raises(ValueError, match="kv_retrieval"):
-        Engine(cfg, {}, None, EngineConfig(num_speculative_tokens=1,
-                                           sparse_verify=SparseVerifyConfig()),
-               kv_retrieval=object())
-
-
 @pytest.mark.slow
 def test_teacher_forced_evaluation_with_everything_equals_exact():
     """evaluate(): NLL with every key retrieved equals exact attention; recall is then 1, and
