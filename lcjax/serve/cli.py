@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--sparse-verify", nargs="?", const="", metavar="KEY=V,..",
                         help="verify MTP drafts over KV pages retrieved by the first verify token "
                              "(lcjax/sparsity/sparse_verify.py; keys: block_budget, sink_blocks, "
-                             "local_blocks, reuse_layers, dense_first, moe_rule, ...; bare flag: "
+                             "local_blocks, reuse_layers, dense_first, moe_rule, ...; "
+                             "ffn=chess:s=0.5: CHESS thresholds calibrated for the verify pass "
+                             "only; with --kv-retrieval a2ats the first token's retrieved keys "
+                             "are shared instead, and the page keys do not apply; bare flag: "
                              "the defaults). Off by default")
     retrieval_flags.add_flags(engine)
     engine.add_argument("--no-warmup", action="store_true",
