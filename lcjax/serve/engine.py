@@ -74,7 +74,7 @@ class Engine:
         self.model_cfg = cfg = model_config(config)
         self.engine_config = ec = engine_config
         self.tokenizer = tokenizer
-        check_engine_config(cfg, ec)
+        check_engine_config(cfg, ec, variables)
         k = ec.num_speculative_tokens
         num_pages = ec.num_pages or ec.max_num_seqs * ec.pages_per_seq + 1
         self.allocator = PageAllocator(num_pages)

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from lcjax.serve.sampling import SamplingParams
-from lcjax.sparsity.sparse_verify import SparseVerifyConfig
+from lcjax.sparsity.sparse_verify import VERIFY_COLLECTION, SparseVerifyConfig
 
 LogitsProcessor = Callable[[list[int]], Optional[np.ndarray]]  # generated ids -> [V] bias or None
 
@@ -99,8 +99,8 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-def check_engine_config(cfg, ec: EngineConfig) -> None:
-    """ValueError naming the engine setting the model (a ModelConfig) cannot serve."""
+def check_engine_config(cfg, ec: EngineConfig, variables: Optional[dict] = None) -> None:
+    """ValueError naming the engine setting the model (a ModelConfig) or `variables` cannot serve."""
     if ec.max_model_len > cfg.max_position_embeddings:
         raise ValueError(f"max_model_len={ec.max_model_len} exceeds the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -112,6 +112,11 @@ def check_engine_config(cfg, ec: EngineConfig) -> None:
                          f"{cfg.loza.block_size}, the rejected tokens a sparse ring can absorb")
     if ec.sparse_verify is not None:
         ec.sparse_verify.check(k + 1, ec.page_size)
+        if (ec.sparse_verify.ffn != "none" and variables is not None
+                and VERIFY_COLLECTION not in variables):
+            raise ValueError(f"sparse_verify.ffn={ec.sparse_verify.ffn!r} needs verify thresholds in "
+                             "the variables: sparse_verify.with_verify_thresholds(variables, "
+                             "chess.calibrate(...))")
 
 
 def find_stop(text: str, stops: Sequence[str], start: int) -> Optional[tuple[int, str]]:

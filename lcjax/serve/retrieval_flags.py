@@ -5,7 +5,10 @@ window and the keys A²ATS retrieves by vector-quantized scores (lcjax/sparsity/
 codebooks come from `--a2ats-codebook FILE` (saved by A2ATSIndex.save) or are calibrated at
 startup on `--a2ats-calib-batches` batches (the run's training data, else random ids: the same
 source as --quant's calibration). `--a2ats KEY=V,..` sets A2ATSConfig fields (topk_fraction,
-codebook_size, sink_tokens, local_window, wrope_position, offload=host, ...).
+codebook_size, sink_tokens, local_window, wrope_position, offload=host, ...). With
+`--sparse-verify` the verify pass attends one key set, retrieved for its first token and shared by
+the drafts and the next sublayers (lcjax/sparsity/sparse_verify_retrieval.py); the Quest page keys
+(block_budget, sink_blocks, local_blocks, head_reduce) do not apply then and are refused.
 
 --ngram-offload host: the Flash-Lite hashed N-gram tables live in host memory; each step moves
 only the rows its tokens hash to (lcjax/sparsity/host_offload.py).
@@ -60,6 +63,16 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error(f"--a2ats-calib-batches {args.a2ats_calib_batches}: must be >= 1")
     if args.kv_retrieval == "none" and (args.a2ats or args.a2ats_codebook):
         parser.error("--a2ats / --a2ats-codebook need --kv-retrieval a2ats")
+    verify = getattr(args, "sparse_verify", None)
+    if args.kv_retrieval == "a2ats" and verify:
+        from lcjax.sparsity.sparse_verify_retrieval import PAGE_ONLY_KEYS
+
+        for item in filter(None, (s.strip() for s in verify.split(","))):
+            if item.partition("=")[0].strip() in PAGE_ONLY_KEYS:
+                parser.error(f"--sparse-verify {item}: a page setting, which does not apply with "
+                             "--kv-retrieval a2ats (the --a2ats topk_fraction, "
+                             "max_gather_fraction, sink_tokens and local_window size the keys "
+                             "the verify pass attends)")
 
 
 @dataclasses.dataclass(frozen=True)

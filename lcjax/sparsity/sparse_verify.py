@@ -29,7 +29,8 @@ FFN and MoE in the verify pass: `moe_rule` restricts routing (`verify_model_conf
 verify tokens route among the experts its first token chose, or experts below a router
 probability floor are skipped), and CHESS thresholds given with `with_verify_thresholds` zero
 small FFN / expert activations of the verify pass only (drafting, prefill and plain decode stay
-dense). The paper's exact FFN / MoE rules are not public; these are our settings.
+dense; `ffn="chess:s=S"` asks the server to calibrate them at startup). The paper's exact FFN /
+MoE rules are not public; these are our settings.
 
 What sparse verification changes is the verifier, not the acceptance rule: the target
 distribution the drafts are tested against is the sparse verifier's, and the standard
@@ -49,7 +50,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import ModelConfig
 from lcjax.ops import activation_sparsity
-from lcjax.sparsity.chess import ChessThresholds
+from lcjax.sparsity.chess import ChessThresholds, parse_spec
 
 HEAD_REDUCE = ("max", "sum")
 MOE_RULES = ("none", "first_token", "weight_floor")
@@ -73,6 +74,10 @@ class SparseVerifyConfig:
     # token picked; "weight_floor" drops routed experts whose weight < moe_weight_floor.
     moe_rule: str = "none"
     moe_weight_floor: float = 0.0
+    # CHESS in verify only: a lcjax.sparsity.chess spec ("chess:s=0.5", "cats:s=0.3", ...) whose
+    # thresholds the server calibrates at startup and installs with `with_verify_thresholds`
+    # (Python API: install them yourself; the engine refuses the setting without them).
+    ffn: str = "none"
 
     def __post_init__(self):
         for name in ("block_budget", "sink_blocks", "local_blocks", "dense_first", "score_query"):
@@ -85,6 +90,11 @@ class SparseVerifyConfig:
                              f"{HEAD_REDUCE}")
         if self.moe_rule not in MOE_RULES:
             raise ValueError(f"sparse_verify.moe_rule={self.moe_rule!r} must be one of {MOE_RULES}")
+        if self.ffn != "none":
+            try:
+                parse_spec(self.ffn)
+            except ValueError as err:
+                raise ValueError(f"sparse_verify.ffn={self.ffn!r}: {err}") from None
         if not 0 <= self.moe_weight_floor < 1 or (self.moe_rule == "weight_floor"
                                                    and self.moe_weight_floor == 0):
             raise ValueError(f"sparse_verify.moe_weight_floor={self.moe_weight_floor} must be in "

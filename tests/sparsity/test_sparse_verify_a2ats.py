@@ -203,3 +203,13 @@ def test_engine_every_key_retrieved_equals_dense_verify(offload):
                          stats.accepted_tokens_total))
     assert results[0][1] > 0 and results[1] == results[0]
     assert engine.state.cache.bounds == ()
+
+
+def test_cli_refuses_page_keys_with_a2ats(capsys):
+    from lcjax.serve import cli
+    base = ["--num-speculative-tokens", "2", "--kv-retrieval", "a2ats"]
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--sparse-verify", "reuse_layers=2,block_budget=16"])
+    assert "block_budget=16" in capsys.readouterr().err
+    args = cli.build_parser().parse_args(base + ["--sparse-verify", "reuse_layers=2,score_query=1"])
+    cli.retrieval_flags.check_flags(args, cli.build_parser())  # the keys that apply pass
