@@ -15,6 +15,11 @@
     left out), and of consecutive scoring sublayers' sets.
   - cost: XLA's cost analysis (flops, bytes accessed) of the compiled verify block, dense vs
     sparse, and the analytic attention cost (`sparse_verify.attention_cost`).
+  - A²ATS (`--a2ats KEY=V,..` sets its A2ATSConfig; codebooks calibrated once on
+    `--a2ats-calib-seqs` train-split files): the setting "a2ats" is dense-structure verify with
+    A²ATS retrieval (each verify token retrieves; the step attends the union), and a setting
+    ending in "+a2ats" is sparse verification over A²ATS (the score query's retrieved keys shared,
+    lcjax/sparsity/sparse_verify_retrieval.py). Overlap columns are Quest-only.
 `timing`: one jitted MTP round (`runner.speculative_step`: drafts + verify) and the verify pass
 alone (k+1 tokens through `runner.forward_step`, with XLA's cost analysis) over a filled random
 cache at each context, dense vs sparse, median of `--repeats`; acceptance is not measured
@@ -44,6 +49,7 @@ from lcjax.serve.engine import Engine, EngineConfig
 from lcjax.serve.loading import load_run, random_model
 from lcjax.serve.sampling import SamplingParams, sampling_tensors
 from lcjax.sparsity import sparse_verify as sv
+from lcjax.sparsity.sparse_verify_retrieval import RetrievalSelector
 
 
 def _settings(text: str) -> sv.SparseVerifyConfig:
@@ -51,10 +57,11 @@ def _settings(text: str) -> sv.SparseVerifyConfig:
 
 
 # ------------------------------------------------------------------------------ data
-def heldout_sequences(tokenizer, heldout_fraction: float, length: int, count: int) -> np.ndarray:
+def heldout_sequences(tokenizer, heldout_fraction: float, length: int, count: int,
+                      split: str = "heldout") -> np.ndarray:
     """`count` token sequences of `length` from held-out stdlib files (long files first)."""
     seqs = []
-    for path in sorted(stdlib_corpus("heldout", heldout_fraction), key=lambda p: -p.stat().st_size):
+    for path in sorted(stdlib_corpus(split, heldout_fraction), key=lambda p: -p.stat().st_size):
         ids = tokenizer.encode(path.read_text(errors="replace"))
         if len(ids) >= length:
             seqs.append(ids[:length])
@@ -75,7 +82,12 @@ def _inputs(tokens, starts, tables):
 @functools.partial(jax.jit, static_argnames=("cfg", "all_valid", "settings"))
 def _step(cfg, variables, cache, tokens, starts, tables, *, all_valid, settings):
     """One step through the engine's forward: (cache, log-probs [B, S, V], overlap stats)."""
-    select = None if settings is None else sv.Selector(settings, record=True)
+    if settings is None:
+        select = None
+    elif cache.retrieval is not None:  # sparse verify over A²ATS: no page statistics
+        select = RetrievalSelector(settings)
+    else:
+        select = sv.Selector(settings, record=True)
     run_cfg = cfg if settings is None else sv.verify_model_config(cfg, settings)
     run_vars = variables if settings is None else sv.verify_variables(variables)
     hidden, cache, history = runner.forward_step(run_cfg, run_vars, cache,
@@ -89,7 +101,7 @@ def _step(cfg, variables, cache, tokens, starts, tables, *, all_valid, settings)
     logp = jax.nn.log_softmax(project_logits(cfg, hidden, variables["params"]["lm_head"]).astype(
         jnp.float32), axis=-1)
     stats = {}
-    if select is not None:
+    if isinstance(select, sv.Selector):
         stats["token_overlap"] = jnp.stack(select.token_overlap) if select.token_overlap else None
         stats["kept_overlap"] = (jnp.stack(select.token_overlap_kept)
                                  if select.token_overlap_kept else None)
@@ -97,13 +109,14 @@ def _step(cfg, variables, cache, tokens, starts, tables, *, all_valid, settings)
     return cache, logp, stats
 
 
-def teacher_forced(cfg, variables, seqs, context, k, page, settings, chunk=256):
+def teacher_forced(cfg, variables, seqs, context, k, page, settings, chunk=256, index=None):
     """Prefill `context` tokens, then verify blocks of k+1 true tokens: (mean NLL, token overlap
-    of retrieved pages, of kept pages, layer overlap, XLA cost of one verify block)."""
+    of retrieved pages, of kept pages, layer overlap, XLA cost of one verify block). `index`:
+    an A2ATSIndex (the cache retrieves keys)."""
     b, total = seqs.shape
     pages = -(-total // page)
-    state = runner.init_engine_state(cfg, b, b * pages + 1, page, k, page_bounds=True)
-    cache = state.cache
+    state = runner.init_engine_state(cfg, b, b * pages + 1, page, k, page_bounds=index is None)
+    cache = state.cache if index is None else index.attach(state.cache, b * pages + 1, page)
     tables = jnp.asarray(1 + np.arange(b * pages).reshape(b, pages), jnp.int32)
     for start in range(0, context, chunk):
         end = min(start + chunk, context)
@@ -155,6 +168,17 @@ def calibrate_chess(config, variables, tokenizer, sparsity: float, count: int = 
     return calibrate(config, variables, batches, sparsity=sparsity, method="chess")
 
 
+def calibrate_a2ats(config, variables, tokenizer, args):
+    """A2ATSIndex from `--a2ats-calib-seqs` train-split files of `--context` tokens."""
+    from lcjax.serve.retrieval_flags import a2ats_config
+    from lcjax.sparsity.a2ats_calibrate import calibrate
+
+    seqs = heldout_sequences(tokenizer, config.data.heldout_fraction, args.context,
+                             args.a2ats_calib_seqs, split="train")
+    return calibrate(config.model, variables, [seqs[i:i + 4] for i in range(0, len(seqs), 4)],
+                     a2ats_config(args.a2ats))
+
+
 # ------------------------------------------------------------------------------ quality
 def quality(args) -> list[dict]:
     config, variables, tokenizer = load_run(args.run)
@@ -167,14 +191,20 @@ def quality(args) -> list[dict]:
               page_size=page, prefill_chunk=256, max_prefill_seqs=args.num_prompts,
               num_speculative_tokens=k)
     full_layers = sum(not s for s in cfg.sparse_layers)
-    rows, dense_tokens, chess = [], None, None
+    rows, dense_tokens, chess, a2ats_index = [], None, None, None
     for text in ["dense"] + args.settings:
-        settings = None if text == "dense" else _settings(text.removesuffix("+chess"))
+        index = None
+        if text == "a2ats" or text.endswith("+a2ats"):
+            a2ats_index = a2ats_index or calibrate_a2ats(config, variables, tokenizer, args)
+            index = a2ats_index
+        core = text.removesuffix("+a2ats").removesuffix("+chess")
+        settings = None if core in ("dense", "a2ats") else _settings(core)
         run_vars = variables
         if text.endswith("+chess"):  # CHESS thresholds on the verify pass's FFNs and experts
             chess = chess or calibrate_chess(config, variables, tokenizer, args.chess_sparsity)
             run_vars = sv.with_verify_thresholds(variables, chess)
-        engine = Engine(config, run_vars, tokenizer, EngineConfig(**ec, sparse_verify=settings))
+        engine = Engine(config, run_vars, tokenizer, EngineConfig(**ec, sparse_verify=settings),
+                        kv_retrieval=index)
         t0 = time.perf_counter()
         outs = engine.generate(prompts, SamplingParams(max_tokens=args.new_tokens, temperature=0.0,
                                                        ignore_eos=True))
@@ -185,19 +215,22 @@ def quality(args) -> list[dict]:
         same = np.mean([a == b for x, y in zip(tokens, dense_tokens) for a, b in zip(x, y)])
         gen = np.asarray([p + t for p, t in zip(prompts, tokens)], np.int32)
         tf_nll, tok_ov, kept_ov, lay_ov, cost = teacher_forced(cfg, run_vars, seqs, args.context,
-                                                               k, page, settings)
+                                                               k, page, settings, index=index)
         an = sv.attention_cost(settings or sv.SparseVerifyConfig(block_budget=0), args.context + k + 1,
                                k + 1, page, cfg.mla.num_heads,
                                cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim, cfg.mla.kv_lora_rank,
                                full_layers, 4)
         if settings is None:
             an["sparse_flops"], an["sparse_bytes"] = an["dense_flops"], an["dense_bytes"]
+        if index is not None:  # Quest's cost model does not describe A²ATS
+            an["sparse_flops"] = an["sparse_bytes"] = None
         row = dict(setting=text, acceptance_length=1 + st.accepted_tokens_total / max(st.spec_rounds_total, 1),
                    same_as_dense=float(same), generated_nll_dense_model=dense_nll(cfg, variables, gen, args.context),
                    verify_nll=tf_nll, token_overlap=tok_ov, kept_overlap=kept_ov, layer_overlap=lay_ov,
                    xla_flops=cost["flops"], xla_bytes=cost["bytes"],
-                   attn_flops_ratio=an["sparse_flops"] / an["dense_flops"],
-                   attn_bytes_ratio=an["sparse_bytes"] / an["dense_bytes"], wall_s=wall)
+                   attn_flops_ratio=an["sparse_flops"] and an["sparse_flops"] / an["dense_flops"],
+                   attn_bytes_ratio=an["sparse_bytes"] and an["sparse_bytes"] / an["dense_bytes"],
+                   wall_s=wall)
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]
@@ -210,8 +243,8 @@ def quality(args) -> list[dict]:
               f"{r['generated_nll_dense_model']:7.3f} {r['verify_nll']:10.4f} {f(r['token_overlap']):>5s} "
               f"{f(r['kept_overlap']):>6s} "
               f"{f(r['layer_overlap']):>5s} {r['xla_flops'] / base['xla_flops']:6.3f} "
-              f"{r['xla_bytes'] / base['xla_bytes']:6.3f} {r['attn_flops_ratio']:7.3f} "
-              f"{r['attn_bytes_ratio']:6.3f}")
+              f"{r['xla_bytes'] / base['xla_bytes']:6.3f} {f(r['attn_flops_ratio']):>7s} "
+              f"{f(r['attn_bytes_ratio']):>6s}")
     return rows
 
 
@@ -313,6 +346,9 @@ def main(argv=None) -> int:
                    help="sparse settings, key=v;key=v each")
     p.add_argument("--chess-sparsity", type=float, default=0.5,
                    help="quality: CHESS target sparsity of settings ending in +chess")
+    p.add_argument("--a2ats", default="topk_fraction=0.03,codebook_size=1024,kmeans_iters=20",
+                   help="quality: A2ATSConfig of settings 'a2ats' / '...+a2ats' (KEY=V,..)")
+    p.add_argument("--a2ats-calib-seqs", type=int, default=8)
     p.add_argument("--json")
     p.add_argument("overrides", nargs="*", help="timing: model overrides key=value")
     add_timing_flags(p)
