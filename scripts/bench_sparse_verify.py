@@ -19,7 +19,9 @@
     `--a2ats-calib-seqs` train-split files): the setting "a2ats" is dense-structure verify with
     A²ATS retrieval (each verify token retrieves; the step attends the union), and a setting
     ending in "+a2ats" is sparse verification over A²ATS (the score query's retrieved keys shared,
-    lcjax/sparsity/sparse_verify_retrieval.py). Overlap columns are Quest-only.
+    lcjax/sparsity/sparse_verify_retrieval.py). Overlap columns are Quest-only; "keys" is the
+    share of the context a verify block attends (A²ATS: the shared sets' measured size; Quest:
+    budget pages x page size).
 `timing`: one jitted MTP round (`runner.speculative_step`: drafts + verify) and the verify pass
 alone (k+1 tokens through `runner.forward_step`, with XLA's cost analysis) over a filled random
 cache at each context, dense vs sparse, median of `--repeats`; acceptance is not measured
@@ -101,6 +103,8 @@ def _step(cfg, variables, cache, tokens, starts, tables, *, all_valid, settings)
     logp = jax.nn.log_softmax(project_logits(cfg, hidden, variables["params"]["lm_head"]).astype(
         jnp.float32), axis=-1)
     stats = {}
+    if isinstance(select, RetrievalSelector) and select.sizes:
+        stats["keys"] = jnp.stack(select.sizes)  # [calls, B] keys each shared set holds
     if isinstance(select, sv.Selector):
         stats["token_overlap"] = jnp.stack(select.token_overlap) if select.token_overlap else None
         stats["kept_overlap"] = (jnp.stack(select.token_overlap_kept)
@@ -123,7 +127,7 @@ def teacher_forced(cfg, variables, seqs, context, k, page, settings, chunk=256, 
         cache, _, _ = _step(cfg, variables, cache, jnp.asarray(seqs[:, start:end]),
                             jnp.full((b,), start, jnp.int32), tables, all_valid=False,
                             settings=None)
-    nll, tok_ov, kept_ov, lay_ov, cost = [], [], [], [], None
+    nll, tok_ov, kept_ov, lay_ov, cost, keys = [], [], [], [], None, []
     for start in range(context, total - k - 1, k + 1):
         args = (cfg, variables, cache, jnp.asarray(seqs[:, start:start + k + 1]),
                 jnp.full((b,), start, jnp.int32), tables)
@@ -141,8 +145,13 @@ def teacher_forced(cfg, variables, seqs, context, k, page, settings, chunk=256, 
             kept_ov.append(np.asarray(stats["kept_overlap"])[..., 1:])
         if stats.get("layer_overlap") is not None:
             lay_ov.append(np.asarray(stats["layer_overlap"]))
+        if stats.get("keys") is not None:  # share of the block's context the set holds
+            keys.append(np.asarray(stats["keys"]) / (start + k + 1))
+        elif settings is not None and index is None:
+            keys.append(min(settings.block_budget * page, start + k + 1) / (start + k + 1)
+                        if settings.block_budget else 1.0)
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return float(np.mean(nll)), mean(tok_ov), mean(kept_ov), mean(lay_ov), cost
+    return float(np.mean(nll)), mean(tok_ov), mean(kept_ov), mean(lay_ov), cost, mean(keys)
 
 
 def dense_nll(cfg, variables, seqs, prompt_len):
@@ -214,7 +223,7 @@ def quality(args) -> list[dict]:
         dense_tokens = dense_tokens or tokens
         same = np.mean([a == b for x, y in zip(tokens, dense_tokens) for a, b in zip(x, y)])
         gen = np.asarray([p + t for p, t in zip(prompts, tokens)], np.int32)
-        tf_nll, tok_ov, kept_ov, lay_ov, cost = teacher_forced(cfg, run_vars, seqs, args.context,
+        tf_nll, tok_ov, kept_ov, lay_ov, cost, keys = teacher_forced(cfg, run_vars, seqs, args.context,
                                                                k, page, settings, index=index)
         an = sv.attention_cost(settings or sv.SparseVerifyConfig(block_budget=0), args.context + k + 1,
                                k + 1, page, cfg.mla.num_heads,
@@ -226,7 +235,7 @@ def quality(args) -> list[dict]:
             an["sparse_flops"] = an["sparse_bytes"] = None
         row = dict(setting=text, acceptance_length=1 + st.accepted_tokens_total / max(st.spec_rounds_total, 1),
                    same_as_dense=float(same), generated_nll_dense_model=dense_nll(cfg, variables, gen, args.context),
-                   verify_nll=tf_nll, token_overlap=tok_ov, kept_overlap=kept_ov, layer_overlap=lay_ov,
+                   verify_nll=tf_nll, keys_attended=keys, token_overlap=tok_ov, kept_overlap=kept_ov, layer_overlap=lay_ov,
                    xla_flops=cost["flops"], xla_bytes=cost["bytes"],
                    attn_flops_ratio=an["sparse_flops"] and an["sparse_flops"] / an["dense_flops"],
                    attn_bytes_ratio=an["sparse_bytes"] and an["sparse_bytes"] / an["dense_bytes"],
@@ -235,12 +244,14 @@ def quality(args) -> list[dict]:
         print(json.dumps(row), flush=True)
     base = rows[0]
     print(f"\n{'setting':44s} {'acc.len':>7s} {'=dense':>6s} {'gen NLL':>7s} {'verify NLL':>10s} "
+          f"{'keys':>5s} "
           f"{'tok J':>5s} {'kept J':>6s} {'lay J':>5s} {'XLA fl':>6s} {'XLA B':>6s} {'attn fl':>7s} "
           f"{'attn B':>6s}")
     for r in rows:
         f = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731
         print(f"{r['setting']:44s} {r['acceptance_length']:7.3f} {r['same_as_dense']:6.3f} "
-              f"{r['generated_nll_dense_model']:7.3f} {r['verify_nll']:10.4f} {f(r['token_overlap']):>5s} "
+              f"{r['generated_nll_dense_model']:7.3f} {r['verify_nll']:10.4f} {f(r['keys_attended']):>5s} "
+              f"{f(r['token_overlap']):>5s} "
               f"{f(r['kept_overlap']):>6s} "
               f"{f(r['layer_overlap']):>5s} {r['xla_flops'] / base['xla_flops']:6.3f} "
               f"{r['xla_bytes'] / base['xla_bytes']:6.3f} {f(r['attn_flops_ratio']):>7s} "

@@ -46,6 +46,7 @@ class RetrievalSelector:
         self.calls = 0
         self.chosen: Optional[Array] = None
         self.scored: list[int] = []  # calls that retrieved (the others attended densely / reused)
+        self.sizes: list[Array] = []  # per retrieving call: [B] keys in the shared set (traced)
 
     def __call__(self, cache: Any, q_abs: Float[Array, "B S H D"], positions: Int[Array, "B S"],
                  kv_positions: Int[Array, "B T"]) -> Int[Array, "B N"]:
@@ -61,4 +62,5 @@ class RetrievalSelector:
             self.chosen = cache.select(q_abs[:, i:i + 1], positions[:, i:i + 1], kv_positions,
                                        extra=own, num_extra=q_abs.shape[1])
             self.scored.append(call)
+            self.sizes.append(jnp.sum(self.chosen >= 0, axis=1))
         return self.chosen
