@@ -5,9 +5,11 @@ The workload is the machinery's, not learning: a randomly initialised tiny model
 arithmetic environment with the group filter off (every group is trained), and each
 trajectory decoding exactly L tokens (EOS ignored), L = min(max_tokens, 2 + floor(scale *
 Pareto(alpha))), so most are short and a few run to the cap. Both modes run in one process
-after one warm-up run each (every jitted shape compiled), same seeds.
+after one warm-up run each (every jitted shape compiled), same seeds, then in `--rounds`
+interleaved rounds (sync, async, sync, async, ...), so a change in machine load hits both;
+the speed-up is reported per round (median, min, max).
 
-    python scripts/bench_rl.py [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
+    python scripts/bench_rl.py [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 
@@ -58,8 +61,14 @@ def one_run(policy, mode: str, steps: int, args) -> dict:
             "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())}}
 
 
+def speedup(sync: dict, asyn: dict) -> float:
+    """Time per trained sample, sync / async."""
+    return (sync["wall_s"] / sync["samples"]) / (asyn["wall_s"] / asyn["samples"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved sync/async pairs")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
@@ -70,25 +79,36 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=8.0)
     p.add_argument("--json", default="")
     args = p.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds={args.rounds}: expected >= 1")
     policy = random_model(load_config(resolve_config_path("tiny")))
     t0 = time.perf_counter()
     for mode in ("sync", "async"):  # warm-up: compile every shape both modes use
         one_run(policy, mode, 3, args)
     warm = time.perf_counter() - t0
-    rows = [one_run(policy, mode, args.steps, args) for mode in ("sync", "async")]
-    sync, asyn = rows
-    speedup = (sync["wall_s"] / sync["samples"]) / (asyn["wall_s"] / asyn["samples"])
-    print(f"warm-up (compiles) {warm:.0f}s; {args.steps} learner steps of {args.groups} groups x "
-          f"{args.group_size}; lengths min({args.max_tokens}, 2 + {args.scale} * Pareto({args.alpha}))")
-    print(f"{'mode':6} {'samples':>7} {'wall s':>7} {'s/sample':>9} {'rollout tok/s':>14} "
+    rows, ratios = [], []
+    for r in range(args.rounds):
+        pair = [dict(one_run(policy, mode, args.steps, args), round=r) for mode in ("sync", "async")]
+        rows += pair
+        ratios.append(speedup(*pair))
+    print(f"warm-up (compiles) {warm:.0f}s; {args.rounds} rounds of {args.steps} learner steps of "
+          f"{args.groups} groups x {args.group_size}; lengths min({args.max_tokens}, 2 + "
+          f"{args.scale} * Pareto({args.alpha}))")
+    print(f"{'round':5} {'mode':6} {'samples':>7} {'wall s':>7} {'s/sample':>9} {'rollout tok/s':>14} "
           f"{'learner tok/s':>14}  staleness")
     for r in rows:
-        print(f"{r['mode']:6} {r['samples']:7d} {r['wall_s']:7.1f} {r['wall_s'] / r['samples']:9.3f} "
-              f"{r['rollout_tok_s']:14.0f} {r['learner_tok_s']:14.0f}  {r['staleness_hist']}")
-    print(f"async / sync speed-up (time per trained sample): {speedup:.2f}x")
+        print(f"{r['round']:5d} {r['mode']:6} {r['samples']:7d} {r['wall_s']:7.1f} "
+              f"{r['wall_s'] / r['samples']:9.3f} {r['rollout_tok_s']:14.0f} "
+              f"{r['learner_tok_s']:14.0f}  {r['staleness_hist']}")
+    summary = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios),
+               "rounds": ratios}
+    print(f"async / sync speed-up (time per trained sample): median {summary['median']:.2f}x "
+          f"(min {summary['min']:.2f}x, max {summary['max']:.2f}x; per round "
+          f"{' '.join(f'{x:.2f}' for x in ratios)}); load average {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "speedup": speedup, "args": vars(args),
+            json.dump({"rows": rows, "speedup": summary, "args": vars(args), "warmup_s": warm,
+                       "loadavg": os.getloadavg(),
                        "machine": platform.processor() or platform.machine()}, f, indent=1)
 
 
