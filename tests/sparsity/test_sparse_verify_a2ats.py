@@ -167,12 +167,12 @@ def test_page_bounds_rule_and_engine_pairing():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("offload", ["none", "host"])
-def test_engine_every_key_retrieved_equals_dense_verify(offload):
+@pytest.mark.parametrize("offload,quant", [("none", None), ("host", None), ("none", "w8a8")])
+def test_engine_every_key_retrieved_equals_dense_verify(offload, quant):
     """Greedy, k=2, three requests over two slots (continuous batching): A²ATS with
     topk_fraction=1 plus sparse verification (one shared key set, reused by the next sublayer)
     gives the tokens, drafts and acceptances of exact dense verification, pages on the device
-    or in host memory."""
+    or in host memory, float or quantized weights."""
     from lcjax.config_io import load_config, resolve_config_path
     from lcjax.serve.engine import Engine, EngineConfig
     from lcjax.serve.loading import random_model
@@ -183,6 +183,9 @@ def test_engine_every_key_retrieved_equals_dense_verify(offload):
     if offload == "host" and host_memory_kind() is None:
         pytest.skip("no pinned_host memory on this device")
     config, variables, _ = random_model(load_config(resolve_config_path("tiny")), seed=0)
+    if quant is not None:
+        from lcjax.quant.apply import quantize_model
+        variables = quantize_model(variables, config, quant)
     toks = jax.random.randint(jax.random.key(1), (1, 64), 3, config.model.vocab_size)
     index = calibrate(config.model, variables, [toks],
                       A2ATSConfig(codebook_size=16, sink_tokens=2, local_window=4,
