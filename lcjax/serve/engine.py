@@ -58,7 +58,7 @@ from lcjax.serve.engine_state import EngineConfig, LogitsProcessor  # noqa: F401
 from lcjax.serve.engine_state import RequestState as _Request
 from lcjax.serve.engine_state import bucket as _bucket
 from lcjax.serve.engine_state import buckets as _buckets
-from lcjax.serve.engine_state import check_engine_config, find_stop, page_bounds_needed
+from lcjax.serve.engine_state import cache_placement, check_engine_config, find_stop
 
 
 class Engine:
@@ -79,12 +79,11 @@ class Engine:
         num_pages = ec.num_pages or ec.max_num_seqs * ec.pages_per_seq + 1
         self.allocator = PageAllocator(num_pages)
         self.variables = variables
-        bounds = page_bounds_needed(ec.sparse_verify, kv_retrieval is not None)
+        if kv_retrieval is not None and mesh is not None:
+            raise ValueError("kv_retrieval (A²ATS) runs on one device: drop the mesh")
         self.state = runner.init_engine_state(cfg, ec.max_num_seqs, num_pages, ec.page_size, k,
-                                              page_bounds=bounds)
+                                              **cache_placement(ec.sparse_verify, kv_retrieval))
         if kv_retrieval is not None:
-            if mesh is not None:
-                raise ValueError("kv_retrieval (A²ATS) runs on one device: drop the mesh")
             self.state = self.state.replace(
                 cache=kv_retrieval.attach(self.state.cache, num_pages, ec.page_size))
         self.eos_id = cfg.eos_token_id

@@ -54,6 +54,15 @@ def page_bounds_needed(sparse_verify: Optional[SparseVerifyConfig], kv_retrieval
     return sparse_verify is not None and not kv_retrieval
 
 
+def cache_placement(sparse_verify: Optional[SparseVerifyConfig], kv_retrieval) -> dict:
+    """runner.init_engine_state's cache flags for an engine: page bounds by `page_bounds_needed`,
+    and the full sublayers' pools built in host memory when `kv_retrieval` (an A2ATSIndex)
+    offloads them, so a large pool never passes through the device on its way to the host."""
+    offload = kv_retrieval is not None and kv_retrieval.config.offload == "host"
+    return dict(page_bounds=page_bounds_needed(sparse_verify, kv_retrieval is not None),
+                host_pools=offload)
+
+
 @dataclasses.dataclass
 class RequestState:
     """One request's scheduling state inside the engine (slot, pages, progress, output)."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from lcjax.config import LozaConfig, ModelConfig
@@ -24,6 +25,7 @@ from lcjax.model.cache import LayerCache, init_layer_cache
 from lcjax.model.layers import dtype_of
 from lcjax.ops import attention as attention_op
 from lcjax.sparsity import sparse_verify
+from lcjax.sparsity.host_offload import to_host
 
 
 @flax.struct.dataclass
@@ -105,18 +107,22 @@ class ServeCache:
 
 
 def init_serve_cache(cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int,
-                     bounds: bool = False) -> ServeCache:
+                     bounds: bool = False, host_pools: bool = False) -> ServeCache:
     """Zeroed pools and empty rings (every ring slot -1); with `bounds`, per-page key bounds of
-    every full sublayer (sparse verification)."""
+    every full sublayer (sparse verification). With `host_pools` the full sublayers' pools are
+    born in pinned host memory (A²ATS `offload="host"`), so the device never holds them, not
+    even at start; rings, the MTP pool and bounds stay on the device."""
     dtype = dtype_of(cfg.dtype)
     width = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+    shape = (num_pages, page_size, width)
 
-    def pool():
-        return jnp.zeros((num_pages, page_size, width), dtype)
+    def pool(host: bool = False):
+        # From numpy: jax 0.10 rejects jnp.zeros placed in pinned_host ("Memory kind mismatch").
+        return to_host(np.zeros(shape, dtype)) if host else jnp.zeros(shape, dtype)
 
     layers = tuple(
         init_layer_cache(num_slots, cfg.loza.cache_tokens, cfg.mla.kv_lora_rank,
-                         cfg.mla.qk_rope_head_dim, dtype) if sparse else pool()
+                         cfg.mla.qk_rope_head_dim, dtype) if sparse else pool(host_pools)
         for sparse in cfg.sparse_layers)
     hist = cfg.ngram.neighbor_num - 1 if cfg.ngram.enabled else 0
     held = tuple(None if sparse or not bounds else jnp.zeros((num_pages, 2, width), dtype)

@@ -47,12 +47,15 @@ class EngineState:
 
 
 def init_engine_state(cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int,
-                      num_speculative: int, page_bounds: bool = False) -> EngineState:
-    """Empty state; `page_bounds` keeps per-page key bounds (sparse verification)."""
+                      num_speculative: int, page_bounds: bool = False,
+                      host_pools: bool = False) -> EngineState:
+    """Empty state; `page_bounds` keeps per-page key bounds (sparse verification), `host_pools`
+    builds the full sublayers' page pools in pinned host memory (A²ATS host offload)."""
     k1 = num_speculative + 1
     dtype = dtype_of(cfg.dtype)
     return EngineState(
-        cache=init_serve_cache(cfg, num_slots, num_pages, page_size, bounds=page_bounds),
+        cache=init_serve_cache(cfg, num_slots, num_pages, page_size, bounds=page_bounds,
+                               host_pools=host_pools),
         counts=jnp.zeros((num_slots, cfg.vocab_size), jnp.int32),
         prompt_mask=jnp.zeros((num_slots, cfg.vocab_size), bool),
         pending_hidden=jnp.zeros((num_slots, k1, cfg.hidden_size), dtype),

@@ -186,7 +186,8 @@ class ServeRetrieval:
 
 def attach(index: "Any", cache: Any, num_pages: int, page_size: int) -> Any:
     """A ServeCache with `retrieval` state for `index` (codes zeroed), pages moved to pinned
-    host memory when index.config.offload == 'host'."""
+    host memory when index.config.offload == 'host' (pools that init_serve_cache(host_pools=True)
+    built there already are kept, not copied)."""
     cfg = index.config
     dtype = code_dtype(cfg.codebook_size)
     codes = tuple(None if b is None else jnp.zeros((num_pages, page_size), dtype)

@@ -12,9 +12,10 @@ listing the kinds there are, so a caller falls back to device memory knowingly.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
+import numpy as np
 from flax import traverse_util
 
 HOST_KIND = "pinned_host"
@@ -26,8 +27,11 @@ def host_memory_kind() -> Optional[str]:
     return HOST_KIND if HOST_KIND in kinds else None
 
 
-def to_host(x: jax.Array) -> jax.Array:
-    """The array placed in the default device's pinned host memory (ValueError if there is none)."""
+def to_host(x: Union[jax.Array, np.ndarray]) -> jax.Array:
+    """The array placed in the default device's pinned host memory (ValueError if there is none).
+    An array already there comes back as it is, uncopied."""
+    if getattr(getattr(x, "sharding", None), "memory_kind", None) == HOST_KIND:
+        return x
     if host_memory_kind() is None:
         kinds = [m.kind for m in jax.devices()[0].addressable_memories()]
         raise ValueError(f"host offload needs a '{HOST_KIND}' memory; this device has {kinds}")

@@ -18,6 +18,7 @@ from lcjax.serve.plan import check_fits, main, memory_plan, parse_size
 from lcjax.serve.plan_kv import HOST_MEMORY_FRACTION, default_host_memory, kv_settings
 from lcjax.sparsity.a2ats import A2ATSConfig, Codebook
 from lcjax.sparsity.a2ats_calibrate import A2ATSIndex
+from lcjax.sparsity import host_offload
 from lcjax.sparsity.host_offload import HOST_KIND, device_bytes, host_memory_kind
 from lcjax.sparsity.sparse_verify import SparseVerifyConfig
 
@@ -81,6 +82,51 @@ def test_plan_bytes_are_what_the_engine_allocates_on_device_and_host(tiny, retri
         assert all(x.sharding.memory_kind == HOST_KIND for x in cache.layers
                    if isinstance(x, jax.Array)) == (retrieval.offload == "host")
 
+
+
+@pytest.mark.skipif(host_memory_kind() is None, reason="no pinned_host memory on this device")
+def test_host_pools_are_born_on_host_and_attach_keeps_them(tiny):
+    """init_serve_cache(host_pools=True) puts each full sublayer's pool in host memory and leaves
+    rings, the MTP pool and bounds on the device; attach(offload=host) keeps those very arrays
+    and ends with the same placement and bytes as moving device pools."""
+    cfg, pages = tiny.model, 5
+    cache = init_serve_cache(cfg, 2, pages, PAGE, bounds=True, host_pools=True)
+    for layer, sparse in zip(cache.layers, cfg.sparse_layers):
+        kinds = {x.sharding.memory_kind for x in jax.tree.leaves(layer)}
+        assert kinds == ({"device"} if sparse else {host_memory_kind()})
+    assert cache.mtp.sharding.memory_kind == "device"
+    assert {b.sharding.memory_kind for b in cache.bounds if b is not None} == {"device"}
+    assert not any(np.asarray(x).any() for x, s in zip(cache.layers, cfg.sparse_layers) if not s)
+    attached = _index(cfg, HOST).attach(cache, pages, PAGE)
+    assert all(a is b for a, b in zip(attached.layers, cache.layers))
+    moved = _index(cfg, HOST).attach(init_serve_cache(cfg, 2, pages, PAGE, bounds=True), pages,
+                                     PAGE)
+    placed = lambda c: [(x.shape, x.dtype, x.sharding.memory_kind) for x in jax.tree.leaves(c)]
+    assert placed(attached) == placed(moved)
+    assert device_bytes(attached) == device_bytes(moved)
+
+
+@pytest.mark.skipif(host_memory_kind() is None, reason="no pinned_host memory on this device")
+@pytest.mark.parametrize("offload", ["none", "host"])
+def test_offload_engine_never_moves_a_device_pool(tiny, monkeypatch, offload):
+    """Engine(kv_retrieval=offload=host) builds its full pools on host: attach is handed no
+    device array to move, so the device never holds them (greedy output equal to exact:
+    tests/sparsity/test_a2ats_serve.py, slow)."""
+    from lcjax.serve.engine import Engine, EngineConfig
+    from lcjax.serve.loading import random_model
+    from lcjax.sparsity import a2ats_cache
+    handed = []
+    monkeypatch.setattr(a2ats_cache, "to_host", lambda x: handed.append(x.sharding.memory_kind)
+                        or host_offload.to_host(x))
+    config, variables, _ = random_model(tiny)
+    index = _index(tiny.model, A2ATSConfig(codebook_size=K, offload=offload))
+    engine = Engine(config, variables, None, EngineConfig(max_num_seqs=2, max_model_len=MAX_LEN,
+                                                          page_size=PAGE), kv_retrieval=index)
+    kinds = {engine.state.cache.layers[i].sharding.memory_kind
+             for i, s in enumerate(tiny.model.sparse_layers) if not s}
+    assert kinds == {HOST_KIND if offload == "host" else "device"}
+    full = sum(not s for s in tiny.model.sparse_layers)
+    assert handed == ([HOST_KIND] * full if offload == "host" else [])
 
 def test_page_bounds_follow_the_engine_rule(tiny, monkeypatch):
     """kv_settings asks engine_state.page_bounds_needed; the counted bounds are what

@@ -152,6 +152,7 @@ def test_page_bounds_rule_and_engine_pairing():
 
     class Index:  # stands in for an A2ATSIndex: records that the engine attached it
         attached = False
+        config = A2ATSConfig()  # offload="none": the pools stay on the device
 
         def attach(self, cache, num_pages, page_size):
             Index.attached = True
