@@ -2,7 +2,7 @@
 
 A table placed in host memory (`pinned_host`, see lcjax/sparsity/host_offload.py) cannot be
 indexed by a device computation. When the traced table's memory space is the host, the indices
-go to the host, the gather (or scatter) runs there (`compute_on("device_host")`), and only the
+go to the host, the gather (or scatter) runs there (compute type "device_host"), and only the
 selected rows come to the device, so a step moves rows, never the table. On device tables these
 are plain indexing. Callers (the N-gram embedding, the A²ATS paged cache) need not know where
 their table is.
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import inspect
+
 import numpy as np
-from jax.experimental.compute_on import compute_on
+from jax.experimental import compute_on as _compute_on
 from jax.typing import ArrayLike
 from jaxtyping import Array, Int
 
@@ -23,6 +25,17 @@ def on_host(x: Array) -> bool:
     return jax.typeof(x).memory_space == jax.memory.Space.Host
 
 
+def _host_call(fn, *args: Array) -> Array:
+    """fn(*args) computed on the host, its result left in host memory.
+
+    Uses the function form of compute_on: `compute_on2` up to jax 0.10, `compute_on` itself from
+    jax 0.11 (the context-manager form took one positional compute type before that)."""
+    form = _compute_on.compute_on
+    if "out_memory_spaces" not in inspect.signature(form).parameters:
+        form = _compute_on.compute_on2
+    return form(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(*args)
+
+
 def take_rows(table: ArrayLike, ids: Int[Array, "..."]) -> Array:
     """table[ids] along axis 0 ([..., *table.shape[1:]], on the device); ids are in range."""
     if isinstance(table, np.ndarray):  # host numpy params (an un-jitted apply): plain indexing
@@ -30,8 +43,7 @@ def take_rows(table: ArrayLike, ids: Int[Array, "..."]) -> Array:
     if not on_host(table):
         return table[ids]
     ids = jax.device_put(ids, jax.memory.Space.Host)
-    with compute_on("device_host"):
-        rows = table[ids]
+    rows = _host_call(lambda t, i: t[i], table, ids)
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
@@ -43,5 +55,4 @@ def set_rows(table: Array, ids: Int[Array, "N"], rows: Array) -> Array:
         return table.at[ids].set(rows, mode="drop")
     ids = jax.device_put(ids, jax.memory.Space.Host)
     rows = jax.device_put(rows, jax.memory.Space.Host)
-    with compute_on("device_host"):
-        return table.at[ids].set(rows, mode="drop")
+    return _host_call(lambda t, i, r: t.at[i].set(r, mode="drop"), table, ids, rows)
