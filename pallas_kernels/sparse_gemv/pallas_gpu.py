@@ -25,11 +25,13 @@ def _pow2(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Kernel knobs: block_n output columns per program, block_k active rows per step, Triton
-    warps and pipeline stages."""
+    """Kernel knobs: block_n output columns per program, block_k active rows per step, splits
+    spans of the active rows (split-K programs per column tile), Triton warps and pipeline
+    stages."""
 
     block_n: int = 128
     block_k: int = 32
+    splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
@@ -39,25 +41,43 @@ class Config:
                 raise ValueError(f"Config.{name}={getattr(self, name)!r} must be a power of 2")
         if self.block_k < 16 or self.block_n < 16:
             raise ValueError(f"Config block_k={self.block_k}, block_n={self.block_n}: tl.dot needs >= 16")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"Config.num_stages={self.num_stages!r} must be an int >= 1")
+        for name in ("num_stages", "splits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Config.{name}={value!r} must be an int >= 1")
+
+
+PROGRAMS = 512  # enough programs to keep every SM of an H100/H200 (132) busy a few times over
 
 
 def default_config(t: int, k: int, n: int) -> Config:
-    """Heuristic (untuned on hardware): the widest power-of-2 column tile up to 128 dividing N,
-    so a 4096-wide output gets 32 programs; 32 active rows per step."""
-    del t, k
+    """The widest power-of-2 column tile up to 128 dividing N, 32 active rows per step, and
+    split-K spans so that tiles x splits reaches PROGRAMS, each span at least 4 steps long
+    (a decode GEMV has N / 128 = 48 tiles at N 6144: one span each would leave SMs idle)."""
+    del t
     bn = 128
     while bn > 16 and n % bn:
         bn //= 2
-    return Config(block_n=bn)
+    bk = 32
+    splits = max(1, min(-(-PROGRAMS // (n // bn)), k // (4 * bk)))
+    return Config(block_n=bn, block_k=bk, splits=splits)
 
 
 def search_space(t: int, k: int, n: int) -> tuple[Config, ...]:
     """Configs for the benchmark's search."""
     del t, k
-    return tuple(Config(block_n=bn, block_k=bk, num_warps=w) for bn in (32, 64, 128, 256)
-                 for bk in (16, 32, 64) for w in (2, 4, 8) if n % bn == 0)
+    return tuple(Config(block_n=bn, block_k=bk, splits=sp, num_warps=w)
+                 for bn in (64, 128, 256) for bk in (32, 64) for sp in (1, 4, 8, 16)
+                 for w in (4, 8) if n % bn == 0)
+
+
+def tuning_probe(t: int, k: int, n: int) -> tuple[Config, ...]:
+    """A short list around the default (split-K spans, row step, warps) that a device check can
+    time in seconds, to see how far the heuristic is from tuned."""
+    base = default_config(t, k, n)
+    return tuple(dataclasses.replace(base, splits=sp, block_k=bk, num_warps=w)
+                 for sp in (1, 4, 8, 16, 32) for bk in (32, 64) for w in (4, 8)
+                 if sp * bk <= max(k, bk))
 
 
 def check(x, w, *, config=None, interpret=False) -> None:
@@ -80,6 +100,7 @@ def sparse_gemv(x, w, *, config=None, interpret=False):
     x_act = jnp.where(live[None, :], jnp.take(x, idx, axis=1), jnp.zeros((), x.dtype))
     x_act = jnp.pad(x_act, ((0, 16 - t), (0, 0)))  # tl.dot needs >= 16 rows
     y = pallas_gpu_kernel.sparse_gemv(count, idx, x_act, w, block_k=cfg.block_k,
-                                      block_n=cfg.block_n, num_warps=cfg.num_warps,
+                                      block_n=cfg.block_n, splits=cfg.splits,
+                                      num_warps=cfg.num_warps,
                                       num_stages=cfg.num_stages, interpret=interpret)
     return y[:t]

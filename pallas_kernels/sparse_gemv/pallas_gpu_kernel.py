@@ -1,11 +1,13 @@
 """Pallas Triton kernel: y = x_act @ w[idx], reading only the active rows of w.
 
-Grid (n tiles). Each program owns a [T_pad, block_n] output tile and walks the compacted list of
-active rows in steps of block_k: it loads block_k row indices, gathers those rows of its column
-span of w (each row is contiguous in memory, so the gather is coalesced), and accumulates
-x_act[:, step] @ w_rows in float32. The trip count ceil(count / block_k) is read at run time, so
-the weight bytes read are count/K of a dense GEMV's (plus the last step's padding rows, which
-point at row 0 and meet zero activations).
+Grid (n tiles, splits). Program (n, s) owns a [T_pad, block_n] column tile and the s-th of
+`splits` equal spans of the compacted list of active rows (split-K: a decode GEMV has too few
+column tiles to fill a GPU, and one program walking all rows is latency-bound). It walks its span
+in steps of block_k: loads block_k row indices, gathers those rows of its column span of w (each
+row is contiguous in memory, so the gather is coalesced), and accumulates x_act[:, step] @ w_rows
+in float32 into its own partial [T_pad, block_n]; the partials are summed outside. Trip counts
+come from `count` at run time, so the weight bytes read are count/K of a dense GEMV's (plus the
+last step's padding rows, which point at an active row and meet zero activations).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
-def _kernel(count_ref, idx_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int):
+def _kernel(count_ref, idx_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: int, splits: int):
     cols = pl.program_id(0) * block_n + jax.lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
     steps = (count_ref[0] + block_k - 1) // block_k
+    per_split = (steps + splits - 1) // splits
+    first = pl.program_id(1) * per_split
+    last = jnp.minimum(first + per_split, steps)
     precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
     def step(j, acc):
@@ -31,24 +36,26 @@ def _kernel(count_ref, idx_ref, x_ref, w_ref, o_ref, *, block_k: int, block_n: i
         return acc + jnp.dot(xa, wb.astype(xa.dtype), precision=precision,
                              preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    acc = jax.lax.fori_loop(first, jnp.maximum(first, last), step,
+                            jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc
 
 
-def sparse_gemv(count, idx, x_act, w, *, block_k: int, block_n: int, num_warps: int,
+def sparse_gemv(count, idx, x_act, w, *, block_k: int, block_n: int, splits: int, num_warps: int,
                 num_stages: int, interpret: bool):
     """count [1], idx [K_pad] (active rows first), x_act [T_pad, K_pad] (x at idx, zero past
     count), w [K, N] -> [T_pad, N] in x_act.dtype. block_n divides N; block_k divides K_pad."""
     t_pad = x_act.shape[0]
     n_dim = w.shape[1]
-    kernel = functools.partial(_kernel, block_k=block_k, block_n=block_n)
-    return pl.pallas_call(
+    kernel = functools.partial(_kernel, block_k=block_k, block_n=block_n, splits=splits)
+    partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((t_pad, n_dim), x_act.dtype),
-        grid=(n_dim // block_n,),
+        out_shape=jax.ShapeDtypeStruct((splits, t_pad, n_dim), jnp.float32),
+        grid=(n_dim // block_n, splits),
         in_specs=[pl.no_block_spec] * 4,  # whole arrays: the kernel indexes them itself
-        out_specs=pl.BlockSpec((t_pad, block_n), lambda n: (0, n)),
+        out_specs=pl.BlockSpec((None, t_pad, block_n), lambda n, s: (s, 0, n)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_gemv",
-    )(count, idx, x_act, w)
+    )(count, idx, x_act, w)  # [splits, T_pad, N] float32 partial sums
+    return partial.sum(0).astype(x_act.dtype)

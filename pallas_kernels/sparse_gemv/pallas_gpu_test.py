@@ -8,3 +8,11 @@ class TestPallasGpuInterpret(SparseGemvContract):
     implementation = "pallas_gpu_interpret"
     marker = "pallas_call"
     config = pallas_gpu.Config(block_n=16, block_k=16, num_warps=4, num_stages=1)
+
+
+class TestPallasGpuInterpretSplitK(SparseGemvContract):
+    """Split-K: three spans of the active rows per column tile (uneven, some possibly empty)."""
+
+    implementation = "pallas_gpu_interpret"
+    marker = "pallas_call"
+    config = pallas_gpu.Config(block_n=16, block_k=16, splits=3, num_warps=4, num_stages=1)
