@@ -1,7 +1,7 @@
-"""RL throughput on CPU: rollout and learner tokens/s, and async (DORA) vs sync wall time for the
+"""RL throughput: rollout and learner tokens/s, and async (DORA) vs sync wall time for the
 same number of learner steps under a long-tailed generation-length workload.
 
-The workload is the machinery's, not learning: a randomly initialised tiny model, the
+The workload is the machinery's, not learning: a randomly initialised model (`--model`), the
 arithmetic environment with the group filter off (every group is trained), and each
 trajectory decoding exactly L tokens (EOS ignored), L = min(max_tokens, 2 + floor(scale *
 Pareto(alpha))), so most are short and a few run to the cap. Both modes run in one process
@@ -9,7 +9,7 @@ after one warm-up run each (every jitted shape compiled), same seeds, then in `-
 interleaved rounds (sync, async, sync, async, ...), so a change in machine load hits both;
 the speed-up is reported per round (median, min, max).
 
-    python scripts/bench_rl.py [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
+    python scripts/bench_rl.py [--model tiny] [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import platform
 import time
 
+import jax
 import numpy as np
 
 from lcjax.config_io import load_config, resolve_config_path
@@ -68,6 +69,7 @@ def speedup(sync: dict, asyn: dict) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help="preset (random weights): tiny | small")
     p.add_argument("--rounds", type=int, default=3, help="interleaved sync/async pairs")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--groups", type=int, default=4)
@@ -81,7 +83,7 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds={args.rounds}: expected >= 1")
-    policy = random_model(load_config(resolve_config_path("tiny")))
+    policy = random_model(load_config(resolve_config_path(args.model)))
     t0 = time.perf_counter()
     for mode in ("sync", "async"):  # warm-up: compile every shape both modes use
         one_run(policy, mode, 3, args)
@@ -107,7 +109,7 @@ def main() -> None:
           f"{' '.join(f'{x:.2f}' for x in ratios)}); load average {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "speedup": summary, "args": vars(args), "warmup_s": warm,
+            json.dump({"rows": rows, "device": jax.devices()[0].device_kind, "speedup": summary, "args": vars(args), "warmup_s": warm,
                        "loadavg": os.getloadavg(),
                        "machine": platform.processor() or platform.machine()}, f, indent=1)
 

@@ -300,14 +300,17 @@ def timing(args, config=None) -> list[dict]:
                  jnp.full((b,), context, jnp.int32), tables)
         for text in ["dense"] + args.settings:
             settings = None if text == "dense" else _settings(text)
-            step = jax.jit(functools.partial(runner.speculative_step, cfg, num_draft=k,
-                                             sparse_verify=settings))
-            compiled = step.lower(variables, state, inp).compile()
+            with_round = not getattr(args, "verify_only", False)
+            if with_round:
+                step = jax.jit(functools.partial(runner.speculative_step, cfg, num_draft=k,
+                                                 sparse_verify=settings))
+                compiled = step.lower(variables, state, inp).compile()
             # The verify pass alone: the main model over k+1 tokens (no drafts, no sampling).
             verify = _step.lower(*block, all_valid=True, settings=settings).compile()
             analysis = verify.cost_analysis()
             analysis = analysis[0] if isinstance(analysis, list) else analysis
-            round_s = _median_time(lambda: compiled(variables, state, inp), args.repeats)
+            round_s = (_median_time(lambda: compiled(variables, state, inp), args.repeats)
+                       if with_round else float("nan"))
             verify_s = _median_time(lambda: verify(*block[1:]), args.repeats)
             rows.append(dict(context=context, setting=text, round_ms=1e3 * round_s,
                              verify_ms=1e3 * verify_s, tok_s_per_acceptance=b / round_s,
@@ -341,6 +344,8 @@ def add_timing_flags(p: argparse.ArgumentParser) -> None:
                    default=[4096, 8192, 16384, 32768])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--verify-only", action="store_true",
+                   help="time the verify pass alone (skip compiling the whole MTP round)")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,9 @@ Sections, in order (each time-boxed; when the budget runs low the rest become 's
    inputs (interpret-mode variants only on CPU: on a device the compiled kernel is checked);
 2. model: the `small` forward with default implementations against attention_impl="xla";
 3. benchmarks (pipelined timing, pallas_kernels/timing.py; functions of scripts/bench_*.py):
+   A²ATS decode step and device KV bytes vs exact at 32k and N-gram tables on host
+   (bench_sparsity.py), sparse vs dense MTP verify at 32k (bench_sparse_verify.py timing), async
+   vs sync RL (bench_rl.py), each script in a subprocess (device_check_scripts.py);
    dense causal attention vs cuDNN at 8k-32k, LoZA time vs 1.25 x density x dense time, GMM
    TFLOP/s at T16k E64 2048->1024, `small` training MFU, `small` decode vs transformers at batch
    1 and 16 and the HBM roofline fraction at batch 1.
@@ -45,20 +48,24 @@ import jax  # noqa: E402
 
 import device_check_bench as bench  # noqa: E402
 import device_check_kernels as kernels  # noqa: E402
+import device_check_scripts as scripts  # noqa: E402
 
 # name -> (share of the budget, item generator, which settings). A section's time box is its
 # share of what is left, spread over the sections still to run, so time saved early is spent later.
 SECTIONS = (
-    ("attention kernels", 0.09, kernels.attention_items, "shapes"),
+    ("attention kernels", 0.07, kernels.attention_items, "shapes"),
     ("decode kernels", 0.03, kernels.decode_items, "shapes"),
-    ("gmm kernels", 0.04, kernels.gmm_items, "shapes"),
-    ("quant kernels", 0.07, kernels.quant_items, "shapes"),
+    ("gmm kernels", 0.03, kernels.gmm_items, "shapes"),
+    ("quant kernels", 0.05, kernels.quant_items, "shapes"),
     ("sparse gemv kernels", 0.04, kernels.sparse_gemv_items, "shapes"),
-    ("model", 0.09, bench.model_items, "settings"),
-    ("attention bench", 0.20, bench.attention_items, "settings"),
-    ("gmm bench", 0.06, bench.gmm_items, "settings"),
-    ("train bench", 0.18, bench.train_items, "settings"),
-    ("decode bench", 0.24, bench.decode_items, "settings"),
+    ("model", 0.05, bench.model_items, "settings"),
+    ("sparsity bench", 0.10, scripts.sparsity_items, "scripts"),
+    ("sparse verify bench", 0.14, scripts.verify_items, "scripts"),
+    ("rl bench", 0.18, scripts.rl_items, "scripts"),
+    ("attention bench", 0.08, bench.attention_items, "settings"),
+    ("gmm bench", 0.03, bench.gmm_items, "settings"),
+    ("train bench", 0.08, bench.train_items, "settings"),
+    ("decode bench", 0.12, bench.decode_items, "settings"),
 )
 
 
@@ -92,7 +99,7 @@ def run_item(section: str, check: str, backend: str, thunk, estimate: float, dea
     except Exception as e:  # noqa: BLE001 - one table per run: report and go on
         if "NotImplementedError" in str(e):  # declined inside a callback (interpreted kernels)
             row["status"] = f"unavailable: {_one_line(e).split('NotImplementedError')[-1][2:]}"
-        elif backend in ("model", "train", "decode") or kernels.runnable_here(backend):
+        elif backend in ("model", "train", "decode", scripts.BACKEND) or kernels.runnable_here(backend):
             row.update(status=f"error: {_one_line(e)}", passed=False,
                        traceback=traceback.format_exc(limit=6))
         else:  # e.g. a GPU kernel asked to lower on CPU
@@ -108,15 +115,18 @@ def _one_line(e: Exception) -> str:
     return text[:240]
 
 
-def run(budget: Budget, shapes, settings, only=None) -> list[dict]:
+def run(budget: Budget, shapes, settings, only=None, script_settings=None) -> list[dict]:
     rows = []
+    scripts.budget_left = budget.left
+    chosen = dict(shapes=shapes, settings=settings,
+                  scripts=script_settings or scripts.SCRIPT_SETTINGS)
     sections = [s for s in SECTIONS if not only or s[0] in only]
     for i, (name, share, generator, which) in enumerate(sections):
         box = budget.left() * share / sum(s[1] for s in sections[i:])
         deadline = budget.elapsed() + box
         print(f"== {name} (box {box:.0f} s, {budget.left():.0f} s left)", flush=True)
         try:
-            items = list(generator(shapes if which == "shapes" else settings))
+            items = list(generator(chosen[which]))
         except Exception as e:  # noqa: BLE001 - e.g. an optional import missing
             rows.append(dict(section=name, check=generator.__name__, backend="-", measured="",
                              value=None, target="", passed=False,
@@ -155,7 +165,8 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"budget {args.budget:.0f} s{', smoke' if args.smoke else ''}", flush=True)
-    rows = run(budget, shapes, settings, args.sections)
+    rows = run(budget, shapes, settings, args.sections,
+               scripts.SMOKE_SCRIPT_SETTINGS if args.smoke else scripts.SCRIPT_SETTINGS)
     print(f"\n{'check':<78} | {'measured':<90} | {'target':<28} | pass")
     for row in rows:
         print(format_row(row))

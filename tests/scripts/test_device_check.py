@@ -30,7 +30,7 @@ def test_smoke_run_rows(tmp_path):
     assert result["smoke"] and result["platform"] == "cpu"
     assert {r["section"] for r in rows} == {
         "attention kernels", "decode kernels", "gmm kernels", "quant kernels",
-        "sparse gemv kernels", "model",
+        "sparse gemv kernels", "model", "sparsity bench", "sparse verify bench", "rl bench",
         "attention bench", "gmm bench", "train bench", "decode bench"}
     assert all(r["status"] == "ok" or r["status"].startswith("unavailable: ") for r in rows)
     ran = {(r["check"].split()[0], r["backend"]) for r in rows
