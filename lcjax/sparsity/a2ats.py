@@ -222,11 +222,16 @@ def code_dtype(codebook_size: int):
 
 
 # --------------------------------------------------------------------------- retrieval
+def code_tables(book: Codebook, q_hat: Float[Array, "B S H D"]) -> Float[Array, "B S H K"]:
+    """q̂·centroid for every query head and centroid: the score of any key with that code."""
+    return jnp.einsum("BSHD,KD->BSHK", q_hat.astype(jnp.float32), book.centroids)
+
+
 def approx_scores(book: Codebook, q_hat: Float[Array, "B S H D"],
                   codes: Int[Array, "B T"]) -> Float[Array, "B S H T"]:
     """q̂·centroid[code] for every (query head, key): one [K] table per head, then a gather
     (O(K·D + T) per head instead of O(T·D))."""
-    table = jnp.einsum("BSHD,KD->BSHK", q_hat.astype(jnp.float32), book.centroids)
+    table = code_tables(book, q_hat)
     idx = jnp.broadcast_to(codes.astype(jnp.int32)[:, None, None, :],
                            table.shape[:3] + codes.shape[-1:])
     return jnp.take_along_axis(table, idx, axis=-1)
@@ -261,6 +266,95 @@ def selection_mask(cfg: A2ATSConfig, scores: Float[Array, "B S H T"], q_position
     picked = jnp.zeros((b, s, t), bool).at[
         jnp.arange(b)[:, None, None, None], jnp.arange(s)[None, :, None, None], idx].max(keep)
     return exact | picked
+
+
+def _ordered_keys(x: Float[Array, "..."]) -> Array:
+    """uint32 keys with the order of the float32 values (negative floats flipped)."""
+    i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(1 << 31))
+
+
+def code_selection_mask(cfg: A2ATSConfig, table: Float[Array, "B S H K"], codes: Int[Array, "B T"],
+                        q_positions: Int[Array, "B S"], kv_positions: Int[Array, "B T"],
+                        max_topk: Optional[int] = None) -> Bool[Array, "B S T"]:
+    """selection_mask(cfg, table[..., codes], ...) without a top-k over the T keys.
+
+    A key's approximate score is its code's entry of the head's [K] table, so each head's k-th
+    best score is found among K values: per query, a histogram of the candidate keys' codes;
+    per head, a 32-step bisection over the scores' order-preserving integer keys, counting
+    through the histogram (O(K) a step), finds the threshold. Keys above it are kept; of the
+    keys tied at it, the lowest positions fill the remaining places (top_k's tie order), so the
+    result is identical to selection_mask. Work: O(T + 32 K) per head and no sort of T (a GPU
+    runs a top-k of thousands out of tens of thousands as a sort)."""
+    b, s, h, k_book = table.shape
+    t = kv_positions.shape[-1]
+    exact = always_exact(cfg, q_positions, kv_positions)
+    seen = (kv_positions[:, None, :] >= 0) & (kv_positions[:, None, :] <= q_positions[:, :, None])
+    candidate = seen & ~exact  # [B, S, T]
+    codes = codes.astype(jnp.int32)
+    counts = jnp.zeros((b, s, k_book), jnp.int32).at[
+        jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None], codes[:, None, :]].add(
+        candidate.astype(jnp.int32))[:, :, None, :]  # [B, S, 1, K] candidate keys per code
+    kmax = min(t, max_topk or cfg.topk_for(t))
+    k_dyn = jnp.ceil(cfg.topk_fraction * (q_positions + 1).astype(jnp.float32)).astype(jnp.int32)
+    k_eff = jnp.minimum(jnp.maximum(k_dyn, 1), kmax)[:, :, None]  # [B, S, 1]
+    keys = _ordered_keys(table)  # [B, S, H, K]
+
+    def at_least(x):  # [B, S, H] candidates whose key is >= x
+        return jnp.sum(jnp.where(keys >= x[..., None], counts, 0), axis=-1)
+
+    def bisect(_, bounds):  # invariant: at_least(lo) >= k (when it can be), at_least(hi + 1) < k
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + (gap >> 1) + (gap & 1)
+        ok = at_least(mid) >= k_eff
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo = jnp.zeros((b, s, h), jnp.uint32)
+    hi = jnp.full((b, s, h), 0xFFFFFFFF, jnp.uint32)
+    thr, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))  # the k-th best candidate's key
+    take_all = (jnp.sum(counts, axis=-1) < k_eff)[..., None]  # [B, S, 1, 1]: fewer than k
+    need = k_eff - jnp.sum(jnp.where(keys > thr[..., None], counts, 0), axis=-1)  # [B, S, H]
+    tok = jnp.take_along_axis(keys, jnp.broadcast_to(codes[:, None, None, :], (b, s, h, t)),
+                              axis=-1)  # [B, S, H, T]
+    cand = candidate[:, :, None, :]
+    tied = cand & (tok == thr[..., None])
+    picked = cand & (take_all | (tok > thr[..., None])
+                     | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= need[..., None])))
+    return exact | picked.any(axis=2)
+
+
+def top_n_mask(prio: Float[Array, "B T"], n: int) -> Bool[Array, "B T"]:
+    """The n entries of each row with the highest finite prio (all finite ones when fewer),
+    ties to the lowest index: top_k's choice, found by a 32-step bisection over the values'
+    order-preserving integer keys (O(32 T), no sort)."""
+    keys = _ordered_keys(prio)
+    live = prio > -jnp.inf
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + (gap >> 1) + (gap & 1)
+        ok = jnp.sum(live & (keys >= mid[:, None]), axis=1) >= n
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    b = prio.shape[0]
+    thr, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.zeros((b,), jnp.uint32),
+                                               jnp.full((b,), 0xFFFFFFFF, jnp.uint32)))
+    take_all = (jnp.sum(live, axis=1) < n)[:, None]
+    need = n - jnp.sum(live & (keys > thr[:, None]), axis=1)
+    tied = live & (keys == thr[:, None])
+    return live & (take_all | (keys > thr[:, None])
+                   | (tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= need[:, None])))
+
+
+def compact_positions(mask: Bool[Array, "B T"], n: int) -> Int[Array, "B N"]:
+    """The indices t with mask[b, t], ascending, in a buffer of n (then -1s); at most n kept.
+    A running count places each index: O(T), no sort."""
+    b, t = mask.shape
+    slot = jnp.where(mask, jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, n)
+    return jnp.full((b, n), -1, jnp.int32).at[jnp.arange(b)[:, None], slot].set(
+        jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t)), mode="drop")
 
 
 def cap_selection(cfg: A2ATSConfig, scores: Float[Array, "B S H T"], mask: Bool[Array, "B S T"],

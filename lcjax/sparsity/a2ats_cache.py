@@ -31,8 +31,9 @@ from lcjax.model.cache import LayerCache, write_layer_cache
 from lcjax.ops.host_rows import set_rows, take_rows
 from lcjax.sparsity.host_offload import to_host
 from lcjax.sparsity.a2ats import (A2ATSConfig, Codebook, always_exact, approx_scores,
-                                  assign_codes, cap_selection, code_dtype, masked_attention,
-                                  prerope_keys, selection_mask, wrope_queries)
+                                  assign_codes, cap_selection, code_dtype, code_selection_mask,
+                                  code_tables, compact_positions, masked_attention,
+                                  prerope_keys, selection_mask, top_n_mask, wrope_queries)
 
 
 def gather_rows(pool: Float[Array, "P L D"], flat: Int[Array, "B N"]) -> Float[Array, "B N D"]:
@@ -127,9 +128,10 @@ class RetrievalPagedCache:
         codes = self.codes[self.block_tables].reshape(kv_positions.shape)  # [B, T]
         q_hat = wrope_queries(q_abs, positions, q_abs.shape[-1] - self.kv_lora_rank, self.rope,
                               cfg.wrope_position)
-        scores = approx_scores(self.book, q_hat, codes)
+        table = code_tables(self.book, q_hat)  # [B, S, H, K]
         kmax = min(t, cfg.topk_for(t))
-        mask = selection_mask(cfg, scores, positions, kv_positions, kmax).any(axis=1)  # [B, T]
+        mask = code_selection_mask(cfg, table, codes, positions, kv_positions,
+                                   kmax).any(axis=1)  # [B, T]
         s, h = q_abs.shape[1], q_abs.shape[2]
         n = min(t, s * (h * kmax + cfg.sink_tokens + cfg.local_window))
         if cfg.max_gather_fraction is not None:
@@ -141,16 +143,14 @@ class RetrievalPagedCache:
             # score relative to that head's top score.
             exact = always_exact(cfg, positions, kv_positions).any(axis=1)
             exact = exact if extra is None else exact | extra
+            scores = approx_scores(self.book, q_hat, codes)
             scores = jnp.where(kv_positions[:, None, None, :] >= 0, scores, -jnp.inf)
             rel = scores - jnp.max(scores, axis=-1, keepdims=True)
             best = jnp.max(rel, axis=(1, 2))  # [B, T], <= 0
             prio = jnp.where(exact, 1.0, jnp.where(mask, best, -jnp.inf))
-            top, idx = jax.lax.top_k(prio, n)
-            return jnp.where(top > -jnp.inf, kv_positions[jnp.arange(idx.shape[0])[:, None], idx], -1)
+            return compact_positions(top_n_mask(prio, n), n)  # ascending, then -1s
         mask = mask if extra is None else mask | extra
-        rank = jnp.where(mask, t - jnp.arange(t, dtype=jnp.int32)[None, :], 0)
-        top, _ = jax.lax.top_k(rank, n)
-        return jnp.where(top > 0, t - top, -1)  # ascending positions first, then -1s
+        return compact_positions(mask, n)  # ascending positions first, then -1s
 
 
 @flax.struct.dataclass

@@ -166,6 +166,54 @@ def test_selection_mask_matches_numpy(frac):
         np.testing.assert_array_equal(got, causal)
 
 
+@pytest.mark.parametrize("frac,book,max_topk", [(0.1, 5, None), (0.3, 3, None), (0.25, 40, 4),
+                                                  (1.0, 7, None)])
+def test_code_selection_equals_topk_selection_with_ties(frac, book, max_topk):
+    """Selecting through the per-code table (histogram + sort of K) gives exactly the top-k
+    selection of the gathered scores, ties (many keys per code, equal values across codes)
+    broken by position as top_k does."""
+    rng = np.random.default_rng(8)
+    cfg = A2ATSConfig(topk_fraction=frac, sink_tokens=2, local_window=3)
+    b, s, h, t = 2, 4, 3, 40
+    table = rng.integers(-3, 4, size=(b, s, h, book)).astype(np.float32)  # repeated values
+    codes = rng.integers(0, book, size=(b, t))
+    q_pos = np.array([[5, 12, 30, 39], [0, 3, 17, 35]])
+    kv_pos = np.tile(np.arange(t), (b, 1))
+    kv_pos[1, 36:] = -1  # empty slots
+    scores = np.take_along_axis(table, np.broadcast_to(codes[:, None, None, :], (b, s, h, t)), -1)
+    want = np.asarray(a2ats.selection_mask(cfg, jnp.asarray(scores), jnp.asarray(q_pos),
+                                           jnp.asarray(kv_pos), max_topk))
+    got = np.asarray(a2ats.code_selection_mask(cfg, jnp.asarray(table), jnp.asarray(codes),
+                                               jnp.asarray(q_pos), jnp.asarray(kv_pos), max_topk))
+    np.testing.assert_array_equal(got, want)
+    if max_topk is None:
+        np.testing.assert_array_equal(got, np_selection(cfg, scores, q_pos, kv_pos))
+
+
+@pytest.mark.parametrize("n", [1, 7, 30, 45])
+def test_top_n_mask_is_top_k_with_its_tie_order(n):
+    rng = np.random.default_rng(10)
+    prio = rng.integers(-4, 4, size=(3, 40)).astype(np.float32) * 0.5  # many ties
+    prio[rng.random((3, 40)) < 0.3] = -np.inf
+    got = np.asarray(a2ats.top_n_mask(jnp.asarray(prio), n))
+    for row, p in zip(got, prio):
+        order = np.argsort(-p, kind="stable")  # top_k: highest first, lowest index among ties
+        want = np.zeros(40, bool)
+        want[[i for i in order[:n] if p[i] > -np.inf]] = True
+        np.testing.assert_array_equal(row, want)
+
+
+def test_compact_positions_lists_the_mask_ascending():
+    rng = np.random.default_rng(9)
+    mask = rng.random((3, 50)) < 0.3
+    mask[2] = False
+    got = np.asarray(a2ats.compact_positions(jnp.asarray(mask), 20))
+    for row, m in zip(got, mask):
+        idx = np.flatnonzero(m)[:20]
+        np.testing.assert_array_equal(row[:len(idx)], idx)
+        assert (row[len(idx):] == -1).all()
+
+
 def test_masked_attention_and_recall_match_numpy():
     rng = np.random.default_rng(7)
     q = rng.normal(size=(1, 2, 3, 6)).astype(np.float32)
