@@ -16,3 +16,12 @@ class TestPallasGpuInterpretSplitK(SparseGemvContract):
     implementation = "pallas_gpu_interpret"
     marker = "pallas_call"
     config = pallas_gpu.Config(block_n=16, block_k=16, splits=3, num_warps=4, num_stages=1)
+
+
+class TestPallasGpuInterpretMasked(SparseGemvContract):
+    """Masked row loads in place (no compaction), split-K, and an XLA tail when K % 16 != 0."""
+
+    implementation = "pallas_gpu_interpret"
+    marker = "pallas_call"
+    config = pallas_gpu.Config(block_n=16, block_k=16, splits=3, num_warps=4, num_stages=1,
+                               mode="masked")
