@@ -125,11 +125,21 @@ def sparsity_items(st: ScriptSettings):
                     value=ng["offload_ms"] / ng["device_ms"], target="outputs equal",
                     passed=bool(ng["equal_outputs"]))
 
+    capped = ScriptRun("bench_sparsity.py", (*st.sparsity, "--max-gather", "0.1"), st.limits[0])
+
+    def capped_step():
+        r = next(r for r in capped.get()["attention"] if r["context"] == ctx)
+        ratio = r["a2ats_ms"] / r["exact_ms"]
+        return _judged(ratio, 0.5, _on_device(), f"{ratio:.2f}x exact ({r['a2ats_ms']:.2f} vs "
+                                                 f"{r['exact_ms']:.2f} ms, batch {r['batch']})")
+
     yield f"A²ATS decode step, pages on device, ctx {ctx}", BACKEND, lambda: step("a2ats_ms"), 20.0
     yield f"A²ATS decode step, pages in host memory, ctx {ctx}", BACKEND, \
         lambda: step("a2ats_host_ms"), 1.0
     yield f"A²ATS device KV bytes per sequence (host offload), ctx {ctx}", BACKEND, kv_bytes, 1.0
     yield "N-gram tables in host memory vs on device (embedding step)", BACKEND, ngram, 1.0
+    yield f"A²ATS decode step, gather capped at 10 %, pages on device, ctx {ctx}", BACKEND, \
+        capped_step, 20.0
 
 
 # ------------------------------------------------------------------------------ sparse verify
