@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -274,6 +274,30 @@ def _ordered_keys(x: Float[Array, "..."]) -> Array:
     return jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(1 << 31))
 
 
+def _kth_key(count_at_least: Callable[[Array], Array], k: Array | int, shape: tuple) -> Array:
+    """Per entry of `shape`, the largest uint32 key x with count_at_least(x) >= k (the key of
+    the k-th best element), by a 32-step bisection: x is 0 when fewer than k exist."""
+
+    def bisect(_, bounds):  # invariant: count(lo) >= k or lo = 0; count(hi + 1) < k
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + (gap >> 1) + (gap & 1)
+        ok = count_at_least(mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    bounds = (jnp.zeros(shape, jnp.uint32), jnp.full(shape, 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, bisect, bounds)[0]
+
+
+def _keep_best(live: Bool[Array, "... T"], keys: Array, thr: Array, need: Array,
+               take_all: Array) -> Bool[Array, "... T"]:
+    """live entries above the threshold key thr [...], plus the first `need` [...] of those tied
+    at it in index order (top_k's tie order); every live entry where take_all."""
+    tied = live & (keys == thr[..., None])
+    first = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= need[..., None]
+    return live & (take_all | (keys > thr[..., None]) | (tied & first))
+
+
 def code_selection_mask(cfg: A2ATSConfig, table: Float[Array, "B S H K"], codes: Int[Array, "B T"],
                         q_positions: Int[Array, "B S"], kv_positions: Int[Array, "B T"],
                         max_topk: Optional[int] = None) -> Bool[Array, "B S T"]:
@@ -299,28 +323,13 @@ def code_selection_mask(cfg: A2ATSConfig, table: Float[Array, "B S H K"], codes:
     k_dyn = jnp.ceil(cfg.topk_fraction * (q_positions + 1).astype(jnp.float32)).astype(jnp.int32)
     k_eff = jnp.minimum(jnp.maximum(k_dyn, 1), kmax)[:, :, None]  # [B, S, 1]
     keys = _ordered_keys(table)  # [B, S, H, K]
-
-    def at_least(x):  # [B, S, H] candidates whose key is >= x
-        return jnp.sum(jnp.where(keys >= x[..., None], counts, 0), axis=-1)
-
-    def bisect(_, bounds):  # invariant: at_least(lo) >= k (when it can be), at_least(hi + 1) < k
-        lo, hi = bounds
-        gap = hi - lo
-        mid = lo + (gap >> 1) + (gap & 1)
-        ok = at_least(mid) >= k_eff
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    lo = jnp.zeros((b, s, h), jnp.uint32)
-    hi = jnp.full((b, s, h), 0xFFFFFFFF, jnp.uint32)
-    thr, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))  # the k-th best candidate's key
-    take_all = (jnp.sum(counts, axis=-1) < k_eff)[..., None]  # [B, S, 1, 1]: fewer than k
+    thr = _kth_key(lambda x: jnp.sum(jnp.where(keys >= x[..., None], counts, 0), axis=-1),
+                   k_eff, (b, s, h))  # [B, S, H]
     need = k_eff - jnp.sum(jnp.where(keys > thr[..., None], counts, 0), axis=-1)  # [B, S, H]
+    take_all = (jnp.sum(counts, axis=-1) < k_eff)[..., None]  # [B, S, 1, 1]: fewer than k
     tok = jnp.take_along_axis(keys, jnp.broadcast_to(codes[:, None, None, :], (b, s, h, t)),
                               axis=-1)  # [B, S, H, T]
-    cand = candidate[:, :, None, :]
-    tied = cand & (tok == thr[..., None])
-    picked = cand & (take_all | (tok > thr[..., None])
-                     | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= need[..., None])))
+    picked = _keep_best(candidate[:, :, None, :], tok, thr, need, take_all)
     return exact | picked.any(axis=2)
 
 
@@ -330,22 +339,9 @@ def top_n_mask(prio: Float[Array, "B T"], n: int) -> Bool[Array, "B T"]:
     order-preserving integer keys (O(32 T), no sort)."""
     keys = _ordered_keys(prio)
     live = prio > -jnp.inf
-
-    def bisect(_, bounds):
-        lo, hi = bounds
-        gap = hi - lo
-        mid = lo + (gap >> 1) + (gap & 1)
-        ok = jnp.sum(live & (keys >= mid[:, None]), axis=1) >= n
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    b = prio.shape[0]
-    thr, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.zeros((b,), jnp.uint32),
-                                               jnp.full((b,), 0xFFFFFFFF, jnp.uint32)))
-    take_all = (jnp.sum(live, axis=1) < n)[:, None]
+    thr = _kth_key(lambda x: jnp.sum(live & (keys >= x[:, None]), axis=1), n, prio.shape[:1])
     need = n - jnp.sum(live & (keys > thr[:, None]), axis=1)
-    tied = live & (keys == thr[:, None])
-    return live & (take_all | (keys > thr[:, None])
-                   | (tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= need[:, None])))
+    return _keep_best(live, keys, thr, need, (jnp.sum(live, axis=1) < n)[:, None])
 
 
 def compact_positions(mask: Bool[Array, "B T"], n: int) -> Int[Array, "B N"]:
