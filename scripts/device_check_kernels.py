@@ -259,8 +259,8 @@ def sparse_gemv_items(shapes: Shapes):
         # A few split-K / row-step settings around the default: how far the default is from tuned.
         cfgs = getattr(gemv_api.backend_module(name), "tuning_probe", lambda *a: ())(t, k, n)
         tried = [(time_pipelined(run(name, c), (x, w), 20, 3) / dense, c) for c in cfgs]
-        best = f"; best of {len(tried)} probed {min(tried, key=lambda p: p[0])[0]:.2f}x at " \
-            f"{min(tried, key=lambda p: p[0])[1]}" if tried else ""
+        top = min(tried, key=lambda p: p[0]) if tried else None
+        best = f"; best of {len(tried)} probed {top[0]:.2f}x at {top[1]}" if tried else ""
         return dict(measured=f"{ratio:.2f}x dense GEMV (default config){best}", value=ratio,
                     target="<= 0.65", passed=bool(ratio <= 0.65))
 

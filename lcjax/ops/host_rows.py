@@ -10,10 +10,10 @@ their table is.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import inspect
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import compute_on as _compute_on
 from jax.typing import ArrayLike
@@ -25,15 +25,17 @@ def on_host(x: Array) -> bool:
     return jax.typeof(x).memory_space == jax.memory.Space.Host
 
 
-def _host_call(fn, *args: Array) -> Array:
-    """fn(*args) computed on the host, its result left in host memory.
+# The function form of compute_on: `compute_on2` up to jax 0.10, `compute_on` itself from jax
+# 0.11 (before that, compute_on was a context manager taking one positional compute type).
+_COMPUTE_ON = (_compute_on.compute_on
+               if "out_memory_spaces" in inspect.signature(_compute_on.compute_on).parameters
+               else _compute_on.compute_on2)
 
-    Uses the function form of compute_on: `compute_on2` up to jax 0.10, `compute_on` itself from
-    jax 0.11 (the context-manager form took one positional compute type before that)."""
-    form = _compute_on.compute_on
-    if "out_memory_spaces" not in inspect.signature(form).parameters:
-        form = _compute_on.compute_on2
-    return form(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(*args)
+
+def _host_call(fn, *args: Array) -> Array:
+    """fn(*args) computed on the host, its result left in host memory."""
+    return _COMPUTE_ON(fn, compute_type="device_host",
+                       out_memory_spaces=jax.memory.Space.Host)(*args)
 
 
 def take_rows(table: ArrayLike, ids: Int[Array, "..."]) -> Array:

@@ -22,7 +22,6 @@ import math
 from typing import Any, Callable, Optional
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 

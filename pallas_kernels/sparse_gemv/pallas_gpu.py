@@ -113,7 +113,7 @@ def sparse_gemv(x, w, *, config=None, interpret=False):
                                       block_n=cfg.block_n, splits=cfg.splits,
                                       num_warps=cfg.num_warps,
                                       num_stages=cfg.num_stages, interpret=interpret)
-    return y[:t]
+    return y[:t].astype(x.dtype)
 
 
 def _masked(x, w, cfg: Config, interpret: bool):
