@@ -9,7 +9,7 @@ after one warm-up run each (every jitted shape compiled), same seeds, then in `-
 interleaved rounds (sync, async, sync, async, ...), so a change in machine load hits both;
 the speed-up is reported per round (median, min, max).
 
-    python scripts/bench_rl.py [--model tiny] [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
+    python scripts/bench_rl.py [--model tiny] [--placement auto|thread|process] [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from lcjax.config_io import load_config, resolve_config_path
-from lcjax.rl.config import LoopConfig, RLRunConfig, RolloutConfig
+from lcjax.rl.config import LearnerConfig, LoopConfig, RLRunConfig, RolloutConfig
 from lcjax.rl.loop import RLRun
 from lcjax.rl.objective import ObjectiveConfig
 from lcjax.serve.loading import random_model
@@ -50,12 +50,13 @@ def one_run(policy, mode: str, steps: int, args) -> dict:
                       seed=0),
         rollout=RolloutConfig(group_size=args.group_size, max_tokens=args.max_tokens,
                               max_num_seqs=args.slots, max_model_len=args.max_tokens + 64),
-        objective=ObjectiveConfig(filter_equal_groups=False))
+        objective=ObjectiveConfig(filter_equal_groups=False),
+        learner=LearnerConfig(placement=args.placement))
     run = RLRun(cfg, policy, log=lambda s: None, write_files=False)
     run.warmup()  # every packed-batch shape (compiled once per process)
     long_tailed(run, args.alpha, args.scale, seed=1)
     s = run.run()
-    return {"mode": mode, "steps": s.steps, "samples": s.samples, "wall_s": s.wall_s,
+    return {"mode": mode, "learner": run.placement, "steps": s.steps, "samples": s.samples, "wall_s": s.wall_s,
             "rollout_tokens": s.rollout_tokens, "learner_tokens": s.learner_tokens,
             "learner_s": s.learner_s, "rollout_tok_s": s.rollout_tokens / s.wall_s,
             "learner_tok_s": s.learner_tokens / max(s.learner_s, 1e-9),
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--scale", type=float, default=8.0)
+    p.add_argument("--placement", default="auto", choices=("auto", "thread", "process"),
+                   help="where async mode's learner runs (learner.placement; auto: a process on CPU)")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if args.rounds < 1:
@@ -96,10 +99,10 @@ def main() -> None:
     print(f"warm-up (compiles) {warm:.0f}s; {args.rounds} rounds of {args.steps} learner steps of "
           f"{args.groups} groups x {args.group_size}; lengths min({args.max_tokens}, 2 + "
           f"{args.scale} * Pareto({args.alpha}))")
-    print(f"{'round':5} {'mode':6} {'samples':>7} {'wall s':>7} {'s/sample':>9} {'rollout tok/s':>14} "
+    print(f"{'round':5} {'mode':6} {'learner':7} {'samples':>7} {'wall s':>7} {'s/sample':>9} {'rollout tok/s':>14} "
           f"{'learner tok/s':>14}  staleness")
     for r in rows:
-        print(f"{r['round']:5d} {r['mode']:6} {r['samples']:7d} {r['wall_s']:7.1f} "
+        print(f"{r['round']:5d} {r['mode']:6} {r['learner']:7} {r['samples']:7d} {r['wall_s']:7.1f} "
               f"{r['wall_s'] / r['samples']:9.3f} {r['rollout_tok_s']:14.0f} "
               f"{r['learner_tok_s']:14.0f}  {r['staleness_hist']}")
     summary = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios),

@@ -92,8 +92,15 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global norm; 0 disables
     updates_per_batch: int = 1  # optimizer steps on one batch (pi_old fixed at the first)
+    # Where async mode runs the update: "thread" (this process) or "process" (a child with its
+    # own XLA thread pool); "auto" is "process" on a CPU backend (the rollout's decode then
+    # keeps its cores, scripts/bench_rl_contention.py) and "thread" elsewhere (one accelerator,
+    # one process). Sync mode always trains in this process.
+    placement: str = "auto"
 
     def __post_init__(self):
+        _check(self.placement in ("auto", "thread", "process"), "learner.placement", self.placement,
+               "one of auto, thread, process")
         _check(_finite(self.learning_rate) and self.learning_rate > 0, "learner.learning_rate",
                self.learning_rate, "> 0")
         for key in ("b1", "b2"):
@@ -103,6 +110,15 @@ class LearnerConfig:
                self.weight_decay, ">= 0")
         _check(_finite(self.grad_clip) and self.grad_clip >= 0, "learner.grad_clip", self.grad_clip, ">= 0")
         _check(self.updates_per_batch >= 1, "learner.updates_per_batch", self.updates_per_batch, ">= 1")
+
+
+def learner_placement(cfg: LearnerConfig, mode: str, backend: str) -> str:
+    """"thread" or "process": where the learner runs for a loop `mode` on a JAX `backend`."""
+    if mode != "async":
+        return "thread"
+    if cfg.placement != "auto":
+        return cfg.placement
+    return "process" if backend == "cpu" else "thread"
 
 
 @dataclasses.dataclass(frozen=True)

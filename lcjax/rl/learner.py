@@ -95,8 +95,9 @@ def _jitted(model_cfg: ModelConfig, cfg: LearnerConfig, obj_cfg: ObjectiveConfig
 class Learner:
     """Holds the LearnerState and the jitted update (compiled once per (rows, length) bucket).
 
-    `train` is a pure function of the state it is given, so the loop may run it in another
-    thread and adopt the new state (`state = new`) when it ends."""
+    `train` is a pure function of the state it is given; `step` trains the current state and
+    adopts the result, so the loop may run it in another thread while the rollout decodes.
+    lcjax.rl.learner_process.ProcessLearner offers the same interface from a child process."""
 
     def __init__(self, model_cfg: ModelConfig, variables: dict, cfg: LearnerConfig,
                  obj_cfg: ObjectiveConfig, t_max: int):
@@ -117,15 +118,35 @@ class Learner:
         return {"params": self.state.params, BIAS_COLLECTION: self.router_bias}
 
     def train(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
-        """`updates_per_batch` steps on one batch from `state`: (new state, metrics of the last
-        step as floats)."""
+        """`updates_per_batch` steps on one batch from `state`: (new state, one version later;
+        metrics of the last step as floats)."""
         logp_old = None
         if self.cfg.updates_per_batch > 1:
             logp_old = self._logp(state.params, self.router_bias, batch.tokens, batch.segment_ids,
                                   batch.positions)
+        version = state.step
         for _ in range(self.cfg.updates_per_batch):
             state, metrics = self._update(state, batch, self.router_bias, logp_old)
+        # one batch is one policy version, however many optimizer steps it took (Adam counts
+        # its own steps in opt_state)
+        state = state.replace(step=version + 1)
         return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def step(self, batch: Batch) -> dict:
+        """Train one batch from the current state and adopt the result (the next version)."""
+        state, metrics = self.train(self.state, batch)
+        self.state = jax.block_until_ready(state)
+        return metrics
+
+    def get_state(self) -> LearnerState:
+        return self.state
+
+    def set_state(self, state: LearnerState) -> None:
+        """Adopt a (restored) state: params, optimizer moments and version."""
+        self.state = jax.tree.map(jnp.asarray, state)
+
+    def close(self) -> None:
+        """Nothing to release (`ProcessLearner` stops its child here)."""
 
     def warmup(self, max_rows: int, length: int) -> None:
         """Compile the update for every packed row count (results discarded: the state is

@@ -3,7 +3,8 @@
 Each iteration: start groups while admission allows (lcjax.rl.versions); if the learner is
 free and ready, take a batch and train it; one engine step per live version; score finished
 groups (online filtering drops groups whose rewards are all equal). In "async" mode the
-learner's update runs in a background thread (XLA releases the GIL), so rollout of the current
+learner's update runs in the background (a thread, XLA releasing the GIL, or on a CPU host a
+child process with its own XLA thread pool: `learner.placement`), so rollout of the current
 version continues while it trains and the long tail of old versions keeps decoding; when the
 update ends the new version is published to the rollout at once. In "sync" mode (staleness 0,
 one batch per version, update inline) the same loop is synchronous RL: generate, wait for the
@@ -23,8 +24,9 @@ import jax
 import numpy as np
 
 from lcjax.rl.checkpoint import RLCheckpoints
-from lcjax.rl.config import RLRunConfig, make_env
-from lcjax.rl.learner import Learner, LearnerState, build_batch
+from lcjax.rl.config import RLRunConfig, learner_placement, make_env
+from lcjax.rl.learner import Learner, build_batch
+from lcjax.rl.learner_process import ProcessLearner
 from lcjax.rl.objective import group_advantages, informative
 from lcjax.rl.rollout import Group, Rollout
 from lcjax.rl.versions import VersionWindow
@@ -56,18 +58,28 @@ class RLRun:
         loop = cfg.rl
         self.env = make_env(cfg.env)
         t_max = cfg.rollout.max_tokens * (cfg.env.max_turns if cfg.env.name == "calculator" else 1)
-        self.learner = Learner(self.model_cfg, variables, cfg.learner, cfg.objective, t_max)
+        self.placement = learner_placement(cfg.learner, loop.mode, jax.default_backend())
+        make_learner = ProcessLearner if self.placement == "process" else Learner
+        self.learner = make_learner(self.model_cfg, variables, cfg.learner, cfg.objective, t_max)
+        try:
+            self._init_rest(loop, tokenizer)
+        except BaseException:
+            self.learner.close()  # no learner process outlives a run that failed to start
+            raise
+
+    def _init_rest(self, loop, tokenizer) -> None:
+        """Checkpoint restore, version window and rollout engines."""
         self.rng = np.random.default_rng(loop.seed)
         self.staleness_hist: dict[int, int] = {}
         self.rewards: list[float] = []
         self.pending_problems: list[dict] = []
-        self.ckpt = RLCheckpoints(loop.run_dir, loop.keep_checkpoints) if write_files else None
+        self.ckpt = RLCheckpoints(loop.run_dir, loop.keep_checkpoints) if self.write_files else None
         start = 0
-        if write_files and loop.resume and self.ckpt.latest_step() is not None:
+        if self.write_files and loop.resume and self.ckpt.latest_step() is not None:
             start = self._restore(self.ckpt.latest_step())
         self.window = VersionWindow(loop.effective_staleness, loop.groups_per_step,
                                     loop.per_version, learner_version=start)
-        self.rollout = Rollout(self.model_cfg, tokenizer, cfg.rollout, self.env,
+        self.rollout = Rollout(self.model_cfg, tokenizer, self.cfg.rollout, self.env,
                                loop.effective_staleness + 1, seed=loop.seed + start)
         self.rollout.load(start, self.learner.variables())
         self.buffer: dict[int, Group] = {}
@@ -85,8 +97,8 @@ class RLRun:
                 "rewards": self.rewards}
 
     def _restore(self, step: int) -> int:
-        state, meta = self.ckpt.restore(step, self.learner.state)
-        self.learner.state = LearnerState(step=state.step, params=state.params, opt_state=state.opt_state)
+        state, meta = self.ckpt.restore(step, self.learner.get_state())
+        self.learner.set_state(state)
         self.rng.bit_generator.state = meta["rng"]
         self.pending_problems = list(meta["pending_problems"])
         self.staleness_hist = {int(k): v for k, v in meta["staleness_hist"].items()}
@@ -103,7 +115,7 @@ class RLRun:
 
     def _save(self) -> None:
         if self.ckpt is not None:
-            self.ckpt.save(self.learner.version, self.learner.state, self._meta())
+            self.ckpt.save(self.learner.version, self.learner.get_state(), self._meta())
 
     # ------------------------------------------------------------------------------- loop
     def _start_groups(self) -> None:
@@ -146,12 +158,11 @@ class RLRun:
     def max_rows(self) -> int:
         return self.window.max_batch * self.cfg.rollout.group_size
 
-    def _train(self, state, batch):
+    def _train(self, batch) -> dict:
         t0 = time.perf_counter()
-        out = self.learner.train(state, batch)
-        jax.block_until_ready(out[0])
+        metrics = self.learner.step(batch)
         self.learner_s += time.perf_counter() - t0
-        return out
+        return metrics
 
     def _publish(self) -> None:
         version = self.window.publish()
@@ -194,7 +205,7 @@ class RLRun:
         try:
             while True:
                 if future is not None and future.done():
-                    self.learner.state, metrics = future.result()
+                    metrics = future.result()
                     future = None
                     self._publish()
                     self._log_step(metrics, in_training, t_start)
@@ -213,10 +224,10 @@ class RLRun:
                 if future is None and self.window.learner_ready():
                     batch, in_training = self._make_batch(self.window.take_batch())
                     if asynchronous:
-                        future = pool.submit(self._train, self.learner.state, batch)
+                        future = pool.submit(self._train, batch)
                     else:
                         done = concurrent.futures.Future()
-                        done.set_result(self._train(self.learner.state, batch))
+                        done.set_result(self._train(batch))
                         future = done
                         continue
                 if self.rollout.has_unfinished():
@@ -233,6 +244,7 @@ class RLRun:
                 pool.shutdown()
             if self.ckpt is not None:
                 self.ckpt.close()
+            self.learner.close()
         return RunSummary(steps=self.learner.version, wall_s=time.perf_counter() - t_start,
                           samples=samples, rewards=self.rewards, staleness_hist=self.staleness_hist,
                           run_dir=loop.run_dir, interrupted=interrupted,

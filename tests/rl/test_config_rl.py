@@ -42,6 +42,18 @@ def test_overrides_and_errors():
         load_dataclass(RLRunConfig(), None, ["rollout.group_size=1"])
 
 
+def test_learner_placement():
+    from lcjax.rl.config import LearnerConfig, learner_placement
+    auto = LearnerConfig()
+    assert learner_placement(auto, "async", "cpu") == "process"
+    assert learner_placement(auto, "async", "gpu") == "thread"
+    assert learner_placement(auto, "sync", "cpu") == "thread"  # sync never overlaps
+    assert learner_placement(LearnerConfig(placement="thread"), "async", "cpu") == "thread"
+    assert learner_placement(LearnerConfig(placement="process"), "async", "tpu") == "process"
+    with pytest.raises(ValueError, match="learner.placement.*'gpu'"):
+        load_dataclass(RLRunConfig(), None, ["learner.placement=gpu"])
+
+
 def test_missing_policy_says_how_to_make_it(tmp_path):
     cfg = load_dataclass(RLRunConfig(), None, [f"policy.path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="python -m lcjax.train"):
