@@ -7,18 +7,19 @@ trajectory decoding exactly L tokens (EOS ignored), L = min(max_tokens, 2 + floo
 Pareto(alpha))), so most are short and a few run to the cap. Both modes run in one process
 after one warm-up run each (every jitted shape compiled), same seeds, then in `--rounds`
 interleaved rounds (sync, async, sync, async, ...), so a change in machine load hits both;
-the speed-up is reported per round (median, min, max).
+the speed-up is reported per round (median, min, max). With `--placement thread,process` each
+round runs async once per learner placement after the same sync run.
 
-    python scripts/bench_rl.py [--model tiny] [--placement auto|thread|process] [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
+    python scripts/bench_rl.py [--model tiny] [--placement thread|process|thread,process] [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
+import tempfile
 import time
 
 import jax
@@ -44,14 +45,14 @@ def long_tailed(run: RLRun, alpha: float, scale: float, seed: int) -> None:
     run.rollout.sampling_params = params
 
 
-def one_run(policy, mode: str, steps: int, args) -> dict:
+def one_run(policy, mode: str, steps: int, args, placement: str = "thread") -> dict:
     cfg = RLRunConfig(
         rl=LoopConfig(mode=mode, staleness=args.staleness, steps=steps, groups_per_step=args.groups,
                       seed=0),
         rollout=RolloutConfig(group_size=args.group_size, max_tokens=args.max_tokens,
                               max_num_seqs=args.slots, max_model_len=args.max_tokens + 64),
         objective=ObjectiveConfig(filter_equal_groups=False),
-        learner=LearnerConfig(placement=args.placement))
+        learner=LearnerConfig(placement=placement))
     run = RLRun(cfg, policy, log=lambda s: None, write_files=False)
     run.warmup()  # every packed-batch shape (compiled once per process)
     long_tailed(run, args.alpha, args.scale, seed=1)
@@ -61,6 +62,18 @@ def one_run(policy, mode: str, steps: int, args) -> dict:
             "learner_s": s.learner_s, "rollout_tok_s": s.rollout_tokens / s.wall_s,
             "learner_tok_s": s.learner_tokens / max(s.learner_s, 1e-9),
             "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())}}
+
+
+def share_compiles() -> None:
+    """A persistent compilation cache for this process and the learner processes it spawns
+    (each async run's child would otherwise compile every batch shape again), unless one is
+    configured already."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-rl-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def speedup(sync: dict, asyn: dict) -> float:
@@ -80,22 +93,32 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--scale", type=float, default=8.0)
-    p.add_argument("--placement", default="auto", choices=("auto", "thread", "process"),
-                   help="where async mode's learner runs (learner.placement; auto: a process on CPU)")
+    p.add_argument("--placement", default="thread",
+                   help="where async mode's learner runs (learner.placement: thread | process); a "
+                        "comma list runs async once per placement in each round: thread,process")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds={args.rounds}: expected >= 1")
+    placements = [p.strip() for p in args.placement.split(",")]
+    for placement in placements:
+        if placement not in ("thread", "process"):
+            raise SystemExit(f"--placement={args.placement}: {placement!r} is not thread or process")
+    share_compiles()
     policy = random_model(load_config(resolve_config_path(args.model)))
     t0 = time.perf_counter()
-    for mode in ("sync", "async"):  # warm-up: compile every shape both modes use
-        one_run(policy, mode, 3, args)
+    one_run(policy, "sync", 3, args)  # warm-up: compile every shape both modes use
+    for placement in placements:
+        one_run(policy, "async", 3, args, placement)
     warm = time.perf_counter() - t0
-    rows, ratios = [], []
+    rows, ratios = [], {p: [] for p in placements}
     for r in range(args.rounds):
-        pair = [dict(one_run(policy, mode, args.steps, args), round=r) for mode in ("sync", "async")]
-        rows += pair
-        ratios.append(speedup(*pair))
+        sync = dict(one_run(policy, "sync", args.steps, args), round=r)
+        rows.append(sync)
+        for placement in placements:
+            asyn = dict(one_run(policy, "async", args.steps, args, placement), round=r)
+            rows.append(asyn)
+            ratios[placement].append(speedup(sync, asyn))
     print(f"warm-up (compiles) {warm:.0f}s; {args.rounds} rounds of {args.steps} learner steps of "
           f"{args.groups} groups x {args.group_size}; lengths min({args.max_tokens}, 2 + "
           f"{args.scale} * Pareto({args.alpha}))")
@@ -105,14 +128,20 @@ def main() -> None:
         print(f"{r['round']:5d} {r['mode']:6} {r['learner']:7} {r['samples']:7d} {r['wall_s']:7.1f} "
               f"{r['wall_s'] / r['samples']:9.3f} {r['rollout_tok_s']:14.0f} "
               f"{r['learner_tok_s']:14.0f}  {r['staleness_hist']}")
-    summary = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios),
-               "rounds": ratios}
-    print(f"async / sync speed-up (time per trained sample): median {summary['median']:.2f}x "
-          f"(min {summary['min']:.2f}x, max {summary['max']:.2f}x; per round "
-          f"{' '.join(f'{x:.2f}' for x in ratios)}); load average {os.getloadavg()[0]:.1f}")
+    summary = {}
+    for placement, values in ratios.items():
+        summary[placement] = {"median": float(np.median(values)), "min": min(values),
+                              "max": max(values), "rounds": values}
+    for placement, s in summary.items():
+        print(f"async ({placement}) / sync speed-up (time per trained sample): median "
+              f"{s['median']:.2f}x (min {s['min']:.2f}x, max {s['max']:.2f}x; per round "
+              f"{' '.join(f'{x:.2f}' for x in s['rounds'])})")
+    print(f"load average {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "device": jax.devices()[0].device_kind, "speedup": summary, "args": vars(args), "warmup_s": warm,
+            json.dump({"rows": rows, "device": jax.devices()[0].device_kind,
+                       "speedup": summary[placements[0]], "speedup_by_placement": summary,
+                       "args": vars(args), "warmup_s": warm,
                        "loadavg": os.getloadavg(),
                        "machine": platform.processor() or platform.machine()}, f, indent=1)
 

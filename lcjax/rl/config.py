@@ -92,15 +92,16 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global norm; 0 disables
     updates_per_batch: int = 1  # optimizer steps on one batch (pi_old fixed at the first)
-    # Where async mode runs the update: "thread" (this process) or "process" (a child with its
-    # own XLA thread pool); "auto" is "process" on a CPU backend (the rollout's decode then
-    # keeps its cores, scripts/bench_rl_contention.py) and "thread" elsewhere (one accelerator,
-    # one process). Sync mode always trains in this process.
-    placement: str = "auto"
+    # Where async mode runs the update: "thread" (this process; XLA releases the GIL) or
+    # "process" (a child process with its own XLA thread pool and GIL, lcjax.rl.learner_process).
+    # On 2 CPU cores the two measure alike (scripts/bench_rl.py --placement thread,process:
+    # 1.23x vs 1.07x over sync), so the default is the one with no extra process to start.
+    # Sync mode always trains in this process.
+    placement: str = "thread"
 
     def __post_init__(self):
-        _check(self.placement in ("auto", "thread", "process"), "learner.placement", self.placement,
-               "one of auto, thread, process")
+        _check(self.placement in ("thread", "process"), "learner.placement", self.placement,
+               "one of thread, process")
         _check(_finite(self.learning_rate) and self.learning_rate > 0, "learner.learning_rate",
                self.learning_rate, "> 0")
         for key in ("b1", "b2"):
@@ -112,13 +113,9 @@ class LearnerConfig:
         _check(self.updates_per_batch >= 1, "learner.updates_per_batch", self.updates_per_batch, ">= 1")
 
 
-def learner_placement(cfg: LearnerConfig, mode: str, backend: str) -> str:
-    """"thread" or "process": where the learner runs for a loop `mode` on a JAX `backend`."""
-    if mode != "async":
-        return "thread"
-    if cfg.placement != "auto":
-        return cfg.placement
-    return "process" if backend == "cpu" else "thread"
+def learner_placement(cfg: LearnerConfig, mode: str) -> str:
+    """"thread" or "process": where the learner runs for a loop `mode` (sync: always here)."""
+    return cfg.placement if mode == "async" else "thread"
 
 
 @dataclasses.dataclass(frozen=True)

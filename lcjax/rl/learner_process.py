@@ -1,10 +1,11 @@
-"""The learner in its own process, behind the same interface as `Learner`.
+"""The learner in its own process, behind the same interface as `Learner`
+(`learner.placement=process`).
 
-On a CPU host the rollout's decode step and the learner's update share one XLA thread pool
-when they run in one process, and the decode step slows down 1.7-2x while the learner trains
-(2 cores; scripts/bench_rl_contention.py). A child process has its own pool and its own GIL.
-The parent sends packed batches (numpy) and gets back each new version's params; the full
-state (params and Adam moments) crosses only for checkpoints and restores.
+In one process the rollout's decode step and the learner's update share one XLA thread pool,
+and on a CPU host the decode step slows down 1.7-2x while the learner trains (2 cores,
+scripts/bench_rl_contention.py). A child process has its own pool and its own GIL. The parent
+sends packed batches (numpy) and gets back each new version's params; the full state (params
+and Adam moments) crosses only for checkpoints and restores.
 
 The child exits when the pipe closes, so a parent killed at any moment (kill -9 included)
 leaves no learner behind; it ignores SIGINT and SIGTERM, which the parent handles by

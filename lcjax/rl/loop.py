@@ -3,8 +3,8 @@
 Each iteration: start groups while admission allows (lcjax.rl.versions); if the learner is
 free and ready, take a batch and train it; one engine step per live version; score finished
 groups (online filtering drops groups whose rewards are all equal). In "async" mode the
-learner's update runs in the background (a thread, XLA releasing the GIL, or on a CPU host a
-child process with its own XLA thread pool: `learner.placement`), so rollout of the current
+learner's update runs in the background (a thread, XLA releasing the GIL, or a child process
+with its own XLA thread pool: `learner.placement`), so rollout of the current
 version continues while it trains and the long tail of old versions keeps decoding; when the
 update ends the new version is published to the rollout at once. In "sync" mode (staleness 0,
 one batch per version, update inline) the same loop is synchronous RL: generate, wait for the
@@ -20,7 +20,6 @@ import os
 import time
 from typing import Callable, Optional
 
-import jax
 import numpy as np
 
 from lcjax.rl.checkpoint import RLCheckpoints
@@ -58,7 +57,7 @@ class RLRun:
         loop = cfg.rl
         self.env = make_env(cfg.env)
         t_max = cfg.rollout.max_tokens * (cfg.env.max_turns if cfg.env.name == "calculator" else 1)
-        self.placement = learner_placement(cfg.learner, loop.mode, jax.default_backend())
+        self.placement = learner_placement(cfg.learner, loop.mode)
         make_learner = ProcessLearner if self.placement == "process" else Learner
         self.learner = make_learner(self.model_cfg, variables, cfg.learner, cfg.objective, t_max)
         try:

@@ -44,12 +44,9 @@ def test_overrides_and_errors():
 
 def test_learner_placement():
     from lcjax.rl.config import LearnerConfig, learner_placement
-    auto = LearnerConfig()
-    assert learner_placement(auto, "async", "cpu") == "process"
-    assert learner_placement(auto, "async", "gpu") == "thread"
-    assert learner_placement(auto, "sync", "cpu") == "thread"  # sync never overlaps
-    assert learner_placement(LearnerConfig(placement="thread"), "async", "cpu") == "thread"
-    assert learner_placement(LearnerConfig(placement="process"), "async", "tpu") == "process"
+    assert learner_placement(LearnerConfig(), "async") == "thread"
+    assert learner_placement(LearnerConfig(placement="process"), "async") == "process"
+    assert learner_placement(LearnerConfig(placement="process"), "sync") == "thread"  # no overlap
     with pytest.raises(ValueError, match="learner.placement.*'gpu'"):
         load_dataclass(RLRunConfig(), None, ["learner.placement=gpu"])
 

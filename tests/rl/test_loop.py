@@ -17,7 +17,7 @@ import pytest
 
 from lcjax.config_io import load_config, resolve_config_path
 from lcjax.rl.envs.base import Environment, Episode, StepResult
-from lcjax.rl.config import LoopConfig, RLRunConfig, RolloutConfig
+from lcjax.rl.config import LearnerConfig, LoopConfig, RLRunConfig, RolloutConfig
 from lcjax.rl.objective import ObjectiveConfig
 from lcjax.rl.loop import RLRun
 from lcjax.serve.loading import random_model
@@ -30,9 +30,10 @@ def policy():
     return random_model(load_config(resolve_config_path("tiny")))
 
 
-def _cfg(mode, staleness=1, steps=4, run_dir="unused"):
+def _cfg(mode, staleness=1, steps=4, run_dir="unused", placement="thread"):
     return RLRunConfig(rl=LoopConfig(mode=mode, staleness=staleness, steps=steps, groups_per_step=2,
                                      run_dir=run_dir),
+                       learner=LearnerConfig(placement=placement),
                        rollout=RolloutConfig(group_size=4, max_tokens=6, max_num_seqs=32, max_model_len=64),
                        objective=ObjectiveConfig(filter_equal_groups=False))
 
@@ -74,9 +75,11 @@ class _Spy(RLRun):
         assert jax.tree.all(jax.tree.map(lambda a, b: a is b, engine_params, learner_params))
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-def test_versions_and_staleness(policy, mode):
-    run = _Spy(_cfg(mode, staleness=1, steps=4), policy, log=lambda s: None, write_files=False)
+@pytest.mark.parametrize("mode, placement", [("async", "thread"), ("async", "process"), ("sync", "thread")])
+def test_versions_and_staleness(policy, mode, placement):
+    run = _Spy(_cfg(mode, staleness=1, steps=4, placement=placement), policy, log=lambda s: None,
+               write_files=False)
+    assert run.placement == placement
     run.env = run.rollout.env = CoinEnv()
     start = jax.tree.map(np.asarray, run.learner.state.params)
     summary = run.run()
@@ -90,14 +93,16 @@ def test_versions_and_staleness(policy, mode):
         assert set(summary.staleness_hist) == {0}
 
 
-def test_kill9_and_resume(tmp_path):
-    """A run killed with SIGKILL after its first checkpoint resumes from it and finishes."""
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_kill9_and_resume(tmp_path, placement):
+    """A run killed with SIGKILL after its first checkpoint resumes from it and finishes (with
+    the learner in a child process: the child leaves with its parent, the state is pushed back)."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-c", (
         "import sys; from lcjax.rl.__main__ import main; sys.exit(main(sys.argv[1:]))"),
         "policy.format=random", "policy.path=tiny", f"rl.run_dir={run_dir}", "rl.steps=6", "rl.checkpoint_every=2",
         "rl.groups_per_step=2", "rollout.group_size=4", "rollout.max_tokens=4",
-        "rollout.max_model_len=64", "objective.filter_equal_groups=false"]
+        "rollout.max_model_len=64", "objective.filter_equal_groups=false", f"learner.placement={placement}"]
     env = dict(os.environ)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     deadline = time.monotonic() + 600
