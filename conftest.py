@@ -10,6 +10,7 @@ first is a disk read (a tiny training run: ~48 s -> ~8 s on 2 cores).
 import os
 import shutil
 import tempfile
+import time
 
 # Tests run tiny shapes, where XLA's CPU compile dominates: skip LLVM's backend optimisation
 # (about 2-3x faster compiles; results are unchanged).
@@ -26,6 +27,35 @@ from jaxtyping import install_import_hook  # noqa: E402
 
 if os.environ.get("LCJAX_TYPECHECK", "1") != "0":
     install_import_hook(["lcjax", "pallas_kernels"], "beartype.beartype")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow-budget", type=float, default=0.0, metavar="SECONDS",
+                     help="skip the `slow` tests that would start later than SECONDS after the "
+                          "session began (0: no limit); each is reported as skipped, naming the budget")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each holds its own JAX runtime and compiles)."""
+    del config
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+_SESSION_START = [time.monotonic()]
+
+
+def pytest_sessionstart(session):
+    del session
+    _SESSION_START[0] = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    budget = item.config.getoption("slow_budget")
+    if budget > 0 and item.get_closest_marker("slow") is not None:
+        elapsed = time.monotonic() - _SESSION_START[0]
+        if elapsed > budget:
+            import pytest
+            pytest.skip(f"--slow-budget={budget:g}s spent ({elapsed:.0f}s into the session)")
 
 
 def pytest_configure(config):

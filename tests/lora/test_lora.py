@@ -22,7 +22,7 @@ def _model(*overrides):
     cfg = load_config(resolve_config_path("tiny"), ["model.vocab_size=64", "model.num_layers=1",
                                                      "model.loza.layer_pattern=01", *overrides])
     ids = jax.random.randint(jax.random.key(1), (2, 16), 3, 64)
-    variables = nn.unbox(LongCatModel(cfg.model).init(jax.random.key(0), ids))
+    variables = nn.unbox(jax.jit(LongCatModel(cfg.model).init)(jax.random.key(0), ids))
     return cfg, variables, ids
 
 

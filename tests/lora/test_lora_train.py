@@ -2,6 +2,7 @@
 checkpointed, lam logged, `python -m lcjax.lora merge` writing a run the server loads with the
 same logits, and the merge refused at a step where the AFA coefficient is not 0."""
 
+import functools
 import json
 import os
 import shutil
@@ -141,10 +142,17 @@ def test_init_from_a_hugging_face_directory(lora_run, tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=0)
 
 
-def _full_forward_argmax(model_cfg, variables, ids):
-    """argmax of the full (uncached) forward at every position of `ids`."""
-    logits = LongCatModel(model_cfg).apply(variables, jax.numpy.asarray([ids], jax.numpy.int32))
-    return np.asarray(logits)[0].argmax(-1)
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model_cfg, variables, ids):
+    return LongCatModel(model_cfg).apply(variables, ids)
+
+
+def _full_forward_argmax(model_cfg, variables, ids, pad_to=32):
+    """argmax of the full (uncached) forward at every position of `ids` (padded at the end to
+    one compiled length: the model is causal, so the padding changes no earlier position)."""
+    padded = np.zeros((1, pad_to), np.int32)
+    padded[0, :len(ids)] = ids
+    return np.asarray(_forward(model_cfg, variables, padded))[0, :len(ids)].argmax(-1)
 
 
 def test_serve_lora_applies_unmerged_adapters_at_the_saved_lambda(lora_run, tmp_path):

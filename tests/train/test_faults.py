@@ -68,6 +68,7 @@ def _tensorboard_scalars(run_dir) -> dict:
     return counts
 
 
+@pytest.mark.slow  # six chained training runs plus the straight one (~100 s on 2 cores)
 def test_signals_at_every_phase_resume_exactly(straight, corpus, tmp_path, monkeypatch):
     run = tmp_path / "chain"
     cfg = train_config(corpus, run)
@@ -143,7 +144,7 @@ def test_processes_stop_after_the_same_step(straight, corpus, tmp_path, monkeypa
     assert first.losses + rest.losses == straight.losses
 
 
-@pytest.mark.slow  # two more training runs; the chain test covers the common case
+@pytest.mark.slow  # two more training runs
 def test_a_resume_drops_metrics_an_interrupted_run_logged_past_its_checkpoint(
         straight, corpus, tmp_path):
     run = tmp_path / "killed"
