@@ -48,6 +48,7 @@ def _close(a, b):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # two learners compile the update (~40 s on 2 cores); not the default placement
 def test_same_updates_as_the_in_process_learner(policy):
     config, variables, _ = policy
     cfg = LearnerConfig(learning_rate=1e-2, updates_per_batch=2)

@@ -2,8 +2,9 @@
 
 XLA fixes the CPU device count when the backend starts, so the 8-device tests run in a child
 interpreter with `--xla_force_host_platform_device_count=8` (the two runner tests below); in
-the parent they skip. The default pass runs tensor 2 x expert 4; the `slow` pass adds tensor 8,
-MTP speculation, a quantized recipe and Flash Communication's quantized TP all-reduce.
+the parent they skip. Both runners are in the `slow` pass: one child runs tensor 2 x expert 4,
+the other tensor 8, MTP speculation, a quantized recipe and Flash Communication's quantized TP
+all-reduce. The one-device flag tests below run in the default pass.
 """
 
 import os
@@ -36,6 +37,7 @@ def _run_child(marker: str) -> None:
     assert " passed" in out.stdout, out.stdout[-2000:]
 
 
+@pytest.mark.slow  # an 8-host-device child process compiling sharded engines (~75 s on 2 cores)
 @pytest.mark.skipif(bool(os.environ.get(CHILD)), reason="the runner itself")
 def test_sharded_serving_on_8_host_devices():
     _run_child("not slow")
