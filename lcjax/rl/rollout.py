@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import jax
 import numpy as np
 
 from lcjax.config import ModelConfig

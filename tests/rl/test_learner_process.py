@@ -94,12 +94,41 @@ def test_same_updates_as_the_in_process_learner(policy):
 
 def test_a_dead_child_is_an_error_not_a_hang(policy):
     config, variables, _ = policy
+    available = os.sched_getaffinity(0)
     remote = ProcessLearner(config.model, variables, LearnerConfig(), ObjectiveConfig(), T_MAX)
+    if len(available) >= 2 and jax.default_backend() == "cpu":  # learner.cpus=auto splits them
+        learner_cpus, rollout_cpus = remote.cpus
+        assert learner_cpus | rollout_cpus == available and not learner_cpus & rollout_cpus
+        assert os.sched_getaffinity(remote._proc.pid) == learner_cpus
+        assert os.sched_getaffinity(0) == rollout_cpus
     os.kill(remote._proc.pid, signal.SIGKILL)
     remote._proc.join(10)
     with pytest.raises(RuntimeError, match=r"learner process exited \(code -9\)"):
         remote.get_state()
     remote.close()
+    assert os.sched_getaffinity(0) == available  # every core back to this process
+
+
+_NO_MAIN_GUARD = """
+from lcjax.config_io import load_config, resolve_config_path
+from lcjax.rl.config import LearnerConfig
+from lcjax.rl.learner_process import ProcessLearner
+from lcjax.rl.objective import ObjectiveConfig
+from lcjax.serve.loading import random_model
+config, variables, _ = random_model(load_config(resolve_config_path("tiny")))
+ProcessLearner(config.model, variables, LearnerConfig(), ObjectiveConfig(), 8)
+"""
+
+
+@pytest.mark.slow
+def test_a_child_that_dies_while_starting_is_an_error_not_a_hang(tmp_path):
+    """A script without a main guard: the spawned child re-runs it and fails before it reads
+    anything; the parent must report that, not block writing the weights to it."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(_NO_MAIN_GUARD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "learner process exited (code 1)" in out.stderr
 
 
 _PARENT = """

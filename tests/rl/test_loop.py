@@ -2,7 +2,6 @@
 bound on every trained group, weights reaching the rollout without a restart, sync mode, and a
 resume after kill -9."""
 
-import dataclasses
 import json
 import os
 import signal
