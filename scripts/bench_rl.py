@@ -8,9 +8,12 @@ Pareto(alpha))), so most are short and a few run to the cap. Both modes run in o
 after one warm-up run each (every jitted shape compiled), same seeds, then in `--rounds`
 interleaved rounds (sync, async, sync, async, ...), so a change in machine load hits both;
 the speed-up is reported per round (median, min, max). With `--placement thread,process` each
-round runs async once per learner placement after the same sync run.
+round runs async once per learner placement after the same sync run (`auto`, the default, is
+what `python -m lcjax.rl` picks: a process on its own cores on a CPU backend). The first and last
+steps of a run fill and drain the pipeline (async rolls out groups it never trains), which a
+real run of hundreds of steps amortises: 24 steps keep that share near a tenth.
 
-    python scripts/bench_rl.py [--model tiny] [--placement thread|process|thread,process] [--rounds 3] [--steps 8] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
+    python scripts/bench_rl.py [--model tiny] [--placement auto|thread|process|thread,process] [--rounds 3] [--steps 24] [--max-tokens 256] [--alpha 1.0] [--scale 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="preset (random weights): tiny | small")
     p.add_argument("--rounds", type=int, default=3, help="interleaved sync/async pairs")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--staleness", type=int, default=2)
@@ -93,17 +96,17 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--scale", type=float, default=8.0)
-    p.add_argument("--placement", default="thread",
-                   help="where async mode's learner runs (learner.placement: thread | process); a "
-                        "comma list runs async once per placement in each round: thread,process")
+    p.add_argument("--placement", default="auto",
+                   help="where async mode's learner runs (learner.placement: auto | thread | process); "
+                        "a comma list runs async once per placement in each round: thread,process")
     p.add_argument("--json", default="")
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds={args.rounds}: expected >= 1")
     placements = [p.strip() for p in args.placement.split(",")]
     for placement in placements:
-        if placement not in ("thread", "process"):
-            raise SystemExit(f"--placement={args.placement}: {placement!r} is not thread or process")
+        if placement not in ("auto", "thread", "process"):
+            raise SystemExit(f"--placement={args.placement}: {placement!r} is not auto, thread or process")
     share_compiles()
     policy = random_model(load_config(resolve_config_path(args.model)))
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Optional
 from lcjax.config_checks import check as _check
 from lcjax.config_checks import check_choice as _check_choice
 from lcjax.config_checks import finite as _finite
+from lcjax.rl.cpu_split import auto_placement, check_cpus
 from lcjax.rl.envs.arithmetic import ArithmeticConfig
 from lcjax.rl.objective import ObjectiveConfig
 
@@ -92,16 +93,21 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global norm; 0 disables
     updates_per_batch: int = 1  # optimizer steps on one batch (pi_old fixed at the first)
-    # Where async mode runs the update: "thread" (this process; XLA releases the GIL) or
-    # "process" (a child process with its own XLA thread pool and GIL, lcjax.rl.learner_process).
-    # On 2 CPU cores the two measure alike (scripts/bench_rl.py --placement thread,process:
-    # 1.23x vs 1.07x over sync), so the default is the one with no extra process to start.
-    # Sync mode always trains in this process.
-    placement: str = "thread"
+    # Where async mode runs the update: "thread" (this process; XLA releases the GIL),
+    # "process" (a child process with its own XLA thread pool, GIL and, on a CPU backend, cores:
+    # lcjax.rl.learner_process), or "auto": process on a CPU backend with two or more cores
+    # (async 1.44x sync vs 1.22x with a thread on 2 cores, scripts/bench_rl.py), thread on an
+    # accelerator, which both would share. Sync mode always trains in this process.
+    placement: str = "auto"
+    # With placement=process: host cores for the learner alone, the rollout pinned to the rest
+    # (lcjax.rl.cpu_split). "auto" splits them in half on a CPU backend, "all" shares every core,
+    # or a list such as "1" or "2-3,6".
+    cpus: str = "auto"
 
     def __post_init__(self):
-        _check(self.placement in ("thread", "process"), "learner.placement", self.placement,
-               "one of thread, process")
+        _check(self.placement in ("auto", "thread", "process"), "learner.placement",
+               self.placement, "one of auto, thread, process")
+        check_cpus(self.cpus)
         _check(_finite(self.learning_rate) and self.learning_rate > 0, "learner.learning_rate",
                self.learning_rate, "> 0")
         for key in ("b1", "b2"):
@@ -115,7 +121,11 @@ class LearnerConfig:
 
 def learner_placement(cfg: LearnerConfig, mode: str) -> str:
     """"thread" or "process": where the learner runs for a loop `mode` (sync: always here)."""
-    return cfg.placement if mode == "async" else "thread"
+    if mode != "async":
+        return "thread"
+    if cfg.placement == "auto":
+        return auto_placement()
+    return cfg.placement
 
 
 @dataclasses.dataclass(frozen=True)

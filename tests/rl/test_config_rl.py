@@ -43,8 +43,15 @@ def test_overrides_and_errors():
 
 
 def test_learner_placement():
+    import os
+
+    import jax
+
     from lcjax.rl.config import LearnerConfig, learner_placement
-    assert learner_placement(LearnerConfig(), "async") == "thread"
+    split = jax.default_backend() == "cpu" and len(os.sched_getaffinity(0)) >= 2
+    assert learner_placement(LearnerConfig(), "async") == ("process" if split else "thread")
+    assert learner_placement(LearnerConfig(), "sync") == "thread"
+    assert learner_placement(LearnerConfig(placement="thread"), "async") == "thread"
     assert learner_placement(LearnerConfig(placement="process"), "async") == "process"
     assert learner_placement(LearnerConfig(placement="process"), "sync") == "thread"  # no overlap
     with pytest.raises(ValueError, match="learner.placement.*'gpu'"):
