@@ -96,7 +96,7 @@ class LearnerConfig:
     # Where async mode runs the update: "thread" (this process; XLA releases the GIL),
     # "process" (a child process with its own XLA thread pool, GIL and, on a CPU backend, cores:
     # lcjax.rl.learner_process), or "auto": process on a CPU backend with two or more cores
-    # (async 1.44x sync vs 1.22x with a thread on 2 cores, scripts/bench_rl.py), thread on an
+    # (async 1.44-1.52x sync vs 1.22x with a thread on 2 cores, scripts/bench_rl.py), thread on an
     # accelerator, which both would share. Sync mode always trains in this process.
     placement: str = "auto"
     # With placement=process: host cores for the learner alone, the rollout pinned to the rest
