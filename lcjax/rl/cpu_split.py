@@ -58,13 +58,17 @@ def split_cpus(spec: str, available: set[int], backend: str) -> Optional[tuple[s
     return learner, available - learner
 
 
+def available_cpus() -> set[int]:
+    """The cores this process may run on (empty where the OS has no CPU affinity)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
 def auto_placement() -> str:
     """learner.placement=auto: "process" on a CPU backend with two or more cores (each side
     gets its own), else "thread" (an accelerator runs both sides' work)."""
     import jax
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return "process" if jax.default_backend() == "cpu" and cores >= 2 else "thread"
+    return "process" if jax.default_backend() == "cpu" and len(available_cpus()) >= 2 else "thread"
 
 
 def pin_process(cpus: set[int]) -> dict[int, set[int]]:

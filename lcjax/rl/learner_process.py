@@ -29,7 +29,7 @@ import numpy as np
 
 from lcjax.config import ModelConfig
 from lcjax.model import BIAS_COLLECTION
-from lcjax.rl.cpu_split import pin_process, split_cpus, unpin_process
+from lcjax.rl.cpu_split import available_cpus, pin_process, split_cpus, unpin_process
 from lcjax.rl.config import LearnerConfig
 from lcjax.rl.learner import Batch, Learner, LearnerState
 from lcjax.rl.objective import ObjectiveConfig
@@ -90,7 +90,7 @@ class ProcessLearner:
         self._closed = False
         self._closed_state: Optional[LearnerState] = None
         self._pinned: Optional[dict] = None  # each thread's mask before the rollout was pinned
-        available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        available = available_cpus()
         split = split_cpus(cfg.cpus, available, jax.default_backend())
         self.cpus = split  # (learner cores, rollout cores), or None: shared
         ctx = multiprocessing.get_context("spawn")
